@@ -1,0 +1,171 @@
+"""``dicom-node analyze``: series on disk -> findings -> SR, SEG, key images and findings.json."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from highdicom import UID
+from pydicom.dataset import Dataset
+
+from dicom_node import __version__
+from dicom_node.cases import unpacked
+from dicom_node.config import load_eligibility
+from dicom_node.series import CTSeries, read_series
+from dicom_node.writers.common import OutputSeries
+from dicom_node.writers.key_images import NoduleKeyImages
+from dicom_node.writers.seg import NoduleSegmentation
+from dicom_node.writers.sr import NoduleReport
+from inference.detector import NoduleDetector
+from inference.findings import ModelInfo, NoduleFinding
+
+log = logging.getLogger(__name__)
+
+SR_SERIES, SEG_SERIES, KEY_SERIES = 9701, 9702, 9703
+
+
+@dataclass
+class ResultObjects:
+    """The DICOM objects made for one series, in the order they should be sent."""
+
+    sr: Dataset
+    seg: Dataset | None
+    key_images: list[Dataset] = field(default_factory=list)
+
+    def all(self) -> list[Dataset]:
+        return [self.sr, *([self.seg] if self.seg is not None else []), *self.key_images]
+
+
+def build_results(
+    series: CTSeries, findings: list[NoduleFinding], model: ModelInfo
+) -> ResultObjects:
+    """SR, SEG and key images for one series, cross-referenced by tracking UID."""
+    tracking = [str(UID()) for _ in findings]
+    seg = None
+    if findings:
+        seg = NoduleSegmentation(
+            series.slices,
+            findings,
+            tracking,
+            model,
+            OutputSeries.new("Res-MTNet nodule segmentation", SEG_SERIES),
+        ).build()
+    summary = (
+        f"Res-MTNet nodules ({len(findings)} found)"
+        if findings
+        else "Res-MTNet nodules (none found)"
+    )
+    sr = NoduleReport(
+        series.slices, findings, tracking, model, OutputSeries.new(summary, SR_SERIES), seg
+    ).build()
+    keys = NoduleKeyImages(
+        series.slices,
+        series.volume.array,
+        findings,
+        OutputSeries.new("Res-MTNet key images", KEY_SERIES),
+    ).build()
+    return ResultObjects(sr, seg, list(keys))
+
+
+def write_atomically(ds: Dataset, path: Path) -> None:
+    """Temporary file, fsync, rename: a crash leaves the old file or the new one, never half."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    ds.save_as(tmp, enforce_file_format=True)
+    with tmp.open("rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def analyze_paths(
+    paths: list[Path], out: Path, weights: Path, device: str, config: Path | None
+) -> int:
+    """Analyze every series under ``paths`` (folders, files, .tar.xz archives).
+
+    Exit status: 0 all analyzed; 1 some series rejected or files unreadable; 3 nothing analyzed.
+    """
+    rules = load_eligibility(config)
+    started = time.perf_counter()
+    with unpacked(paths) as folders:
+        series_list, rejected, unreadable = read_series(folders, rules)
+    read_s = time.perf_counter() - started
+    for bad in unreadable:
+        print(f"skipped {bad.path}: {bad.reason}")
+    if not series_list and not rejected:
+        print("no DICOM series found")
+        return 3
+    detector = NoduleDetector.from_weights(weights, device) if series_list else None
+    out.mkdir(parents=True, exist_ok=True)
+    records: list[dict[str, object]] = []
+    for uid, reason in rejected.items():
+        print(f"series {uid}: rejected: {reason}")
+        records.append({"series_instance_uid": uid, "status": "rejected", "reason": reason})
+    for series in series_list:
+        assert detector is not None
+        records.append(_analyze_one(series, detector, out, read_s / max(len(series_list), 1)))
+    model = detector.info if detector else None
+    report = {
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "software": {"name": "dicom-node", "version": __version__},
+        "not_for_diagnostic_use": True,
+        "model": model.__dict__ if model else None,
+        "series": records,
+        "unreadable_files": [{"path": str(b.path), "reason": b.reason} for b in unreadable],
+    }
+    (out / "findings.json").write_text(json.dumps(report, indent=1) + "\n")
+    print(f"findings: {out / 'findings.json'}")
+    analyzed = sum(r["status"] == "analyzed" for r in records)
+    if analyzed == 0:
+        return 3
+    return 1 if analyzed < len(records) or unreadable else 0
+
+
+def _analyze_one(
+    series: CTSeries, detector: NoduleDetector, out: Path, read_s: float
+) -> dict[str, object]:
+    result = detector.detect(series.volume)
+    started = time.perf_counter()
+    objects = build_results(series, result.findings, detector.info)
+    folder = out / series.series_instance_uid
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    names = ["SR.dcm"] + (["SEG.dcm"] if objects.seg is not None else [])
+    names += [f"KEY_{n:03d}.dcm" for n in range(1, len(objects.key_images) + 1)]
+    for name, ds in zip(names, objects.all(), strict=True):
+        write_atomically(ds, folder / name)
+        files.append(str(folder / name))
+    timings = {
+        "read": round(read_s, 3),
+        **result.timings_s,
+        "write": round(time.perf_counter() - started, 3),
+    }
+    _print_table(series, result.findings, folder)
+    return {
+        "series_instance_uid": series.series_instance_uid,
+        "study_instance_uid": series.study_instance_uid,
+        "status": "analyzed",
+        "model": detector.info.__dict__,
+        "timings_s": timings,
+        "candidates": result.candidates,
+        "findings": [f.to_json() for f in result.findings],
+        "files": files,
+    }
+
+
+def _print_table(series: CTSeries, findings: list[NoduleFinding], folder: Path) -> None:
+    print(f"series {series.series_instance_uid}: {len(findings)} nodule(s) -> {folder}")
+    if not findings:
+        return
+    print(
+        f"  {'id':>3} {'score':>5} {'diam mm':>7} {'vol mm3':>8} {'composition':<12} {'malig':>5} {'L-RADS':<6} centre (LPS mm)"
+    )
+    for f in findings:
+        centre = ", ".join(f"{c:.1f}" for c in f.center_mm)
+        print(
+            f"  {f.id:>3} {f.score:>5.2f} {f.diameter_mm:>7.1f} {f.volume_mm3:>8.0f} {f.composition:<12} "
+            f"{f.malignancy_probability:>5.2f} {f.lung_rads:<6} ({centre})"
+        )

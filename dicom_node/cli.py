@@ -1,0 +1,162 @@
+"""``dicom-node``: the one command line. It wires parts together and reports; no logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from dicom_node import __version__
+
+log = logging.getLogger("dicom_node")
+
+EXIT_OK, EXIT_SOME_REJECTED, EXIT_USAGE, EXIT_NONE_ANALYZED = 0, 1, 2, 3
+
+
+def _train(args: argparse.Namespace) -> int:
+    import torch
+
+    from dicom_node.cases import load_cases
+    from inference.detector import (
+        MODEL_NAME,
+        NoduleDetector,
+        OperatingPoint,
+        pick_device,
+        sha256_of,
+    )
+    from inference.evaluation import threshold_for_fp_rate
+    from inference.experiments import synthetic_outcomes
+    from inference.findings import ModelInfo
+    from inference.training import TrainingConfig, make_background, save_weights, train
+
+    device = pick_device(args.device)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    cases = load_cases(args.data)
+    if not cases:
+        log.error("no annotated cases found under %s", ", ".join(map(str, args.data)))
+        return EXIT_USAGE
+    print(f"training on {len(cases)} scan(s) + phantoms, device {device}")
+    config = TrainingConfig(
+        seed=args.seed, positives=args.positives, negatives=args.negatives, epochs=args.epochs
+    )
+    backgrounds = [make_background(c.volume, c.avoid_mm, config.network) for c in cases]
+    trained = train(backgrounds, config, device)
+    model, record, temperature = trained.model, trained.record, trained.temperature
+    detector = NoduleDetector(
+        model,
+        OperatingPoint(threshold=0.0, temperature=temperature),
+        ModelInfo(MODEL_NAME, __version__, "unsaved"),
+        device,
+    )
+    outcomes, _ = synthetic_outcomes(
+        detector, cases, args.seed + 1, 2, 4, "calibration", describe=False
+    )
+    threshold = threshold_for_fp_rate(outcomes, args.fp_per_scan)
+    operating_point = {
+        "threshold": threshold,
+        "temperature": temperature,
+        "max_findings": 10,
+    }
+    record["operating_point"] = {**operating_point, "chosen_for_fp_per_scan": args.fp_per_scan}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_bytes(save_weights(model, record, operating_point, __version__))
+    record["weights_sha256"] = sha256_of(args.out)
+    args.out.with_suffix(".json").write_text(json.dumps(record, indent=1, default=str) + "\n")
+    print(f"weights: {args.out} (sha256 {record['weights_sha256']}), threshold {threshold:.4f}")
+    return EXIT_OK
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from dicom_node.cases import load_cases
+    from dicom_node.report import evaluate_and_report
+    from inference.detector import NoduleDetector
+
+    detector = NoduleDetector.from_weights(args.weights, args.device)
+    cases = load_cases(args.data, args.luna_csv)
+    evaluate_and_report(detector, cases, args.out, args.seed, args.synthetic_scans)
+    print(f"report: {args.out / 'evaluation.md'}")
+    return EXIT_OK
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from dicom_node.analyze import analyze_paths
+
+    return analyze_paths(args.paths, args.out, args.weights, args.device, args.config)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from inference.detector import DEFAULT_WEIGHTS
+
+    parser = argparse.ArgumentParser(prog="dicom-node", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"dicom-node {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every step")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    analyze = sub.add_parser(
+        "analyze", help="find nodules in CT series on disk; write SR, SEG, key images"
+    )
+    analyze.add_argument("paths", nargs="+", type=Path, help="DICOM files or folders")
+    analyze.add_argument("--out", type=Path, required=True, help="folder for the results")
+    analyze.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
+    analyze.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    analyze.add_argument(
+        "--config", type=Path, default=None, help="config.yaml (eligibility rules)"
+    )
+    analyze.set_defaults(func=_analyze)
+
+    train = sub.add_parser("train", help="train Res-MTNet on synthetic nodules in annotated CT")
+    train.add_argument(
+        "data", nargs="+", type=Path, help="LIDC-IDRI case folders or .tar.xz archives"
+    )
+    train.add_argument("--out", type=Path, default=DEFAULT_WEIGHTS)
+    train.add_argument("--seed", type=int, default=20261126)
+    train.add_argument("--positives", type=int, default=2000)
+    train.add_argument("--negatives", type=int, default=2000)
+    train.add_argument("--epochs", type=int, default=6)
+    train.add_argument(
+        "--fp-per-scan", type=float, default=1.0, help="budget the operating point is chosen for"
+    )
+    train.add_argument("--device", default="auto")
+    train.set_defaults(func=_train)
+
+    evaluate = sub.add_parser(
+        "evaluate", help="FROC/CPM on synthetic and annotated scans; markdown + PNG"
+    )
+    evaluate.add_argument(
+        "data", nargs="+", type=Path, help="LIDC-IDRI case folders or .tar.xz archives"
+    )
+    evaluate.add_argument("--out", type=Path, required=True)
+    evaluate.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
+    evaluate.add_argument(
+        "--luna-csv", type=Path, default=None, help="LUNA16 reference rows for these series"
+    )
+    evaluate.add_argument("--seed", type=int, default=7)
+    evaluate.add_argument(
+        "--synthetic-scans", type=int, default=5, help="held-out synthetic scans per case"
+    )
+    evaluate.add_argument("--device", default="auto")
+    evaluate.set_defaults(func=_evaluate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args))
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        print(f"dicom-node {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,279 @@
+"""Reading CT series from files into volumes, with the eligibility rules a nodule CAD needs.
+
+Each rule that fails gives a one-line reason naming the tag and what was expected, so that
+an operator can tell a scanner protocol problem from a broken file.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from inference.volume import Volume
+
+log = logging.getLogger(__name__)
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
+
+
+@dataclass(frozen=True)
+class EligibilityRules:
+    """What a series must be for the detector to read it (``config.yaml``: ``eligibility``)."""
+
+    min_coverage_mm: float = 80.0
+    max_slice_spacing_mm: float = 3.0
+    #: Largest relative deviation of one slice step from the median step.
+    spacing_tolerance: float = 0.1
+    #: Cosine tolerance for "axial" and "no tilt".
+    orientation_tolerance: float = 0.02
+    min_slices: int = 16
+
+
+class SeriesRejected(Exception):
+    """A series the engine will not analyse; the message is the one-line reason."""
+
+
+@dataclass
+class UnreadableFile:
+    path: Path
+    reason: str
+
+
+@dataclass
+class SeriesFiles:
+    """The files of one series as found on disk, headers read, pixels not yet."""
+
+    series_instance_uid: str
+    datasets: list[tuple[Path, Dataset]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class CTSeries:
+    """An eligible series: its volume and, slice by slice, the datasets it came from.
+
+    ``slices[k]`` is the dataset (pixel data dropped) of the volume's slice k, which the
+    writers need for references and for copying patient and study attributes.
+    """
+
+    volume: Volume
+    slices: list[Dataset]
+
+    @property
+    def series_instance_uid(self) -> str:
+        return str(self.slices[0].SeriesInstanceUID)
+
+    @property
+    def study_instance_uid(self) -> str:
+        return str(self.slices[0].StudyInstanceUID)
+
+
+def iter_files(paths: Iterable[Path]) -> Iterator[Path]:
+    for path in paths:
+        if path.is_dir():
+            yield from sorted(p for p in path.rglob("*") if p.is_file())
+        elif path.is_file():
+            yield path
+        else:
+            raise FileNotFoundError(f"no such file or folder: {path}")
+
+
+def scan_files(paths: Iterable[Path]) -> tuple[list[SeriesFiles], list[UnreadableFile]]:
+    """Group DICOM files by Series Instance UID; list what is not DICOM or not an image.
+
+    Files without a DICOM preamble (the LIDC XML, a README) are skipped quietly only when
+    they are plainly not DICOM by name; any other unreadable file is reported.
+    """
+    groups: dict[str, SeriesFiles] = {}
+    bad: list[UnreadableFile] = []
+    for path in iter_files(paths):
+        if path.suffix.lower() in {".xml", ".txt", ".md", ".json", ".csv"}:
+            continue
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=False, defer_size="1 KB")
+        except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+            bad.append(
+                UnreadableFile(path, f"not a readable DICOM file ({exc.__class__.__name__}: {exc})")
+            )
+            continue
+        uid = str(ds.get("SeriesInstanceUID", "") or "")
+        key = uid or f"<no SeriesInstanceUID> in {path.parent}"
+        groups.setdefault(key, SeriesFiles(uid)).datasets.append((path, ds))
+    return list(groups.values()), bad
+
+
+def _float_list(ds: Dataset, keyword: str, count: int, path: Path) -> np.ndarray:
+    value = ds.get(keyword)
+    tag = pydicom.datadict.tag_for_keyword(keyword)
+    where = f"{path.name}: {keyword} ({tag >> 16:04X},{tag & 0xFFFF:04X})" if tag else path.name
+    if value is None:
+        raise SeriesRejected(f"{where} is missing")
+    try:
+        values = np.array(
+            [
+                float(v)
+                for v in (
+                    value if isinstance(value, list | pydicom.multival.MultiValue) else [value]
+                )
+            ]
+        )
+    except (TypeError, ValueError) as exc:
+        raise SeriesRejected(f"{where} is not numeric: {value!r}") from exc
+    if values.size != count:
+        raise SeriesRejected(f"{where} has {values.size} values, expected {count}")
+    return values
+
+
+def load_series(files: SeriesFiles, rules: EligibilityRules) -> CTSeries:
+    """Check the series and build its volume, or raise :class:`SeriesRejected` with the reason."""
+    if not files.series_instance_uid:
+        first = files.datasets[0][0]
+        raise SeriesRejected(
+            f"{first.name}: SeriesInstanceUID (0020,000E) is empty; cannot place results"
+        )
+    for required in ("StudyInstanceUID", "SOPInstanceUID"):
+        missing = [p.name for p, ds in files.datasets if not str(ds.get(required, "") or "")]
+        if missing:
+            raise SeriesRejected(f"{missing[0]}: {required} is empty in {len(missing)} file(s)")
+    images = []
+    modalities = {str(ds.get("Modality", "")) for _, ds in files.datasets}
+    if modalities != {"CT"}:
+        raise SeriesRejected(
+            f"Modality (0008,0060) is {', '.join(sorted(modalities))}; expected CT"
+        )
+    for path, ds in files.datasets:
+        sop_class = str(ds.get("SOPClassUID", ""))
+        if sop_class == ENHANCED_CT_IMAGE_STORAGE:
+            raise SeriesRejected(
+                f"{path.name}: Enhanced CT (multi-frame) is not read yet; send classic CT Image Storage"
+            )
+        if sop_class != CT_IMAGE_STORAGE:
+            raise SeriesRejected(
+                f"{path.name}: SOPClassUID {sop_class or '(empty)'} is not CT Image Storage"
+            )
+        if "PixelData" not in ds:
+            raise SeriesRejected(f"{path.name}: PixelData (7FE0,0010) is missing")
+        image_type = [str(v).upper() for v in ds.get("ImageType", [])]
+        if "LOCALIZER" in image_type:
+            continue
+        images.append((path, ds))
+    if len(images) < rules.min_slices:
+        raise SeriesRejected(f"{len(images)} axial images; at least {rules.min_slices} are needed")
+    return _build_volume(images, rules)
+
+
+def _build_volume(images: list[tuple[Path, Dataset]], rules: EligibilityRules) -> CTSeries:
+    path0, ds0 = images[0]
+    orientation = _float_list(ds0, "ImageOrientationPatient", 6, path0)
+    row, col = orientation[:3], orientation[3:]
+    normal = np.cross(row, col)
+    tol = rules.orientation_tolerance
+    if abs(abs(normal[2]) - 1.0) > tol:
+        raise SeriesRejected(
+            f"{path0.name}: ImageOrientationPatient (0020,0037) {orientation.round(3).tolist()} is not axial"
+        )
+    shape0 = (int(ds0.Rows), int(ds0.Columns))
+    spacing0 = _float_list(ds0, "PixelSpacing", 2, path0)
+    positions = []
+    for path, ds in images:
+        if (int(ds.Rows), int(ds.Columns)) != shape0:
+            raise SeriesRejected(
+                f"{path.name}: Rows/Columns {ds.Rows}x{ds.Columns} differ from {shape0[0]}x{shape0[1]}"
+            )
+        if np.abs(_float_list(ds, "ImageOrientationPatient", 6, path) - orientation).max() > 1e-3:
+            raise SeriesRejected(
+                f"{path.name}: ImageOrientationPatient (0020,0037) differs within the series"
+            )
+        if np.abs(_float_list(ds, "PixelSpacing", 2, path) - spacing0).max() > 1e-3:
+            raise SeriesRejected(f"{path.name}: PixelSpacing (0028,0030) differs within the series")
+        positions.append(_float_list(ds, "ImagePositionPatient", 3, path))
+    positions_arr = np.array(positions)
+    along = positions_arr @ normal
+    order = np.argsort(along)
+    along = along[order]
+    steps = np.diff(along)
+    if np.any(steps < 1e-3):
+        n = int(np.argmin(steps))
+        raise SeriesRejected(
+            f"duplicate slice position {along[n]:.2f} mm ({images[order[n]][0].name} and {images[order[n + 1]][0].name})"
+        )
+    step = float(np.median(steps))
+    if step > rules.max_slice_spacing_mm + 1e-6:
+        raise SeriesRejected(f"slice spacing {step:.2f} mm exceeds {rules.max_slice_spacing_mm} mm")
+    irregular = np.abs(steps - step) > rules.spacing_tolerance * step
+    if irregular.any():
+        n = int(np.argmax(irregular))
+        raise SeriesRejected(
+            f"irregular slice spacing: a gap of {steps[n]:.2f} mm after {along[n]:.2f} mm where {step:.2f} mm is expected"
+        )
+    # Gantry tilt shows as slice origins that drift in-plane along the stack.
+    drift = positions_arr[order] - positions_arr[order][0] - np.outer(along - along[0], normal)
+    if np.abs(drift).max() > max(1.0, tol * (along[-1] - along[0])):
+        tilt = np.degrees(np.arctan2(np.abs(drift[-1]).max(), along[-1] - along[0]))
+        raise SeriesRejected(
+            f"gantry tilt of about {tilt:.1f} degrees (slice positions shear in-plane); not supported"
+        )
+    coverage = float(along[-1] - along[0] + step)
+    if coverage < rules.min_coverage_mm:
+        raise SeriesRejected(
+            f"coverage {coverage:.0f} mm is below the {rules.min_coverage_mm:.0f} mm required"
+        )
+    slices: list[Dataset] = []
+    arrays = []
+    for n in order:
+        path, ds = images[n]
+        arrays.append(_hounsfield(path, ds))
+        del ds.PixelData
+        slices.append(ds)
+    direction = np.stack([row, col, normal], axis=1)
+    origin = positions_arr[order][0]
+    volume = Volume(
+        np.stack(arrays),
+        (float(origin[0]), float(origin[1]), float(origin[2])),
+        (float(spacing0[1]), float(spacing0[0]), step),
+        direction,
+    )
+    return CTSeries(volume, slices)
+
+
+def _hounsfield(path: Path, ds: Dataset) -> np.ndarray:
+    try:
+        pixels = ds.pixel_array
+    except Exception as exc:  # pydicom raises many types for bad or undecodable pixel data
+        syntax = ds.file_meta.get("TransferSyntaxUID", "unknown")
+        raise SeriesRejected(
+            f"{path.name}: pixel data cannot be decoded (transfer syntax {syntax}): {exc}"
+        ) from exc
+    if pixels.shape != (int(ds.Rows), int(ds.Columns)):
+        raise SeriesRejected(
+            f"{path.name}: pixel data has shape {pixels.shape}, expected {ds.Rows}x{ds.Columns}"
+        )
+    slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+    intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+    return (pixels.astype(np.float32) * slope + intercept).astype(np.float32)
+
+
+def read_series(
+    paths: Iterable[Path], rules: EligibilityRules | None = None
+) -> tuple[list[CTSeries], dict[str, str], list[UnreadableFile]]:
+    """All series under ``paths``: the eligible ones, reasons for the others, unreadable files."""
+    rules = rules or EligibilityRules()
+    groups, bad = scan_files(paths)
+    eligible: list[CTSeries] = []
+    rejected: dict[str, str] = defaultdict(str)
+    for group in groups:
+        key = group.series_instance_uid or f"(no SeriesInstanceUID, {group.datasets[0][0].parent})"
+        try:
+            eligible.append(load_series(group, rules))
+        except SeriesRejected as exc:
+            log.info("series %s rejected: %s", key, exc)
+            rejected[key] = str(exc)
+    return eligible, dict(rejected), bad

@@ -1,0 +1,56 @@
+"""Coded concepts used in the results, each with where it comes from.
+
+Concepts with no public code (nodule composition, the Lung-RADS category value) use the
+private scheme ``99RESMTNET``, declared in the SR's Coding Scheme Identification Sequence as
+PS3.3 C.12.1.1.2.1 asks for a private designator.
+"""
+
+from __future__ import annotations
+
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+
+PRIVATE_SCHEME = "99RESMTNET"
+
+NODULE = Code("27925004", "SCT", "Nodule")  # CID 6102 / CID 3428 finding
+LUNG = Code("39607008", "SCT", "Lung")  # CID 6109 Lung anatomical site
+LUNG_STRUCTURE_CATEGORY = Code("91723000", "SCT", "Anatomical Structure")  # CID 7150
+MORPHOLOGIC_ABNORMALITY = Code("49755003", "SCT", "Morphologically Abnormal Structure")  # CID 7150
+DIAMETER = Code("81827009", "SCT", "Diameter")  # CID 7470
+LONG_AXIS = Code("103339001", "SCT", "Long Axis")  # CID 7470
+SHORT_AXIS = Code("103340004", "SCT", "Short Axis")  # CID 7470
+VOLUME = Code("118565006", "SCT", "Volume")  # CID 7470
+MEAN_ATTENUATION = Code("112181", "DCM", "Mean Attenuation Coefficient")  # CID 7180 context
+PROBABILITY_OF_CANCER = Code("111047", "DCM", "Probability of cancer")  # CID 6040
+CT_CHEST = Code("24627-2", "LN", "CT Chest")  # CID 100 procedure reported
+BEST_ILLUSTRATION = Code("121080", "DCM", "Best illustration of finding")  # CID 7010
+FINDING = codes.DCM.Finding
+ARTIFICIAL_INTELLIGENCE = codes.cid7162.ArtificialIntelligence  # CID 7162 algorithm family
+
+MM = Code("mm", "UCUM", "millimeter")
+MM3 = Code("mm3", "UCUM", "cubic millimeter")
+HU = Code("[hnsf'U]", "UCUM", "Hounsfield unit")
+PROBABILITY = Code("{probability}", "UCUM", "probability")
+
+COMPOSITION = Code("composition", PRIVATE_SCHEME, "Nodule composition")
+COMPOSITION_VALUES = {
+    "solid": Code("solid", PRIVATE_SCHEME, "Solid"),
+    "part-solid": Code("part-solid", PRIVATE_SCHEME, "Part-solid"),
+    "ground-glass": Code("112120", "DCM", "Ground glass opacity"),  # no code for the other two
+}
+LUNG_RADS = Code("lung-rads-v2022", PRIVATE_SCHEME, "Lung-RADS v2022 category (baseline)")
+NO_NODULE = Code("no-nodule", PRIVATE_SCHEME, "No nodule detected")
+
+
+def private_scheme_identification() -> Dataset:
+    """The Coding Scheme Identification item that declares ``99RESMTNET``."""
+    item = Dataset()
+    item.CodingSchemeDesignator = PRIVATE_SCHEME
+    item.CodingSchemeName = "Res-MTNet DICOM node private codes"
+    item.CodingSchemeResponsibleOrganization = "Res-MTNet DICOM node project"
+    return item
+
+
+def lung_rads_code(category: str) -> Code:
+    return Code(f"lung-rads-{category}", PRIVATE_SCHEME, f"Lung-RADS {category}")

@@ -1,0 +1,96 @@
+"""DICOM Segmentation: one binary segment per nodule, frames on the source CT slices."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import highdicom as hd
+import numpy as np
+from highdicom import UID
+from pydicom.dataset import Dataset
+
+from dicom_node.writers import codes
+from dicom_node.writers.common import (
+    DEVICE_SERIAL,
+    MANUFACTURER,
+    MODEL_NAME,
+    SOFTWARE_VERSIONS,
+    OutputSeries,
+)
+from inference.findings import ModelInfo, NoduleFinding
+
+
+class NoduleSegmentation:
+    """Builds the SEG; segment n carries the SR's tracking identifier and UID of nodule n.
+
+    Frames are taken from the same (k, j, i) grid the CT volume was read into, in the order
+    of ``slices``, which is how the SEG stays registered to the CT (no flip, no shift).
+    """
+
+    def __init__(
+        self,
+        slices: Sequence[Dataset],
+        findings: Sequence[NoduleFinding],
+        tracking_uids: Sequence[str],
+        model: ModelInfo,
+        series: OutputSeries,
+    ) -> None:
+        if not slices:
+            raise ValueError("a SEG needs the source CT slices; none were given")
+        if not findings:
+            raise ValueError("a SEG needs at least one nodule; write none when nothing was found")
+        if len(tracking_uids) != len(findings):
+            raise ValueError(f"{len(findings)} findings but {len(tracking_uids)} tracking UIDs")
+        frames = {str(ds.FrameOfReferenceUID) for ds in slices}
+        if len(frames) != 1:
+            raise ValueError(f"source slices span {len(frames)} frames of reference")
+        self.slices = list(slices)
+        self.findings = list(findings)
+        self.tracking_uids = list(tracking_uids)
+        self.model = model
+        self.series = series
+
+    def segment_descriptions(self) -> list[hd.seg.SegmentDescription]:
+        algorithm = hd.AlgorithmIdentificationSequence(
+            name=self.model.name,
+            family=codes.ARTIFICIAL_INTELLIGENCE,
+            version=self.model.version,
+            parameters={"weights_sha256": self.model.weights_sha256},
+        )
+        return [
+            hd.seg.SegmentDescription(
+                segment_number=n,
+                segment_label=finding.label,
+                segmented_property_category=codes.MORPHOLOGIC_ABNORMALITY,
+                segmented_property_type=codes.NODULE,
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                algorithm_identification=algorithm,
+                tracking_uid=uid,
+                tracking_id=finding.label,
+                anatomic_regions=[codes.LUNG],
+            )
+            for n, (finding, uid) in enumerate(
+                zip(self.findings, self.tracking_uids, strict=True), start=1
+            )
+        ]
+
+    def build(self) -> hd.seg.Segmentation:
+        shape = (len(self.slices), int(self.slices[0].Rows), int(self.slices[0].Columns))
+        pixels = np.stack([f.full_mask(shape) for f in self.findings], axis=-1).astype(np.uint8)
+        return hd.seg.Segmentation(
+            source_images=self.slices,
+            pixel_array=pixels,
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=self.segment_descriptions(),
+            series_instance_uid=self.series.series_instance_uid,
+            series_number=self.series.number,
+            sop_instance_uid=str(UID()),
+            instance_number=1,
+            manufacturer=MANUFACTURER,
+            manufacturer_model_name=MODEL_NAME,
+            software_versions=SOFTWARE_VERSIONS,
+            device_serial_number=DEVICE_SERIAL,
+            series_description=self.series.description,
+            content_label="NODULES",
+            content_description="Lung nodules found by Res-MTNet",
+        )

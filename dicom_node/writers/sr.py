@@ -1,0 +1,193 @@
+"""Comprehensive 3D SR with a TID 1500 Measurement Report: one tracked finding per nodule.
+
+Each nodule gets three measurement groups that share its tracking identifier and UID:
+- TID 1410, an ELLIPSE (long and short axis) on the axial slice through the nodule, with
+  every measurement and evaluation: the group viewers such as OHIF draw;
+- TID 1411 referencing the nodule's SEG segment (volume, mean attenuation);
+- TID 1411 with the nodule centre as a 3D POINT in the CT's frame of reference.
+A scan without findings still gets a report, saying so, so that the radiologist knows it
+was read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import highdicom as hd
+import numpy as np
+from highdicom import UID
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes as dcm_codes
+
+from dicom_node.writers import codes
+from dicom_node.writers.common import MANUFACTURER, OutputSeries
+from inference.findings import ModelInfo, NoduleFinding
+
+SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+
+
+class NoduleReport:
+    """Builds the SR for one series' findings."""
+
+    def __init__(
+        self,
+        slices: Sequence[Dataset],
+        findings: Sequence[NoduleFinding],
+        tracking_uids: Sequence[str],
+        model: ModelInfo,
+        series: OutputSeries,
+        segmentation: Dataset | None,
+    ) -> None:
+        if not slices:
+            raise ValueError("an SR needs the source CT slices; none were given")
+        if len(tracking_uids) != len(findings):
+            raise ValueError(f"{len(findings)} findings but {len(tracking_uids)} tracking UIDs")
+        if findings and segmentation is None:
+            raise ValueError("findings need the SEG they reference")
+        frames = {str(ds.FrameOfReferenceUID) for ds in slices}
+        if len(frames) != 1:
+            raise ValueError(f"source slices span {len(frames)} frames of reference")
+        self.slices = list(slices)
+        self.findings = list(findings)
+        self.tracking_uids = list(tracking_uids)
+        self.model = model
+        self.series = series
+        self.segmentation = segmentation
+
+    def _algorithm(self) -> hd.sr.AlgorithmIdentification:
+        return hd.sr.AlgorithmIdentification(
+            name=self.model.name,
+            version=self.model.version,
+            parameters=[f"weights_sha256={self.model.weights_sha256}"],
+        )
+
+    def _groups(self, finding: NoduleFinding, number: int, tracking_uid: str) -> list[object]:
+        tracking = hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=finding.label)
+        sites = [hd.sr.FindingSite(anatomic_location=codes.LUNG)]
+        ds = self.slices[finding.axial_slice]
+        algorithm = self._algorithm()
+        # SCOORD pixel coordinates put the top-left corner of the first pixel at (0, 0), so a
+        # pixel centre (column i, row j) is (i + 0.5, j + 0.5).
+        ellipse = np.array([*finding.long_axis_ij, *finding.short_axis_ij], dtype=float) + 0.5
+        region = hd.sr.ImageRegion(
+            graphic_type=hd.sr.GraphicTypeValues.ELLIPSE,
+            graphic_data=ellipse,
+            source_image=hd.sr.SourceImageForRegion(
+                referenced_sop_class_uid=str(ds.SOPClassUID),
+                referenced_sop_instance_uid=str(ds.SOPInstanceUID),
+            ),
+        )
+
+        def mm(name: object, value: float) -> hd.sr.Measurement:
+            return hd.sr.Measurement(name=name, value=round(value, 1), unit=codes.MM)  # type: ignore[arg-type]
+
+        planar = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=tracking,
+            referenced_region=region,
+            finding_type=codes.NODULE,
+            algorithm_id=algorithm,
+            finding_sites=sites,
+            measurements=[
+                mm(codes.DIAMETER, finding.diameter_mm),
+                mm(codes.LONG_AXIS, finding.long_axis_mm),
+                mm(codes.SHORT_AXIS, finding.short_axis_mm),
+                hd.sr.Measurement(
+                    name=codes.PROBABILITY_OF_CANCER,
+                    value=round(finding.malignancy_probability, 3),
+                    unit=codes.PROBABILITY,
+                ),
+            ],
+            qualitative_evaluations=[
+                hd.sr.QualitativeEvaluation(
+                    codes.COMPOSITION, codes.COMPOSITION_VALUES[finding.composition]
+                ),
+                hd.sr.QualitativeEvaluation(
+                    codes.LUNG_RADS, codes.lung_rads_code(finding.lung_rads)
+                ),
+            ],
+        )
+        assert self.segmentation is not None
+        volumetric = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=tracking,
+            referenced_segment=hd.sr.ReferencedSegment(
+                sop_class_uid=SEGMENTATION_STORAGE,
+                sop_instance_uid=str(self.segmentation.SOPInstanceUID),
+                segment_number=number,
+                source_series=hd.sr.SourceSeriesForSegmentation(str(ds.SeriesInstanceUID)),
+            ),
+            finding_type=codes.NODULE,
+            algorithm_id=algorithm,
+            finding_sites=sites,
+            measurements=[
+                hd.sr.Measurement(
+                    name=codes.VOLUME, value=round(finding.volume_mm3), unit=codes.MM3
+                ),
+                hd.sr.Measurement(
+                    name=codes.MEAN_ATTENUATION, value=round(finding.mean_hu, 1), unit=codes.HU
+                ),
+            ],
+        )
+        centre = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=tracking,
+            referenced_volume_surface=hd.sr.VolumeSurface(
+                graphic_type=hd.sr.GraphicTypeValues3D.POINT,
+                graphic_data=np.array([finding.center_mm]),
+                frame_of_reference_uid=str(ds.FrameOfReferenceUID),
+                source_series=hd.sr.SourceSeriesForSegmentation(str(ds.SeriesInstanceUID)),
+            ),
+            finding_type=codes.NODULE,
+            algorithm_id=algorithm,
+            finding_sites=sites,
+        )
+        return [planar, volumetric, centre]
+
+    def build(self) -> hd.sr.Comprehensive3DSR:
+        groups: list[object] = []
+        for number, (finding, uid) in enumerate(
+            zip(self.findings, self.tracking_uids, strict=True), start=1
+        ):
+            groups += self._groups(finding, number, uid)
+        if not self.findings:
+            groups.append(
+                hd.sr.MeasurementsAndQualitativeEvaluations(
+                    tracking_identifier=hd.sr.TrackingIdentifier(
+                        uid=str(UID()), identifier="Scan read"
+                    ),
+                    algorithm_id=self._algorithm(),
+                    qualitative_evaluations=[
+                        hd.sr.QualitativeEvaluation(codes.FINDING, codes.NO_NODULE)
+                    ],
+                )
+            )
+        observer = hd.sr.ObservationContext(
+            observer_device_context=hd.sr.ObserverContext(
+                observer_type=dcm_codes.DCM.Device,
+                observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+                    uid=str(UID()),
+                    name=self.model.name,
+                    manufacturer_name=MANUFACTURER,
+                    model_name=f"{self.model.name} {self.model.version}",
+                ),
+            )
+        )
+        report = hd.sr.MeasurementReport(
+            observation_context=observer,
+            procedure_reported=codes.CT_CHEST,
+            imaging_measurements=groups,  # type: ignore[arg-type]
+        )
+        evidence = list(self.slices) + (
+            [self.segmentation] if self.segmentation is not None else []
+        )
+        sr = hd.sr.Comprehensive3DSR(
+            evidence=evidence,
+            content=report,
+            series_instance_uid=self.series.series_instance_uid,
+            series_number=self.series.number,
+            sop_instance_uid=str(UID()),
+            instance_number=1,
+            manufacturer=MANUFACTURER,
+            is_complete=True,
+            series_description=self.series.description,
+        )
+        sr.CodingSchemeIdentificationSequence = [codes.private_scheme_identification()]
+        return sr

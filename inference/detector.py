@@ -1,0 +1,338 @@
+"""The engine: a CT volume in, measured and classified nodules out."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from inference.candidates import find_candidates
+from inference.findings import ModelInfo, NoduleFinding
+from inference.lungrads import lung_rads_category
+from inference.lungs import segment_lungs
+from inference.measure import axial_axes, measure
+from inference.network import COMPOSITIONS, NetworkConfig, ResMTNet, build_model
+from inference.patches import extract_patches, patch_geometric_centre
+from inference.transforms import ClipHU, Compose, ResampleToSpacing
+from inference.volume import Volume
+
+MODEL_NAME = "Res-MTNet"
+DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "resmtnet.pt"
+LUNG_MASK_SPACING_MM = 2.5
+#: HU from which a voxel of a nodule counts as its solid part (Lung-RADS part-solid rule).
+SOLID_PART_HU = -300.0
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """Stored with the weights: a calibrated score and the threshold findings must reach."""
+
+    threshold: float = 0.5
+    temperature: float = 1.0
+    max_findings: int = 10
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class _Stopwatch:
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.timings[stage] = round(now - self._last, 3)
+        self._last = now
+
+
+def prepare(
+    volume: Volume, spacing_mm: float, clock: _Stopwatch | None = None
+) -> tuple[Volume, np.ndarray]:
+    """The network's grid (isotropic, HU clipped) and the lung mask on it.
+
+    The lungs are segmented on a coarser grid and brought over by nearest neighbour: the
+    mask's edge matters to a few millimetres, and the coarse grid is eight times cheaper.
+    """
+    work = Compose([ResampleToSpacing(spacing_mm), ClipHU()])(volume)
+    if clock:
+        clock.lap("resample")
+    coarse = segment_lungs(ResampleToSpacing(LUNG_MASK_SPACING_MM)(volume)).astype(np.float32)
+    zoom = [n / m for n, m in zip(work.array.shape, coarse.shape, strict=True)]
+    lungs = ndimage.zoom(coarse, zoom, order=0, grid_mode=True, mode="nearest") > 0.5
+    if clock:
+        clock.lap("lung_mask")
+    return work, lungs
+
+
+@dataclass
+class ScoredCandidates:
+    """Candidates after the network, in descending score order where ``keep`` lists them."""
+
+    work: Volume
+    centres_kji: np.ndarray  # refined, on the work grid
+    points_mm: np.ndarray  # the same, in LPS mm
+    scores: np.ndarray  # calibrated, 0..1
+    keep: np.ndarray  # indices surviving non-maximum suppression, best first
+
+
+@dataclass
+class DetectionResult:
+    findings: list[NoduleFinding]
+    scored: ScoredCandidates
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def candidates(self) -> int:
+        return len(self.scored.scores)
+
+
+class NoduleDetector:
+    """Holds a loaded Res-MTNet (load once, run on many series)."""
+
+    def __init__(
+        self,
+        model: ResMTNet,
+        operating_point: OperatingPoint,
+        info: ModelInfo,
+        device: torch.device | None = None,
+        batch_size: int = 128,
+    ) -> None:
+        self.device = device or torch.device("cpu")
+        self.model = model.to(self.device).eval()
+        if self.device.type == "cpu":
+            self.model = self.model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
+        self.operating_point = operating_point
+        self.info = info
+        self.batch_size = batch_size
+
+    @classmethod
+    def from_weights(cls, path: Path = DEFAULT_WEIGHTS, device: str = "auto") -> NoduleDetector:
+        """Load weights written by ``dicom-node train``; their config rebuilds the network."""
+        if not path.is_file():
+            raise FileNotFoundError(f"weights file not found: {path}")
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        config = NetworkConfig(
+            **{**checkpoint["config"], "widths": tuple(checkpoint["config"]["widths"])}
+        )
+        model = build_model(config)
+        model.load_state_dict(checkpoint["state_dict"])
+        info = ModelInfo(MODEL_NAME, checkpoint["version"], sha256_of(path))
+        return cls(
+            model, OperatingPoint(**checkpoint["operating_point"]), info, pick_device(device)
+        )
+
+    def detect(self, volume: Volume) -> DetectionResult:
+        """Findings at the stored operating point, measured and classified."""
+        clock = _Stopwatch()
+        scored = self.score(volume, clock)
+        keep = scored.keep[scored.scores[scored.keep] >= self.operating_point.threshold]
+        keep = keep[: self.operating_point.max_findings]
+        findings = self._describe(
+            volume, scored.work, scored.centres_kji[keep], scored.scores[keep]
+        )
+        clock.lap("measure")
+        return DetectionResult(findings, scored, clock.timings)
+
+    def score(self, volume: Volume, clock: _Stopwatch | None = None) -> ScoredCandidates:
+        """Every candidate scored, refined and suppressed, without a threshold: what a FROC
+        curve is drawn from."""
+        clock = clock or _Stopwatch()
+        work, lungs = prepare(volume, self.model.config.spacing_mm, clock)
+        candidates = find_candidates(work, lungs)
+        clock.lap("candidates")
+        centres = np.array([c.kji for c in candidates], dtype=int).reshape(-1, 3)
+        outputs = self._run(work.array, centres, with_mask=False)
+        scores = self._calibrate(outputs["nodule_logit"])
+        clock.lap("classify")
+        spacing_kji = np.asarray(work.spacing[::-1])
+        refined = patch_geometric_centre(centres) + outputs["offset_mm"] / spacing_kji
+        keep = self._suppress(refined * spacing_kji, scores, outputs["diameter_mm"])
+        points = work.index_to_world(refined[:, ::-1]) if len(refined) else np.zeros((0, 3))
+        return ScoredCandidates(work, refined, points, scores, keep)
+
+    @torch.inference_mode()
+    def _run(
+        self, image: np.ndarray, centres: np.ndarray, with_mask: bool
+    ) -> dict[str, np.ndarray]:
+        size = self.model.config.patch_voxels
+        parts: dict[str, list[np.ndarray]] = {}
+        for start in range(0, len(centres), self.batch_size):
+            patches = torch.from_numpy(
+                extract_patches(image, centres[start : start + self.batch_size], size)
+            )
+            batch = patches[:, None].to(self.device)
+            if self.device.type == "cpu":
+                batch = batch.contiguous(memory_format=torch.channels_last_3d)
+            out = self.model(batch, with_mask=with_mask)
+            for name, value in out._asdict().items():
+                if value is not None:
+                    parts.setdefault(name, []).append(value.float().cpu().numpy())
+        empty = {
+            "nodule_logit": (0,),
+            "malignancy_logit": (0,),
+            "composition_logits": (0, 3),
+            "diameter_mm": (0,),
+            "offset_mm": (0, 3),
+        }
+        return {
+            name: np.concatenate(parts[name]) if name in parts else np.zeros(shape)
+            for name, shape in empty.items()
+        } | (
+            {"mask_logits": np.concatenate(parts["mask_logits"])} if "mask_logits" in parts else {}
+        )
+
+    def _calibrate(self, logits: np.ndarray) -> np.ndarray:
+        return 1.0 / (1.0 + np.exp(-logits / self.operating_point.temperature))
+
+    def _suppress(
+        self, points_mm: np.ndarray, scores: np.ndarray, diameters: np.ndarray
+    ) -> np.ndarray:
+        """Non-maximum suppression in mm: a lower-scored detection inside a higher one's
+        radius (or within 5 mm) is the same nodule."""
+        kept: list[int] = []
+        for n in np.argsort(scores)[::-1]:
+            if kept:
+                d = np.linalg.norm(points_mm[kept] - points_mm[n], axis=1)
+                radius = np.maximum(5.0, np.maximum(diameters[kept], diameters[n]) / 2.0)
+                if np.any(d < radius):
+                    continue
+            kept.append(int(n))
+        return np.array(kept, dtype=int)
+
+    def _describe(
+        self, source: Volume, work: Volume, centres_kji: np.ndarray, scores: np.ndarray
+    ) -> list[NoduleFinding]:
+        """Second pass on the survivors, centred on the refined positions, with the mask head."""
+        if len(centres_kji) == 0:
+            return []
+        centres = np.round(centres_kji).astype(int)
+        out = self._run(work.array, centres, with_mask=True)
+        findings = []
+        for n, centre in enumerate(centres):
+            probability = 1.0 / (1.0 + np.exp(-out["mask_logits"][n, 0]))
+            mask, origin = self._mask_on_source(source, work, centre, probability)
+            if not mask.any():
+                continue
+            findings.append(
+                finding_from_mask(
+                    source,
+                    mask,
+                    origin,
+                    score=float(scores[n]),
+                    composition=COMPOSITIONS[int(np.argmax(out["composition_logits"][n]))],
+                    malignancy_probability=float(1.0 / (1.0 + np.exp(-out["malignancy_logit"][n]))),
+                )
+            )
+        findings.sort(key=lambda f: f.score, reverse=True)
+        return [
+            NoduleFinding(**{**f.__dict__, "id": number})
+            for number, f in enumerate(findings, start=1)
+        ]
+
+    def _mask_on_source(
+        self, source: Volume, work: Volume, centre: np.ndarray, probability: np.ndarray
+    ) -> tuple[np.ndarray, tuple[int, int, int]]:
+        """Resample the patch's mask probability onto the source grid, threshold at 1/2 and
+        keep the component at the patch centre. Measuring on the source grid is measuring
+        what the radiologist sees, and the SEG frames are the source frames."""
+        size = probability.shape[0]
+        corner_kji = centre - size // 2
+        corners = (
+            np.array(
+                [[a, b, c] for a in (0, size - 1) for b in (0, size - 1) for c in (0, size - 1)]
+            )
+            + corner_kji
+        )
+        world = work.index_to_world(corners[:, ::-1].astype(float))
+        src_ijk = source.world_to_index(world)
+        lo = np.maximum(np.floor(src_ijk.min(axis=0)).astype(int), 0)
+        hi = np.minimum(np.ceil(src_ijk.max(axis=0)).astype(int) + 1, source.array.shape[::-1])
+        if np.any(hi <= lo):
+            return np.zeros((0, 0, 0), dtype=bool), (0, 0, 0)
+        grid = np.stack(
+            np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi, strict=True)], indexing="ij"), -1
+        )  # (i, j, k, 3) in source ijk
+        work_ijk = work.world_to_index(source.index_to_world(grid.reshape(-1, 3)))
+        patch_kji = (work_ijk[:, ::-1] - corner_kji).T
+        sampled = ndimage.map_coordinates(
+            probability, patch_kji, order=1, mode="constant", cval=0.0
+        )
+        mask_ijk = sampled.reshape(grid.shape[:3]) > 0.5
+        mask = np.ascontiguousarray(mask_ijk.transpose(2, 1, 0))
+        labels, count = ndimage.label(mask)
+        if count > 1:
+            centre_src = source.world_to_index(work.index_to_world(centre[::-1].astype(float)))
+            c = np.round(centre_src[::-1] - lo[::-1]).astype(int)
+            inside = np.all((c >= 0) & (c < mask.shape))
+            label = labels[tuple(c)] if inside else 0
+            if label == 0:
+                sizes = ndimage.sum_labels(mask, labels, np.arange(1, count + 1))
+                label = int(np.argmax(sizes)) + 1
+            mask = labels == label
+        return mask, (int(lo[2]), int(lo[1]), int(lo[0]))
+
+
+def finding_from_mask(
+    source: Volume,
+    mask: np.ndarray,
+    origin_kji: tuple[int, int, int],
+    *,
+    score: float,
+    composition: str,
+    malignancy_probability: float,
+) -> NoduleFinding:
+    """Measure a nodule mask (a box of the source grid at ``origin_kji``) into a finding.
+
+    Everything a radiologist reads off the result (axes, volume, HU, centre, Lung-RADS) is
+    computed here from the same voxels the SEG will hold.
+    """
+    k0, j0, i0 = origin_kji
+    box = np.s_[k0 : k0 + mask.shape[0], j0 : j0 + mask.shape[1], i0 : i0 + mask.shape[2]]
+    hu = source.array[box]
+    spacing_kji = (source.spacing[2], source.spacing[1], source.spacing[0])
+    m = measure(mask, hu, spacing_kji)
+    solid = axial_axes(mask[m.axial_slice] & (hu[m.axial_slice] >= SOLID_PART_HU), spacing_kji[1:])
+    centre_mm = source.index_to_world((np.argwhere(mask).mean(axis=0) + np.array(origin_kji))[::-1])
+    shift = np.array([i0, j0], dtype=float)
+    return NoduleFinding(
+        id=0,
+        score=score,
+        center_mm=(float(centre_mm[0]), float(centre_mm[1]), float(centre_mm[2])),
+        long_axis_mm=m.long_axis_mm,
+        short_axis_mm=m.short_axis_mm,
+        volume_mm3=m.volume_mm3,
+        mean_hu=m.mean_hu,
+        composition=composition,
+        malignancy_probability=malignancy_probability,
+        lung_rads=lung_rads_category(
+            composition,
+            m.axes.long_axis_mm / 2 + m.axes.short_axis_mm / 2,
+            (solid.long_axis_mm + solid.short_axis_mm) / 2.0,
+        ),
+        axial_slice=m.axial_slice + k0,
+        long_axis_ij=_segment(m.axes.long_ends_ij + shift),
+        short_axis_ij=_segment(m.axes.short_ends_ij + shift),
+        mask=mask,
+        mask_origin_kji=origin_kji,
+    )
+
+
+def _segment(ends: np.ndarray) -> tuple[tuple[float, float], tuple[float, float]]:
+    return ((float(ends[0, 0]), float(ends[0, 1])), (float(ends[1, 0]), float(ends[1, 1])))

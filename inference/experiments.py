@@ -1,0 +1,115 @@
+"""Choosing the operating point and measuring the detector: the numbers in the model card."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+from inference.detector import NoduleDetector, prepare
+from inference.evaluation import Reference, ScanOutcome, synthetic_scan
+from inference.findings import NoduleFinding
+from inference.volume import Volume
+
+
+@dataclass(frozen=True)
+class Case:
+    """A scan with its reference nodules (targets and excluded regions)."""
+
+    name: str
+    volume: Volume
+    references: tuple[Reference, ...]  # what FROC scores against (targets and excluded)
+    annotated: tuple[Reference, ...] = ()  # the radiologists' nodules, for the per-nodule table
+
+    @property
+    def avoid_mm(self) -> np.ndarray:
+        return np.array([r.center_mm for r in self.references]).reshape(-1, 3)
+
+
+def lung_points_mm(
+    volume: Volume, spacing_mm: float, rng: np.random.Generator, count: int = 4000
+) -> np.ndarray:
+    work, lungs = prepare(volume, spacing_mm)
+    voxels = np.argwhere(lungs)
+    pick = voxels[rng.choice(len(voxels), size=min(count, len(voxels)), replace=False)]
+    return work.index_to_world(pick[:, ::-1].astype(float))
+
+
+def synthetic_outcomes(
+    detector: NoduleDetector,
+    cases: list[Case],
+    seed: int,
+    scans_per_case: int,
+    nodules_per_scan: int,
+    label: str,
+    describe: bool = True,
+) -> tuple[list[ScanOutcome], list[dict[str, object]]]:
+    """Insert nodules into each case's lungs (away from its own nodules) and score the detector.
+
+    Returns the outcomes and, per synthetic nodule, what the detector made of it at the
+    operating point (for diameter error and malignancy AUC).
+    """
+    rng = np.random.default_rng(seed)
+    outcomes, rows = [], []
+    spacing = detector.model.config.spacing_mm
+    jobs = [(case, n) for case in cases for n in range(scans_per_case)]
+    points = {case.name: lung_points_mm(case.volume, spacing, rng) for case in cases}
+    for case, n in tqdm(jobs, desc=f"{label} scans", unit="scan"):
+        volume, refs, _ = synthetic_scan(
+            case.volume, points[case.name], case.avoid_mm, rng, nodules_per_scan
+        )
+        # The case's own nodules stay in the scan: they are excluded regions, not false positives.
+        refs += [
+            Reference(r.center_mm, r.diameter_mm, excluded=True, name=r.name)
+            for r in case.references
+        ]
+        scan = f"{case.name} {label} {n}"
+        outcome, findings = score_scan(detector, volume, refs, scan, describe)
+        outcomes.append(outcome)
+        rows += [nodule_row(ref, findings, scan) for ref in refs if not ref.excluded]
+    return outcomes, rows
+
+
+def score_scan(
+    detector: NoduleDetector,
+    volume: Volume,
+    refs: list[Reference],
+    name: str,
+    describe: bool = True,
+) -> tuple[ScanOutcome, list[NoduleFinding]]:
+    """All candidates scored for the FROC and, with ``describe``, the findings at the
+    operating point, from one pass of the network."""
+    result = detector.detect(volume) if describe else None
+    scored = result.scored if result else detector.score(volume)
+    keep = scored.keep
+    outcome = ScanOutcome(name, refs, scored.scores[keep], scored.points_mm[keep])
+    return outcome, result.findings if result else []
+
+
+def nodule_row(ref: Reference, findings: list[NoduleFinding], scan: str) -> dict[str, object]:
+    """What the detector made of one reference nodule at its operating point."""
+    row: dict[str, object] = {
+        "scan": scan,
+        "reference": ref.name,
+        "reference_diameter_mm": round(ref.diameter_mm, 1),
+        "composition": ref.composition,
+        "malignant": ref.malignant,
+        "found": False,
+    }
+    radius = max(ref.diameter_mm / 2, 5.0)
+    hits = [
+        f for f in findings if np.linalg.norm(np.subtract(f.center_mm, ref.center_mm)) <= radius
+    ]
+    if hits:
+        best = hits[0]
+        row.update(
+            found=True,
+            score=round(best.score, 4),
+            diameter_mm=round(best.diameter_mm, 1),
+            diameter_error_mm=round(best.diameter_mm - ref.diameter_mm, 2),
+            predicted_composition=best.composition,
+            malignancy_probability=round(best.malignancy_probability, 3),
+            lung_rads=best.lung_rads,
+        )
+    return row

@@ -1,0 +1,80 @@
+"""What the engine hands to the writers: one record per nodule, in patient coordinates."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Provenance that goes into every result: which algorithm, which weights."""
+
+    name: str
+    version: str
+    weights_sha256: str
+
+
+@dataclass(frozen=True)
+class NoduleFinding:
+    """A detected nodule. Index coordinates refer to the source volume's (i, j, k) grid.
+
+    ``mask`` is the nodule's voxels in a box of the source grid whose first voxel is
+    ``mask_origin_kji``; the SEG and the measurements are made from the same voxels.
+    """
+
+    id: int
+    score: float
+    center_mm: tuple[float, float, float]
+    long_axis_mm: float
+    short_axis_mm: float
+    volume_mm3: float
+    mean_hu: float
+    composition: str
+    malignancy_probability: float
+    lung_rads: str
+    axial_slice: int
+    long_axis_ij: tuple[tuple[float, float], tuple[float, float]]
+    short_axis_ij: tuple[tuple[float, float], tuple[float, float]]
+    mask: np.ndarray = field(repr=False)
+    mask_origin_kji: tuple[int, int, int] = (0, 0, 0)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.malignancy_probability <= 1.0:
+            raise ValueError(f"malignancy probability {self.malignancy_probability} not in [0, 1]")
+        if not 0.0 <= self.score <= 1.0:
+            raise ValueError(f"score {self.score} not in [0, 1]")
+
+    @property
+    def diameter_mm(self) -> float:
+        """Lung-RADS mean diameter: the average of long and short axis."""
+        return (self.long_axis_mm + self.short_axis_mm) / 2.0
+
+    @property
+    def label(self) -> str:
+        """The name shared by the SR tracking identifier, the SEG segment and the key image."""
+        return f"Nodule {self.id}"
+
+    def full_mask(self, shape_kji: tuple[int, int, int]) -> np.ndarray:
+        """The mask placed in a zero volume of the source's shape."""
+        out = np.zeros(shape_kji, dtype=bool)
+        k, j, i = self.mask_origin_kji
+        dk, dj, di = self.mask.shape
+        out[k : k + dk, j : j + dj, i : i + di] = self.mask
+        return out
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "id": self.id,
+            "center_mm": [round(c, 2) for c in self.center_mm],
+            "diameter_mm": round(self.diameter_mm, 1),
+            "long_axis_mm": round(self.long_axis_mm, 1),
+            "short_axis_mm": round(self.short_axis_mm, 1),
+            "volume_mm3": round(self.volume_mm3),
+            "mean_hu": round(self.mean_hu, 1),
+            "composition": self.composition,
+            "malignancy_probability": round(self.malignancy_probability, 3),
+            "lung_rads": self.lung_rads,
+            "score": round(self.score, 4),
+        }

@@ -1,0 +1,43 @@
+"""Cutting fixed-size patches around voxels: one function, shared by training and inference,
+so that the offsets the network learns mean the same thing when it runs."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from inference.transforms import normalize_hu
+
+PAD_HU = -1024.0
+
+
+def crop_cube(image: np.ndarray, corner_kji: np.ndarray, size: int) -> np.ndarray:
+    """A float32 copy of ``image[corner : corner + size]`` per axis; voxels beyond it read as air."""
+    out = np.full((size, size, size), PAD_HU, dtype=np.float32)
+    lo = np.asarray(corner_kji, dtype=int)
+    src_lo = np.maximum(lo, 0)
+    src_hi = np.minimum(lo + size, image.shape)
+    if np.any(src_hi <= src_lo):
+        return out
+    dst_lo = src_lo - lo
+    dst_hi = dst_lo + (src_hi - src_lo)
+    out[tuple(slice(a, b) for a, b in zip(dst_lo, dst_hi, strict=True))] = image[
+        tuple(slice(a, b) for a, b in zip(src_lo, src_hi, strict=True))
+    ]
+    return out
+
+
+def patch_geometric_centre(centres_kji: np.ndarray) -> np.ndarray:
+    """Where the middle of an even-sized patch lies: half a voxel before its centre voxel.
+
+    Offsets are measured from here so that flipping a patch simply negates them.
+    """
+    return np.asarray(centres_kji, dtype=float) - 0.5
+
+
+def extract_patches(image: np.ndarray, centres_kji: np.ndarray, size: int) -> np.ndarray:
+    """(N, size, size, size) float32 patches in [0, 1]; patch n covers c - size/2 .. c + size/2 - 1."""
+    half = size // 2
+    out = np.empty((len(centres_kji), size, size, size), dtype=np.float32)
+    for n, centre in enumerate(np.asarray(centres_kji, dtype=int).reshape(-1, 3)):
+        out[n] = crop_cube(image, centre - half, size)
+    return normalize_hu(np.clip(out, PAD_HU, 400.0))

@@ -1,0 +1,86 @@
+"""Small preprocessing steps, one class each, chained with :class:`Compose` (MONAI's pattern)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from inference.volume import Volume
+
+Transform = Callable[[Volume], Volume]
+ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
+
+
+class Compose:
+    """Apply transforms in order; the pipeline reads as the list it is built from."""
+
+    def __init__(self, transforms: Sequence[Transform]) -> None:
+        self.transforms = list(transforms)
+
+    def __call__(self, volume: Volume) -> Volume:
+        for transform in self.transforms:
+            volume = transform(volume)
+        return volume
+
+
+class ResampleToSpacing:
+    """Trilinear resampling to (nearly) isotropic voxels so the network sees one scale.
+
+    The output spacing is adjusted so that an integer number of voxels covers exactly the
+    input's extent: the physical field of view and the voxel centres stay aligned with the
+    source, which keeps positions mapped back to DICOM exact. Runs through torch, which uses
+    every core, where scipy's zoom would use one.
+    """
+
+    def __init__(self, spacing_mm: float) -> None:
+        if spacing_mm <= 0:
+            raise ValueError(f"spacing must be positive, got {spacing_mm}")
+        self.spacing_mm = spacing_mm
+
+    def __call__(self, volume: Volume) -> Volume:
+        shape_kji = volume.array.shape
+        spacing_kji = volume.spacing[::-1]
+        new_shape = tuple(
+            max(1, round(n * s / self.spacing_mm))
+            for n, s in zip(shape_kji, spacing_kji, strict=True)
+        )
+        tensor = torch.from_numpy(np.ascontiguousarray(volume.array, dtype=np.float32))
+        out = F.interpolate(
+            tensor[None, None], size=new_shape, mode="trilinear", align_corners=False
+        )
+        new_spacing_kji = [
+            s * n / m for s, n, m in zip(spacing_kji, shape_kji, new_shape, strict=True)
+        ]
+        # With align_corners=False the first output voxel centre sits half a new voxel minus
+        # half an old voxel beyond the first input voxel centre, along each axis.
+        shift_ijk = np.array(
+            [(ns - os) / 2 for ns, os in zip(new_spacing_kji, spacing_kji, strict=True)][::-1]
+        )
+        origin = np.asarray(volume.origin) + np.asarray(volume.direction) @ shift_ijk
+        return Volume(
+            out[0, 0].numpy(),
+            (float(origin[0]), float(origin[1]), float(origin[2])),
+            (new_spacing_kji[2], new_spacing_kji[1], new_spacing_kji[0]),
+            volume.direction,
+        )
+
+
+class ClipHU:
+    """Limit intensities to the window where lung findings live; metal and bone add nothing."""
+
+    def __init__(self, low: float = -1024.0, high: float = 400.0) -> None:
+        if low >= high:
+            raise ValueError(f"low ({low}) must be below high ({high})")
+        self.low, self.high = low, high
+
+    def __call__(self, volume: Volume) -> Volume:
+        return volume.with_array(np.clip(volume.array, self.low, self.high).astype(np.float32))
+
+
+def normalize_hu(array: ArrayT, low: float = -1024.0, high: float = 400.0) -> ArrayT:
+    """Scale a clipped HU window to [0, 1]: the network's input convention."""
+    return (array - low) / (high - low)

@@ -1,0 +1,93 @@
+"""Measurements on shapes of known size, and the Lung-RADS table."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from inference.lungrads import lung_rads_category
+from inference.measure import axial_axes, measure
+
+
+def _ellipsoid(
+    radii_mm: tuple[float, float, float], spacing_kji: tuple[float, float, float], shape: int = 64
+):
+    k, j, i = np.ogrid[:shape, :shape, :shape]
+    c = shape / 2
+    return (
+        ((k - c) * spacing_kji[0] / radii_mm[0]) ** 2
+        + ((j - c) * spacing_kji[1] / radii_mm[1]) ** 2
+        + ((i - c) * spacing_kji[2] / radii_mm[2]) ** 2
+    ) <= 1.0
+
+
+@pytest.mark.parametrize("diameter", [6.0, 10.0, 23.0])
+def test_sphere_of_known_size(diameter: float) -> None:
+    spacing = (0.7, 0.7, 0.7)
+    mask = _ellipsoid((diameter / 2,) * 3, spacing)
+    hu = np.where(mask, 35.0, -850.0)
+    m = measure(mask, hu, spacing)
+    pixel = spacing[1]
+    assert m.long_axis_mm == pytest.approx(diameter, abs=pixel)
+    assert m.short_axis_mm == pytest.approx(diameter, abs=pixel)
+    assert m.diameter_mm == pytest.approx(diameter, abs=pixel)
+    assert m.volume_mm3 == pytest.approx(np.pi / 6 * diameter**3, rel=0.08)
+    assert m.mean_hu == pytest.approx(35.0)
+
+
+def test_long_and_short_axis_of_an_ellipse_in_plane() -> None:
+    spacing = (1.0, 0.5, 0.5)
+    mask = _ellipsoid((3.0, 4.0, 9.0), spacing, shape=48)
+    m = measure(mask, mask.astype(float), spacing)
+    assert m.long_axis_mm == pytest.approx(18.0, abs=0.5)
+    assert m.short_axis_mm == pytest.approx(8.0, abs=0.5)
+    assert m.axial_slice == 24
+
+
+def test_axial_axes_of_a_rotated_ellipse() -> None:
+    jj, ii = np.mgrid[:80, :80]
+    u = ((ii - 40) + (jj - 40)) / np.sqrt(2)
+    v = ((ii - 40) - (jj - 40)) / np.sqrt(2)
+    mask = (u / 20) ** 2 + (v / 6) ** 2 <= 1.0
+    axes = axial_axes(mask, (0.5, 0.5))
+    assert axes.long_axis_mm == pytest.approx(20.0, abs=0.75)
+    assert axes.short_axis_mm == pytest.approx(6.0, abs=0.75)
+    # The drawn end points have the reported lengths and cross at right angles.
+    long_vec = np.diff(axes.long_ends_ij, axis=0)[0] * 0.5
+    short_vec = np.diff(axes.short_ends_ij, axis=0)[0] * 0.5
+    assert np.linalg.norm(long_vec) == pytest.approx(axes.long_axis_mm)
+    assert np.linalg.norm(short_vec) == pytest.approx(axes.short_axis_mm)
+    assert abs(long_vec @ short_vec) < 1e-6
+
+
+def test_empty_mask_measures_zero() -> None:
+    axes = axial_axes(np.zeros((5, 5), dtype=bool), (1.0, 1.0))
+    assert (axes.long_axis_mm, axes.short_axis_mm) == (0.0, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("composition", "diameter", "solid", "category"),
+    [
+        ("solid", 5.9, 0, "2"),
+        ("solid", 5.96, 0, "3"),  # reported to one decimal: 6.0 mm
+        ("solid", 7.9, 0, "3"),
+        ("solid", 8.0, 0, "4A"),
+        ("solid", 14.9, 0, "4A"),
+        ("solid", 15.0, 0, "4B"),
+        ("part-solid", 5.9, 3, "2"),
+        ("part-solid", 6.0, 5.9, "3"),
+        ("part-solid", 12.0, 6.0, "4A"),
+        ("part-solid", 12.0, 8.0, "4B"),
+        ("ground-glass", 29.9, 0, "2"),
+        ("ground-glass", 30.0, 0, "3"),
+    ],
+)
+def test_lung_rads_v2022_baseline_table(
+    composition: str, diameter: float, solid: float, category: str
+) -> None:
+    assert lung_rads_category(composition, diameter, solid) == category
+
+
+def test_lung_rads_rejects_unknown_composition() -> None:
+    with pytest.raises(ValueError, match="composition must be"):
+        lung_rads_category("calcified", 5.0)

@@ -1,0 +1,90 @@
+"""Res-MTNet: each head's shape, the residual block, and that joint training learns."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+from inference.blocks import ResidualBlock3d
+from inference.network import COMPOSITIONS, NetworkConfig, build_model
+from inference.patches import patch_geometric_centre
+from inference.training import augment, multitask_loss, seed_everything
+
+
+def test_each_head_has_its_shape() -> None:
+    config = NetworkConfig()
+    model = build_model(config).eval()
+    p = config.patch_voxels
+    with torch.no_grad():
+        out = model(torch.rand(3, 1, p, p, p))
+    assert out.nodule_logit.shape == (3,)
+    assert out.malignancy_logit.shape == (3,)
+    assert out.composition_logits.shape == (3, len(COMPOSITIONS))
+    assert out.diameter_mm.shape == (3,)
+    assert bool((out.diameter_mm >= 0).all())
+    assert out.offset_mm.shape == (3, 3)
+    assert out.mask_logits is not None and out.mask_logits.shape == (3, 1, p, p, p)
+    assert model(torch.rand(2, 1, p, p, p), with_mask=False).mask_logits is None
+
+
+def test_residual_block_projects_skip_when_shape_changes() -> None:
+    block = ResidualBlock3d(4, 8, stride=2)
+    assert block(torch.rand(1, 4, 8, 8, 8)).shape == (1, 8, 4, 4, 4)
+    same = ResidualBlock3d(4, 4)
+    assert isinstance(same.skip, torch.nn.Identity)
+
+
+def _toy_batch(p: int, n: int = 8) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    patches = torch.rand(n, 1, p, p, p, generator=g) * 0.1
+    masks = torch.zeros(n, 1, p, p, p, dtype=torch.bool)
+    c = p // 2
+    for k in range(0, n, 2):  # every other patch holds a bright cube: a "nodule"
+        patches[k, :, c - 3 : c + 3, c - 3 : c + 3, c - 3 : c + 3] = 0.8
+        masks[k, :, c - 3 : c + 3, c - 3 : c + 3, c - 3 : c + 3] = True
+    nodule = torch.tensor([1.0, 0.0] * (n // 2))
+    return {
+        "patches": patches,
+        "masks": masks,
+        "nodule": nodule,
+        "malignancy": nodule * 0.7,
+        "composition": torch.zeros(n, dtype=torch.long),
+        "diameter_mm": nodule * 7.5,
+        "offset_mm": torch.zeros(n, 3),
+    }
+
+
+def test_training_steps_lower_the_joint_loss() -> None:
+    seed_everything(0)
+    config = NetworkConfig(patch_voxels=16)
+    model = build_model(config)
+    batch = _toy_batch(16)
+    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    first, _ = multitask_loss(model, batch)
+    for _ in range(15):
+        loss, terms = multitask_loss(model, batch)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    last, terms = multitask_loss(model, batch)
+    assert float(last.detach()) < 0.6 * float(first.detach())
+    assert set(terms) == {"detection", "malignancy", "composition", "diameter", "offset", "mask"}
+
+
+def test_augment_moves_offsets_with_the_image() -> None:
+    p = 16
+    batch = _toy_batch(p, 2)
+    batch["patches"] = torch.zeros(2, 1, p, p, p)
+    batch["patches"][0, 0, 10, 4, 12] = 1.0
+    mm_per_voxel = 2.0
+    middle = patch_geometric_centre(np.full(3, p // 2))
+    batch["offset_mm"] = torch.tensor(
+        [(np.array([10, 4, 12]) - middle) * mm_per_voxel, [0.0, 0.0, 0.0]]
+    )
+    for seed in range(8):
+        out = augment(batch, random.Random(seed))
+        kji = np.argwhere(out["patches"][0, 0].numpy() == 1.0)[0]
+        np.testing.assert_allclose(kji - middle, out["offset_mm"][0].numpy() / mm_per_voxel)

@@ -1,0 +1,88 @@
+"""Image pipeline pieces: geometry of resampling, lung mask, candidates, synthetic nodules."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from inference.candidates import find_candidates
+from inference.detector import prepare
+from inference.measure import measure
+from inference.synthesis import NoduleSpec, insert_nodule
+from inference.transforms import ClipHU, ResampleToSpacing
+from inference.volume import Volume
+
+
+def _volume_with_point(spacing=(0.7, 0.7, 2.5)) -> tuple[Volume, np.ndarray]:  # type: ignore[no-untyped-def]
+    array = np.zeros((40, 64, 64), dtype=np.float32)
+    array[20, 30, 10] = 1000.0
+    direction = np.diag([-1.0, 1.0, 1.0])  # rows run right to left: any orientation must work
+    volume = Volume(array, (10.0, -20.0, -100.0), spacing, direction)
+    return volume, volume.index_to_world(np.array([10, 30, 20]))
+
+
+def test_volume_index_world_round_trip() -> None:
+    volume, _ = _volume_with_point()
+    ijk = np.array([[1.5, 2.0, 3.25], [0, 0, 0]])
+    np.testing.assert_allclose(volume.world_to_index(volume.index_to_world(ijk)), ijk)
+    with pytest.raises(ValueError, match="differs"):
+        volume.with_array(np.zeros((2, 2, 2)))
+
+
+def test_resampling_keeps_world_positions() -> None:
+    volume, point = _volume_with_point()
+    out = ResampleToSpacing(1.25)(volume)
+    assert out.spacing == pytest.approx((1.25, 1.25, 1.25), rel=0.06)
+    peak = np.array(np.unravel_index(np.argmax(out.array), out.array.shape))[::-1]
+    assert (
+        np.linalg.norm(out.index_to_world(peak) - point) <= np.linalg.norm(out.spacing) / 2 + 1e-6
+    )
+    # The field of view is the same: first and last voxel edges coincide.
+    for axis in range(3):
+        n_in, n_out = volume.array.shape[2 - axis], out.array.shape[2 - axis]
+        assert n_out * out.spacing[axis] == pytest.approx(n_in * volume.spacing[axis])
+
+
+def test_clip_hu() -> None:
+    volume, _ = _volume_with_point()
+    assert ClipHU(-1024, 400)(volume).array.max() == 400
+
+
+def _phantom_with_nodule(spec: NoduleSpec) -> tuple[Volume, np.ndarray, np.ndarray]:
+    from tests.dicom_factory import SeriesSpec, phantom
+
+    s = SeriesSpec(
+        slices=100, rows=160, columns=160, pixel_mm=1.2, slice_mm=1.25, origin=(-96, -96, -150)
+    )
+    hu = phantom(s, None)
+    volume = Volume(hu, s.origin, (s.pixel_mm, s.pixel_mm, s.slice_mm), np.eye(3))
+    centre_mm = np.array([-40.0, 10.0, -90.0])
+    centre_kji = volume.world_to_index(centre_mm)[::-1]
+    mask = insert_nodule(
+        hu, spec, centre_kji, np.array(volume.spacing[::-1]), np.random.default_rng(0)
+    )
+    return volume, mask, centre_mm
+
+
+@pytest.mark.parametrize("composition", ["solid", "ground-glass"])
+def test_lung_mask_holds_the_nodule_and_candidates_find_it(composition: str) -> None:
+    spec = NoduleSpec(10.0, composition, "round", 0.4, 40.0, -550.0, seed=3)
+    volume, _, centre_mm = _phantom_with_nodule(spec)
+    work, lungs = prepare(volume, 1.25)
+    assert lungs.any()
+    centre_work = np.round(work.world_to_index(centre_mm)[::-1]).astype(int)
+    assert lungs[tuple(centre_work)]
+    lung_ml = lungs.sum() * np.prod(work.spacing) / 1000
+    # The phantom's lungs are two elliptic cylinders (32 x 55 mm half-axes) through 125 mm.
+    assert lung_ml == pytest.approx(2 * np.pi * 32 * 55 * 125 / 1000, rel=0.15)
+    candidates = find_candidates(work, lungs)
+    points = work.index_to_world(np.array([c.kji[::-1] for c in candidates], dtype=float))
+    assert np.linalg.norm(points - centre_mm, axis=1).min() < 5.0
+
+
+def test_synthetic_nodule_truth_has_its_size() -> None:
+    spec = NoduleSpec(12.0, "solid", "round", 0.4, 40.0, -550.0, seed=1)
+    volume, mask, _ = _phantom_with_nodule(spec)
+    m = measure(mask, volume.array, volume.spacing[::-1])  # type: ignore[arg-type]
+    assert m.diameter_mm == pytest.approx(12.0, rel=0.2)
+    assert m.mean_hu > -200

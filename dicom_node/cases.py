@@ -12,7 +12,7 @@ from pathlib import Path
 from dicom_node.series import read_series
 from inference.evaluation import Reference
 from inference.experiments import Case
-from inference.lidc import find_xml, read_lidc_xml
+from inference.lidc import read_lidc_xml
 
 #: LUNA16's reference standard: nodules marked by at least this many of the four readers.
 LUNA_MIN_READERS = 3
@@ -51,23 +51,20 @@ def load_cases(paths: list[Path], luna_csv: Path | None = None) -> list[Case]:
                     f"{xml.parent}: no eligible CT series beside the LIDC XML ({rejected})"
                 )
             ct = series[0]
-            assert find_xml(xml.parent) is not None
-            nodules = read_lidc_xml(xml, ct.volume)
-            if ct.series_instance_uid in luna:
-                references = tuple(luna[ct.series_instance_uid])
-            else:
-                references = tuple(
-                    Reference(
-                        tuple(n.center_mm.tolist()),
-                        n.diameter_mm or 0.0,
-                        malignant=_malignant(n.scores("malignancy")),
-                        excluded=n.readers < LUNA_MIN_READERS,
-                        name=f"LIDC nodule ({n.readers} readers)",
-                    )
-                    for n in nodules
+            annotated = tuple(
+                Reference(
+                    tuple(n.center_mm.tolist()),
+                    n.diameter_mm or 0.0,
+                    composition=_composition(n.scores("texture")),
+                    malignant=_malignant(n.scores("malignancy")),
+                    excluded=n.readers < LUNA_MIN_READERS,
+                    name=f"LIDC nodule ({n.readers} of 4 readers)",
                 )
+                for n in read_lidc_xml(xml, ct.volume)
+            )
+            references = tuple(luna.get(ct.series_instance_uid, annotated))
             name = str(ct.slices[0].get("PatientID", "") or xml.parent.name)
-            cases.append(Case(name, ct.volume, references))
+            cases.append(Case(name, ct.volume, references, annotated))
     return cases
 
 

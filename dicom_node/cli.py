@@ -113,9 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--out", type=Path, default=DEFAULT_WEIGHTS)
     train.add_argument("--seed", type=int, default=20261126)
-    train.add_argument("--positives", type=int, default=2000)
-    train.add_argument("--negatives", type=int, default=2000)
-    train.add_argument("--epochs", type=int, default=6)
+    train.add_argument("--positives", type=int, default=3000)
+    train.add_argument("--negatives", type=int, default=3000)
+    train.add_argument("--epochs", type=int, default=8)
     train.add_argument(
         "--fp-per-scan", type=float, default=1.0, help="budget the operating point is chosen for"
     )

@@ -25,7 +25,7 @@ def _summary(
     labelled = [r for r in rows if r.get("found") and r.get("malignant") is not None]
     malignancy_auc = auc(
         np.array([float(r["malignancy_probability"]) for r in labelled]),  # type: ignore[arg-type]
-        np.array([bool(r["malignant"]) for r in labelled]),
+        np.array([bool(r["malignant"]) for r in labelled], dtype=bool),
     )
     return {
         "scans": len(outcomes),

@@ -10,6 +10,7 @@ from tqdm import tqdm
 from inference.detector import NoduleDetector, prepare
 from inference.evaluation import Reference, ScanOutcome, synthetic_scan
 from inference.findings import NoduleFinding
+from inference.training import aerated_lung
 from inference.volume import Volume
 
 
@@ -31,7 +32,7 @@ def lung_points_mm(
     volume: Volume, spacing_mm: float, rng: np.random.Generator, count: int = 4000
 ) -> np.ndarray:
     work, lungs = prepare(volume, spacing_mm)
-    voxels = np.argwhere(lungs)
+    voxels = aerated_lung(work.array, lungs)
     pick = voxels[rng.choice(len(voxels), size=min(count, len(voxels)), replace=False)]
     return work.index_to_world(pick[:, ::-1].astype(float))
 

@@ -119,9 +119,3 @@ def _group(reads: list[NoduleRead]) -> list[AnnotatedNodule]:
         else:
             groups.append([read])
     return [AnnotatedNodule(tuple(g)) for g in groups]
-
-
-def find_xml(series_dir: Path) -> Path | None:
-    """The LIDC XML file stored beside a series' DICOM files, if any."""
-    found = sorted(series_dir.glob("*.xml"))
-    return found[0] if found else None

@@ -69,6 +69,17 @@ class Background:
         return d.min(axis=1) > AVOID_MM
 
 
+#: A nodule centre must lie in aerated lung: the lung mask also holds vessels, hila and the
+#: mediastinal recesses its closing fills in, where a solid nodule would be invisible.
+AERATED_HU = -600.0
+
+
+def aerated_lung(image: np.ndarray, lungs: np.ndarray, step: int = 1) -> np.ndarray:
+    """(n, 3) voxels, every ``step``-th per axis, inside the lungs and filled with air."""
+    sub = (slice(None, None, step),) * 3
+    return np.argwhere(lungs[sub] & (image[sub] < AERATED_HU)) * step
+
+
 def make_background(volume: Volume, avoid_mm: np.ndarray, config: NetworkConfig) -> Background:
     work, lungs = prepare(volume, config.spacing_mm)
     avoid = (
@@ -106,7 +117,7 @@ def positive_patch(
     background: Background, rng: np.random.Generator, size: int
 ) -> tuple[np.ndarray, np.ndarray, dict[str, float | int | np.ndarray]]:
     spacing = np.asarray(background.work.spacing[::-1])
-    lung_voxels = np.argwhere(background.lungs[::2, ::2, ::2]) * 2
+    lung_voxels = aerated_lung(background.work.array, background.lungs, step=2)
     while True:
         centre = lung_voxels[rng.integers(len(lung_voxels))]
         if background.allowed(centre[None])[0]:

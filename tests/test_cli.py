@@ -1,0 +1,115 @@
+"""`dicom-node analyze` end to end on a real LIDC case with the shipped weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from dicom_node.cli import EXIT_SOME_REJECTED, EXIT_USAGE, main
+from inference.detector import DEFAULT_WEIGHTS
+from tests.conftest import shared
+
+pytestmark = pytest.mark.skipif(not DEFAULT_WEIGHTS.exists(), reason="shipped weights missing")
+
+
+@pytest.fixture(scope="module")
+def analyzed(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, Path, str]:
+    out = tmp_path_factory.mktemp("analyze")
+    garbage = out / "input" / "not-dicom.dcm"
+    garbage.parent.mkdir()
+    garbage.write_bytes(b"this is not DICOM" * 20)
+    import io
+    from contextlib import redirect_stdout
+
+    printed = io.StringIO()
+    with redirect_stdout(printed):
+        code = main(
+            [
+                "analyze",
+                str(shared("lidc/LIDC-IDRI-0001.tar.xz")),
+                str(shared("robustness/siemens-j2k-blank-uids")),
+                str(garbage.parent),
+                "--out",
+                str(out / "results"),
+                "--device",
+                "cpu",
+            ]
+        )
+    return code, out / "results", printed.getvalue()
+
+
+def test_exit_code_says_some_input_was_rejected(analyzed) -> None:  # type: ignore[no-untyped-def]
+    code, _, printed = analyzed
+    assert code == EXIT_SOME_REJECTED
+    assert "rejected: " in printed and "SeriesInstanceUID (0020,000E) is empty" in printed
+    assert "not-dicom.dcm: not a readable DICOM file" in printed
+
+
+def test_lidc_0001_nodule_found_and_reported(analyzed) -> None:  # type: ignore[no-untyped-def]
+    _, out, printed = analyzed
+    report = json.loads((out / "findings.json").read_text())
+    summary = json.loads(shared("lidc/nodules.json").read_text())["LIDC-IDRI-0001"]
+    (series,) = [s for s in report["series"] if s["status"] == "analyzed"]
+    assert series["series_instance_uid"] == Path(summary["series_dir"]).name
+    assert set(series["timings_s"]) >= {
+        "read",
+        "resample",
+        "lung_mask",
+        "candidates",
+        "classify",
+        "measure",
+        "write",
+    }
+    assert len(series["model"]["weights_sha256"]) == 64
+    findings = series["findings"]
+    assert [f["score"] for f in findings] == sorted((f["score"] for f in findings), reverse=True)
+    assert len(findings) <= 3  # the nodule plus at most 2 false positives
+    nodule = np.array(summary["nodules"][0]["centroid_mm"])
+    distances = [np.linalg.norm(np.array(f["center_mm"]) - nodule) for f in findings]
+    hit = findings[int(np.argmin(distances))]
+    assert min(distances) < 10.0
+    assert hit["composition"] == "solid"
+    assert hit["lung_rads"] == "4B"
+    assert 0.0 <= hit["malignancy_probability"] <= 1.0
+    assert hit["diameter_mm"] == pytest.approx(
+        (hit["long_axis_mm"] + hit["short_axis_mm"]) / 2, abs=0.06
+    )
+    assert "nodule(s) ->" in printed
+
+
+def test_written_objects_match_findings_json(analyzed) -> None:  # type: ignore[no-untyped-def]
+    _, out, _ = analyzed
+    (series,) = [
+        s
+        for s in json.loads((out / "findings.json").read_text())["series"]
+        if s["status"] == "analyzed"
+    ]
+    folder = out / series["series_instance_uid"]
+    names = sorted(p.name for p in folder.iterdir())
+    n = len(series["findings"])
+    assert names == sorted(["SR.dcm", "SEG.dcm", *[f"KEY_{i:03d}.dcm" for i in range(1, n + 1)]])
+    seg = pydicom.dcmread(folder / "SEG.dcm")
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == [
+        f"Nodule {f['id']}" for f in series["findings"]
+    ]
+
+
+def test_missing_path_is_a_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["analyze", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")])
+    assert code == EXIT_USAGE
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dicom-node analyze: no such file or folder") and "\n" not in err
+
+
+def test_wrong_config_key_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text("eligibility:\n  min_coverage: 80\n")
+    code = main(["analyze", str(tmp_path), "--out", str(tmp_path / "o"), "--config", str(config)])
+    assert code == EXIT_USAGE
+    assert "eligibility.min_coverage: unknown key" in capsys.readouterr().err

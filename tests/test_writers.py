@@ -19,6 +19,7 @@ from dicom_node.writers.common import OutputSeries
 from dicom_node.writers.seg import NoduleSegmentation
 from inference.detector import finding_from_mask
 from inference.findings import ModelInfo, NoduleFinding
+from tests.conftest import shared
 
 MODEL = ModelInfo("Res-MTNet", "test", "0" * 64)
 
@@ -229,3 +230,33 @@ def test_finding_rejects_probability_outside_unit_interval(nodule_series) -> Non
     finding = _sphere_finding(series, nodule_series[2], 10.0)
     with pytest.raises(ValueError, match="not in"):
         NoduleFinding(**{**finding.__dict__, "malignancy_probability": 1.2})
+
+
+def _coded(group: Dataset) -> dict[str, tuple[str, str]]:
+    return {
+        child.ConceptNameCodeSequence[0].CodeMeaning.lower(): (
+            child.ConceptCodeSequence[0].CodeValue,
+            child.ConceptCodeSequence[0].CodingSchemeDesignator,
+        )
+        for child in group.ContentSequence
+        if child.ValueType == "CODE"
+    }
+
+
+def test_nodule_group_coded_like_the_field_writes_it(results) -> None:  # type: ignore[no-untyped-def]
+    """highdicom's own lung-nodule example and ours agree on finding, category and site."""
+    example = pydicom.dcmread(shared("interop/highdicom/sr_document_with_multiple_groups.dcm"))
+    (theirs,) = [
+        g
+        for groups in _sr_groups(example).values()
+        for g in groups
+        if _coded(g).get("finding") == ("27925004", "SCT")
+    ]
+    ours = _sr_groups(pydicom.dcmread(results[2]["sr"]))["Nodule 1"][0]
+    for concept in ("finding", "finding category", "finding site"):
+        assert _coded(ours)[concept] == _coded(theirs)[concept]
+    assert (
+        example.ContentTemplateSequence[0].TemplateIdentifier
+        == pydicom.dcmread(results[2]["sr"]).ContentTemplateSequence[0].TemplateIdentifier
+        == "1500"
+    )

@@ -85,6 +85,7 @@ class NoduleReport:
             tracking_identifier=tracking,
             referenced_region=region,
             finding_type=codes.NODULE,
+            finding_category=codes.MORPHOLOGIC_ABNORMALITY,
             algorithm_id=algorithm,
             finding_sites=sites,
             measurements=[
@@ -116,6 +117,7 @@ class NoduleReport:
                 source_series=hd.sr.SourceSeriesForSegmentation(str(ds.SeriesInstanceUID)),
             ),
             finding_type=codes.NODULE,
+            finding_category=codes.MORPHOLOGIC_ABNORMALITY,
             algorithm_id=algorithm,
             finding_sites=sites,
             measurements=[
@@ -136,6 +138,7 @@ class NoduleReport:
                 source_series=hd.sr.SourceSeriesForSegmentation(str(ds.SeriesInstanceUID)),
             ),
             finding_type=codes.NODULE,
+            finding_category=codes.MORPHOLOGIC_ABNORMALITY,
             algorithm_id=algorithm,
             finding_sites=sites,
         )

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
-from pydicom.uid import JPEG2000Lossless, RLELossless
+from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1, RLELossless
 
 from dicom_node.series import EligibilityRules, read_series
 from tests.conftest import shared
@@ -92,6 +94,25 @@ def test_compressed_transfer_syntaxes_decode(tmp_path: Path, syntax: str) -> Non
     assert rejected == {}
     np.testing.assert_array_equal(
         series.volume.array, np.round(hu - spec.intercept) + spec.intercept
+    )
+
+
+def test_jpeg_lossless_from_dcmtk_decodes(tmp_path: Path) -> None:
+    """JPEG Lossless SV1, written by a real encoder (DCMTK's dcmcjpeg), as scanners send it."""
+    tool = shutil.which("dcmcjpeg")
+    if tool is None:
+        pytest.skip("dcmcjpeg (dcmtk) is not installed; .ci/run installs it")
+    spec = SeriesSpec(slices=70, rows=64, columns=64)
+    hu = phantom(spec, None)
+    for path in write_series(tmp_path / "raw", ct_datasets(spec, hu)):
+        subprocess.run([tool, "+e1", str(path), str(tmp_path / path.name)], check=True)
+    assert (
+        pydicom.dcmread(next(tmp_path.glob("IM*"))).file_meta.TransferSyntaxUID == JPEGLosslessSV1
+    )
+    eligible, rejected, _ = read_series([p for p in tmp_path.glob("IM*")])
+    assert rejected == {}
+    np.testing.assert_array_equal(
+        eligible[0].volume.array, np.round(hu - spec.intercept) + spec.intercept
     )
 
 

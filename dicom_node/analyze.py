@@ -106,7 +106,21 @@ def analyze_paths(
         records.append({"series_instance_uid": uid, "status": "rejected", "reason": reason})
     for series in series_list:
         assert detector is not None
-        records.append(_analyze_one(series, detector, out, read_s / max(len(series_list), 1)))
+        try:
+            records.append(_analyze_one(series, detector, out, read_s / max(len(series_list), 1)))
+        except Exception as exc:  # one series' failure must not cost the others their results
+            log.debug("series %s failed", series.series_instance_uid, exc_info=True)
+            reason = (
+                f"internal error while analyzing ({exc.__class__.__name__}: {exc}); see the log"
+            )
+            print(f"series {series.series_instance_uid}: failed: {reason}")
+            records.append(
+                {
+                    "series_instance_uid": series.series_instance_uid,
+                    "status": "failed",
+                    "reason": reason,
+                }
+            )
     model = detector.info if detector else None
     report = {
         "created": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -113,3 +113,43 @@ def test_wrong_config_key_is_named(tmp_path: Path, capsys: pytest.CaptureFixture
     code = main(["analyze", str(tmp_path), "--out", str(tmp_path / "o"), "--config", str(config)])
     assert code == EXIT_USAGE
     assert "eligibility.min_coverage: unknown key" in capsys.readouterr().err
+
+
+def test_one_failing_series_does_not_stop_the_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from inference.detector import NoduleDetector
+    from tests.dicom_factory import SeriesSpec, ct_datasets, phantom, write_series
+
+    spec = SeriesSpec()
+    write_series(tmp_path / "a", ct_datasets(spec, phantom(spec, (-40.0, 10.0, -90.0))))
+    write_series(tmp_path / "b", ct_datasets(spec, phantom(spec, None)))
+    real_detect = NoduleDetector.detect
+    calls: list[int] = []
+
+    def detect_failing_first(self, volume):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("simulated fault")
+        return real_detect(self, volume)
+
+    monkeypatch.setattr(NoduleDetector, "detect", detect_failing_first)
+    code = main(
+        [
+            "analyze",
+            str(tmp_path / "a"),
+            str(tmp_path / "b"),
+            "--out",
+            str(tmp_path / "o"),
+            "--device",
+            "cpu",
+        ]
+    )
+    statuses = sorted(
+        s["status"] for s in json.loads((tmp_path / "o" / "findings.json").read_text())["series"]
+    )
+    assert statuses == ["analyzed", "failed"]
+    assert code == EXIT_SOME_REJECTED
+    printed = capsys.readouterr()
+    assert "failed: internal error while analyzing (RuntimeError: simulated fault)" in printed.out
+    assert "Traceback" not in printed.out + printed.err

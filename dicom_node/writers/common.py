@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from highdicom import UID
+from pydicom.dataset import Dataset
 
 from dicom_node import __version__
 
@@ -28,3 +30,17 @@ class OutputSeries:
 
 
 SOFTWARE_VERSIONS = __version__
+
+
+def check_source(
+    what: str, slices: Sequence[Dataset], findings: Sequence[object], tracking_uids: Sequence[str]
+) -> None:
+    """What every writer refuses at construction: no source, unpaired tracking UIDs, or a
+    source that mixes frames of reference (coordinates would mean two things at once)."""
+    if not slices:
+        raise ValueError(f"{what} needs the source CT slices; none were given")
+    if len(tracking_uids) != len(findings):
+        raise ValueError(f"{len(findings)} findings but {len(tracking_uids)} tracking UIDs")
+    frames = {str(ds.FrameOfReferenceUID) for ds in slices}
+    if len(frames) != 1:
+        raise ValueError(f"source slices span {len(frames)} frames of reference")

@@ -16,6 +16,7 @@ from dicom_node.writers.common import (
     MODEL_NAME,
     SOFTWARE_VERSIONS,
     OutputSeries,
+    check_source,
 )
 from inference.findings import ModelInfo, NoduleFinding
 
@@ -35,15 +36,9 @@ class NoduleSegmentation:
         model: ModelInfo,
         series: OutputSeries,
     ) -> None:
-        if not slices:
-            raise ValueError("a SEG needs the source CT slices; none were given")
+        check_source("a SEG", slices, findings, tracking_uids)
         if not findings:
             raise ValueError("a SEG needs at least one nodule; write none when nothing was found")
-        if len(tracking_uids) != len(findings):
-            raise ValueError(f"{len(findings)} findings but {len(tracking_uids)} tracking UIDs")
-        frames = {str(ds.FrameOfReferenceUID) for ds in slices}
-        if len(frames) != 1:
-            raise ValueError(f"source slices span {len(frames)} frames of reference")
         self.slices = list(slices)
         self.findings = list(findings)
         self.tracking_uids = list(tracking_uids)

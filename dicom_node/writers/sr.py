@@ -20,7 +20,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes as dcm_codes
 
 from dicom_node.writers import codes
-from dicom_node.writers.common import MANUFACTURER, OutputSeries
+from dicom_node.writers.common import MANUFACTURER, OutputSeries, check_source
 from inference.findings import ModelInfo, NoduleFinding
 
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -38,15 +38,9 @@ class NoduleReport:
         series: OutputSeries,
         segmentation: Dataset | None,
     ) -> None:
-        if not slices:
-            raise ValueError("an SR needs the source CT slices; none were given")
-        if len(tracking_uids) != len(findings):
-            raise ValueError(f"{len(findings)} findings but {len(tracking_uids)} tracking UIDs")
+        check_source("an SR", slices, findings, tracking_uids)
         if findings and segmentation is None:
             raise ValueError("findings need the SEG they reference")
-        frames = {str(ds.FrameOfReferenceUID) for ds in slices}
-        if len(frames) != 1:
-            raise ValueError(f"source slices span {len(frames)} frames of reference")
         self.slices = list(slices)
         self.findings = list(findings)
         self.tracking_uids = list(tracking_uids)

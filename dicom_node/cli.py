@@ -52,7 +52,7 @@ def _train(args: argparse.Namespace) -> int:
         device,
     )
     outcomes, _ = synthetic_outcomes(
-        detector, cases, args.seed + 1, 2, 4, "calibration", describe=False
+        detector, cases, args.seed + 1, 3, 4, "calibration", describe=False
     )
     threshold = threshold_for_fp_rate(outcomes, args.fp_per_scan)
     operating_point = {

@@ -35,7 +35,7 @@ class Candidate:
 
 
 def find_candidates(
-    volume: Volume, lungs: np.ndarray, per_scale: int = 120, min_distance_mm: float = 4.0
+    volume: Volume, lungs: np.ndarray, per_scale: int = 200, min_distance_mm: float = 4.0
 ) -> list[Candidate]:
     """Up to ``per_scale`` local maxima of a scale-normalised difference of Gaussians per radius.
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from inference.candidates import find_candidates
+from inference.candidates import bounding_box, find_candidates
 from inference.findings import ModelInfo, NoduleFinding
 from inference.lungrads import lung_rads_category
 from inference.lungs import segment_lungs
@@ -90,6 +90,7 @@ class ScoredCandidates:
     points_mm: np.ndarray  # the same, in LPS mm
     scores: np.ndarray  # calibrated, 0..1
     keep: np.ndarray  # indices surviving non-maximum suppression, best first
+    midline_x_mm: float  # x (LPS) halfway across the lungs: patient left lies above it
 
 
 @dataclass
@@ -145,7 +146,7 @@ class NoduleDetector:
         keep = scored.keep[scored.scores[scored.keep] >= self.operating_point.threshold]
         keep = keep[: self.operating_point.max_findings]
         findings = self._describe(
-            volume, scored.work, scored.centres_kji[keep], scored.scores[keep]
+            volume, scored.work, scored.centres_kji[keep], scored.scores[keep], scored.midline_x_mm
         )
         clock.lap("measure")
         return DetectionResult(findings, scored, clock.timings)
@@ -165,7 +166,7 @@ class NoduleDetector:
         refined = patch_geometric_centre(centres) + outputs["offset_mm"] / spacing_kji
         keep = self._suppress(refined * spacing_kji, scores, outputs["diameter_mm"])
         points = work.index_to_world(refined[:, ::-1]) if len(refined) else np.zeros((0, 3))
-        return ScoredCandidates(work, refined, points, scores, keep)
+        return ScoredCandidates(work, refined, points, scores, keep, _midline_x_mm(work, lungs))
 
     @torch.inference_mode()
     def _run(
@@ -217,7 +218,12 @@ class NoduleDetector:
         return np.array(kept, dtype=int)
 
     def _describe(
-        self, source: Volume, work: Volume, centres_kji: np.ndarray, scores: np.ndarray
+        self,
+        source: Volume,
+        work: Volume,
+        centres_kji: np.ndarray,
+        scores: np.ndarray,
+        midline_x_mm: float,
     ) -> list[NoduleFinding]:
         """Second pass on the survivors, centred on the refined positions, with the mask head."""
         if len(centres_kji) == 0:
@@ -238,6 +244,7 @@ class NoduleDetector:
                     score=float(scores[n]),
                     composition=COMPOSITIONS[int(np.argmax(out["composition_logits"][n]))],
                     malignancy_probability=float(1.0 / (1.0 + np.exp(-out["malignancy_logit"][n]))),
+                    midline_x_mm=midline_x_mm,
                 )
             )
         findings.sort(key=lambda f: f.score, reverse=True)
@@ -297,6 +304,7 @@ def finding_from_mask(
     score: float,
     composition: str,
     malignancy_probability: float,
+    midline_x_mm: float | None = None,
 ) -> NoduleFinding:
     """Measure a nodule mask (a box of the source grid at ``origin_kji``) into a finding.
 
@@ -331,7 +339,20 @@ def finding_from_mask(
         short_axis_ij=_segment(m.axes.short_ends_ij + shift),
         mask=mask,
         mask_origin_kji=origin_kji,
+        laterality=None
+        if midline_x_mm is None
+        else "left"
+        if centre_mm[0] > midline_x_mm
+        else "right",
     )
+
+
+def _midline_x_mm(work: Volume, lungs: np.ndarray) -> float:
+    """Halfway between the lungs' outer edges in x; +x in LPS points to the patient's left."""
+    box = bounding_box(lungs)
+    ends = np.array([[s.start, s.stop - 1] for s in box[::-1]], dtype=float)  # i, j, k ranges
+    corners = np.array([[i, ends[1].mean(), ends[2].mean()] for i in ends[0]])
+    return float(work.index_to_world(corners)[:, 0].mean())
 
 
 def _segment(ends: np.ndarray) -> tuple[tuple[float, float], tuple[float, float]]:

@@ -39,6 +39,7 @@ class NoduleFinding:
     short_axis_ij: tuple[tuple[float, float], tuple[float, float]]
     mask: np.ndarray = field(repr=False)
     mask_origin_kji: tuple[int, int, int] = (0, 0, 0)
+    laterality: str | None = None  # "left" or "right" lung, when the lungs could be told apart
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.malignancy_probability <= 1.0:
@@ -73,6 +74,7 @@ class NoduleFinding:
             "short_axis_mm": round(self.short_axis_mm, 1),
             "volume_mm3": round(self.volume_mm3),
             "mean_hu": round(self.mean_hu, 1),
+            "laterality": self.laterality,
             "composition": self.composition,
             "malignancy_probability": round(self.malignancy_probability, 3),
             "lung_rads": self.lung_rads,

@@ -10,8 +10,9 @@ from inference.volume import Volume
 AIR_HU = -400.0
 #: Components smaller than this are airways in the neck, bowel gas or noise, not a lung.
 MIN_LUNG_ML = 50.0
-#: Closing radius that pulls nodules stuck to the pleura and mediastinum into the mask.
-JUXTAPLEURAL_CLOSING_MM = 10.0
+#: Closing radius that pulls nodules (up to about 30 mm) stuck to the pleura and mediastinum
+#: into the mask; a smaller one leaves large juxtapleural nodules outside, unseen.
+JUXTAPLEURAL_CLOSING_MM = 20.0
 
 
 def _close(mask: np.ndarray, spacing_kji: tuple[float, ...], radius_mm: float) -> np.ndarray:

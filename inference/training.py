@@ -130,9 +130,9 @@ def positive_patch(
     mask = insert_nodule(
         crop, spec, nodule_centre, spacing, rng, slice_blur_mm=float(rng.uniform(0, 1.5))
     )
-    radius_vox = spec.diameter_mm / 2.0 / spacing
-    jitter = np.round(rng.uniform(-1, 1, 3) * np.minimum(0.6 * radius_vox, 4.0)).astype(int)
-    patch_centre = np.round(nodule_centre).astype(int) + jitter
+    patch_centre = np.round(nodule_centre + _jitter(spec.diameter_mm / 2.0, rng) / spacing).astype(
+        int
+    )
     patch = extract_patches(crop, patch_centre[None], size)[0]
     half = size // 2
     box = tuple(slice(c - half, c + half) for c in patch_centre)
@@ -144,6 +144,17 @@ def positive_patch(
         "offset_mm": (nodule_centre - patch_geometric_centre(patch_centre)) * spacing,
     }
     return patch, mask[box], labels
+
+
+#: Candidates land off a nodule's centre, by up to its radius for large ones: the network
+#: sees positives as far off as that, and learns the offset back to the centre.
+MAX_JITTER_MM = 8.0
+
+
+def _jitter(radius_mm: float, rng: np.random.Generator) -> np.ndarray:
+    direction = rng.normal(size=3)
+    direction /= np.linalg.norm(direction)
+    return direction * rng.uniform(0.0, float(np.clip(radius_mm, 2.5, MAX_JITTER_MM)))
 
 
 def build_patch_set(

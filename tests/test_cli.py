@@ -73,6 +73,7 @@ def test_lidc_0001_nodule_found_and_reported(analyzed) -> None:  # type: ignore[
     hit = findings[int(np.argmin(distances))]
     assert min(distances) < 10.0
     assert hit["composition"] == "solid"
+    assert hit["laterality"] == ("left" if nodule[0] > 0 else "right")  # +x (LPS) is patient left
     assert hit["lung_rads"] == "4B"
     assert 0.0 <= hit["malignancy_probability"] <= 1.0
     assert hit["diameter_mm"] == pytest.approx(

@@ -41,6 +41,7 @@ def _sphere_finding(
         score=0.9,
         composition="solid",
         malignancy_probability=0.4,
+        midline_x_mm=0.0,  # the factory's phantom is centred on x = 0
     )
     return NoduleFinding(**{**finding.__dict__, "id": number})
 
@@ -85,6 +86,8 @@ def test_sr_renders_with_dsrdump(results) -> None:  # type: ignore[no-untyped-de
     assert text.count('"Tracking Identifier")="Nodule 1"') == 3
     assert '(27925004,SCT,"Nodule")' in text
     assert '"Long Axis")' in text and '"Lung-RADS v2022 category (baseline)"' in text
+    # Nodule 1 sits at x = -40 mm (LPS): the patient's right lung.
+    assert '"Laterality")=(24028007,SCT,"Right")' in text
 
 
 def _walk(items, found):  # type: ignore[no-untyped-def]

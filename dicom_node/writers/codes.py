@@ -15,7 +15,10 @@ PRIVATE_SCHEME = "99RESMTNET"
 
 NODULE = Code("27925004", "SCT", "Nodule")  # CID 6102 / CID 3428 finding
 LUNG = Code("39607008", "SCT", "Lung")  # CID 6109 Lung anatomical site
-LUNG_STRUCTURE_CATEGORY = Code("91723000", "SCT", "Anatomical Structure")  # CID 7150
+LATERALITY = {
+    "left": Code("7771000", "SCT", "Left"),  # CID 244 Laterality
+    "right": Code("24028007", "SCT", "Right"),
+}
 MORPHOLOGIC_ABNORMALITY = Code("49755003", "SCT", "Morphologically Abnormal Structure")  # CID 7150
 DIAMETER = Code("81827009", "SCT", "Diameter")  # CID 7470
 LONG_AXIS = Code("103339001", "SCT", "Long Axis")  # CID 7470

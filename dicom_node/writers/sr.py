@@ -57,7 +57,8 @@ class NoduleReport:
 
     def _groups(self, finding: NoduleFinding, number: int, tracking_uid: str) -> list[object]:
         tracking = hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=finding.label)
-        sites = [hd.sr.FindingSite(anatomic_location=codes.LUNG)]
+        side = codes.LATERALITY.get(finding.laterality or "")
+        sites = [hd.sr.FindingSite(anatomic_location=codes.LUNG, laterality=side)]
         ds = self.slices[finding.axial_slice]
         algorithm = self._algorithm()
         # SCOORD pixel coordinates put the top-left corner of the first pixel at (0, 0), so a

@@ -3,7 +3,9 @@
 Recall matters more than precision here; Res-MTNet rejects the vessels and airways that
 come along. Faint ground-glass nodules would lose against vessels in a plain HU image, so
 the image is clipped at the soft-tissue end first: a vessel then stands out no more than a
-ground-glass nodule of the same size, and each scale keeps its own strongest responses.
+ground-glass nodule of the same size, and each scale keeps its own strongest responses,
+ranked with a Hessian blobness term so that round things beat the far more numerous vessel
+cross-sections.
 The search runs inside the lungs' bounding box, large blobs on a grid half as fine, and the
 scales in parallel threads (scipy's filters release the GIL).
 """
@@ -22,12 +24,17 @@ from inference.volume import Volume
 BLOB_RADII_MM = (2.0, 3.5, 6.0, 10.0, 15.0)
 #: Radii from which the search runs on a grid downsampled by two.
 COARSE_FROM_MM = 5.0
+#: Ranking weight left to a perfectly tubular peak: juxtavascular nodules look partly tubular.
+BLOBNESS_FLOOR = 0.2
 CLIP_LOW_HU, CLIP_HIGH_HU = -1000.0, -350.0
 
 
 @dataclass(frozen=True)
 class Candidate:
-    """A voxel (k, j, i) on the preprocessed grid and the blob radius that fired there."""
+    """A voxel (k, j, i) on the preprocessed grid and the blob radius that fired there.
+
+    ``response`` is the difference-of-Gaussians value weighted by blobness: what ranks it.
+    """
 
     kji: tuple[int, int, int]
     radius_mm: float
@@ -57,22 +64,54 @@ def find_candidates(
         grid, mask = grids[factor]
         scale = np.array(grids[1][0].shape) / np.array(grid.shape)
         sigma_vox = radius / np.sqrt(3.0) / (spacing_kji * scale)
-        response = ndimage.gaussian_filter(grid, sigma_vox, truncate=3.0)
-        response -= ndimage.gaussian_filter(grid, sigma_vox * 1.6, truncate=3.0)
+        smooth = ndimage.gaussian_filter(grid, sigma_vox, truncate=3.0)
+        response = smooth - ndimage.gaussian_filter(grid, sigma_vox * 1.6, truncate=3.0)
         size = tuple(int(max(3, round(radius / s) | 1)) for s in spacing_kji * scale)
         peaks = (response == ndimage.maximum_filter(response, size=size)) & (response > 0) & mask
         kji = np.argwhere(peaks)
         values = response[peaks]
-        order = np.argsort(values)[::-1][:per_scale]
+        ranking = values * (BLOBNESS_FLOOR + blobness(smooth, kji, spacing_kji * scale))
+        order = np.argsort(ranking)[::-1][:per_scale]
         fine = np.minimum(np.round((kji[order] + 0.5) * scale - 0.5), np.array(image.shape) - 1)
         return [
             Candidate(tuple(int(x) for x in p + offset), radius, float(v))  # type: ignore[arg-type]
-            for p, v in zip(fine.astype(int), values[order], strict=True)
+            for p, v in zip(fine.astype(int), ranking[order], strict=True)
         ]
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         found = [c for scale in pool.map(search, BLOB_RADII_MM) for c in scale]
     return merge_close(found, spacing_kji, min_distance_mm)
+
+
+def blobness(smooth: np.ndarray, kji: np.ndarray, spacing_kji: np.ndarray) -> np.ndarray:
+    """0..1 per point: how round the bright structure there is, from the Hessian.
+
+    A blob curves down along all three axes (three negative eigenvalues of similar size); a
+    vessel is flat along its course and a fissure or the pleura along two axes, so the
+    smallest curvature over the largest tells them apart. Computed at the peaks only, by
+    central differences of the already smoothed image.
+    """
+    if len(kji) == 0:
+        return np.zeros(0)
+    padded = np.pad(smooth, 1, mode="edge")
+    p = kji + 1
+
+    def at(dk: int, dj: int, di: int) -> np.ndarray:
+        return padded[p[:, 0] + dk, p[:, 1] + dj, p[:, 2] + di]
+
+    centre = at(0, 0, 0)
+    hessian = np.empty((len(kji), 3, 3))
+    steps = np.eye(3, dtype=int)
+    for a in range(3):
+        ea = steps[a]
+        hessian[:, a, a] = (at(*ea) - 2 * centre + at(*-ea)) / spacing_kji[a] ** 2
+        for b in range(a + 1, 3):
+            eb = steps[b]
+            mixed = at(*(ea + eb)) - at(*(ea - eb)) - at(*(eb - ea)) + at(*(-ea - eb))
+            hessian[:, a, b] = hessian[:, b, a] = mixed / (4 * spacing_kji[a] * spacing_kji[b])
+    eigen = np.linalg.eigvalsh(hessian)  # ascending: most negative first
+    strongest, weakest = -eigen[:, 0], -eigen[:, 2]
+    return np.where(strongest > 0, np.clip(weakest / np.maximum(strongest, 1e-9), 0.0, 1.0), 0.0)
 
 
 def bounding_box(mask: np.ndarray, margin: int = 2) -> tuple[slice, slice, slice]:

@@ -86,3 +86,25 @@ def test_synthetic_nodule_truth_has_its_size() -> None:
     m = measure(mask, volume.array, volume.spacing[::-1])  # type: ignore[arg-type]
     assert m.diameter_mm == pytest.approx(12.0, rel=0.2)
     assert m.mean_hu > -200
+
+
+def test_blobness_tells_a_ball_from_a_vessel_and_a_plate() -> None:
+    from scipy import ndimage
+
+    from inference.candidates import blobness
+
+    k, j, i = np.mgrid[:41, :41, :41] - 20
+    shapes = {
+        "ball": (k**2 + j**2 + i**2 <= 16),
+        "vessel": (j**2 + i**2 <= 9),
+        "plate": (np.abs(i) <= 2),
+    }
+    centre = np.array([[20, 20, 20]])
+    values = {
+        name: float(
+            blobness(ndimage.gaussian_filter(mask.astype(float), 2.5), centre, np.ones(3))[0]
+        )
+        for name, mask in shapes.items()
+    }
+    assert values["ball"] > 0.9
+    assert values["vessel"] < 0.1 and values["plate"] < 0.1

@@ -57,12 +57,13 @@ class NoduleFinding:
         """The name shared by the SR tracking identifier, the SEG segment and the key image."""
         return f"Nodule {self.id}"
 
-    def full_mask(self, shape_kji: tuple[int, int, int]) -> np.ndarray:
-        """The mask placed in a zero volume of the source's shape."""
-        out = np.zeros(shape_kji, dtype=bool)
-        k, j, i = self.mask_origin_kji
-        dk, dj, di = self.mask.shape
-        out[k : k + dk, j : j + dj, i : i + di] = self.mask
+    def axial_mask(self, k: int, rows: int, columns: int) -> np.ndarray:
+        """The mask on source slice ``k``, as a full-size (rows, columns) image."""
+        out = np.zeros((rows, columns), dtype=bool)
+        k0, j0, i0 = self.mask_origin_kji
+        if k0 <= k < k0 + self.mask.shape[0]:
+            _, dj, di = self.mask.shape
+            out[j0 : j0 + dj, i0 : i0 + di] = self.mask[k - k0]
         return out
 
     def to_json(self) -> dict[str, object]:

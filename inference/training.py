@@ -312,7 +312,7 @@ def train(
             loss.backward()
             optimiser.step()
             schedule.step()
-            running += float(loss)
+            running += float(loss.detach())
             bar.set_postfix(loss=f"{running / n:.3f}")
         val_loss = evaluate_loss(model, val, device, config.batch_size)
         history.append({"epoch": epoch + 1, "train_loss": running / max(n, 1), **val_loss})

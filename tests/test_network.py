@@ -81,8 +81,8 @@ def test_augment_moves_offsets_with_the_image() -> None:
     batch["patches"][0, 0, 10, 4, 12] = 1.0
     mm_per_voxel = 2.0
     middle = patch_geometric_centre(np.full(3, p // 2))
-    batch["offset_mm"] = torch.tensor(
-        [(np.array([10, 4, 12]) - middle) * mm_per_voxel, [0.0, 0.0, 0.0]]
+    batch["offset_mm"] = torch.from_numpy(
+        np.stack([(np.array([10, 4, 12]) - middle) * mm_per_voxel, np.zeros(3)]).astype(np.float32)
     )
     for seed in range(8):
         out = augment(batch, random.Random(seed))

@@ -91,7 +91,7 @@ class NoduleKeyImages:
         shape = self.volume_hu.shape
         for number, finding in enumerate(self.findings, start=1):
             k = finding.axial_slice
-            outline = finding.full_mask(shape)[k]
+            outline = finding.axial_mask(k, shape[1], shape[2])
             pixels = render_key_image(self.volume_hu[k], outline, self.caption(finding))
             ref = self.slices[k]
             sc = hd.sc.SCImage.from_ref_dataset(

@@ -70,10 +70,18 @@ class NoduleSegmentation:
         ]
 
     def build(self) -> hd.seg.Segmentation:
-        shape = (len(self.slices), int(self.slices[0].Rows), int(self.slices[0].Columns))
-        pixels = np.stack([f.full_mask(shape) for f in self.findings], axis=-1).astype(np.uint8)
+        """The SEG derives from the slices the nodules span, not the whole series: a few dozen
+        frames to encode instead of hundreds of empty ones, the same result in the viewer."""
+        first = min(f.mask_origin_kji[0] for f in self.findings)
+        last = max(f.mask_origin_kji[0] + f.mask.shape[0] for f in self.findings)
+        rows, columns = int(self.slices[0].Rows), int(self.slices[0].Columns)
+        pixels = np.zeros((last - first, rows, columns, len(self.findings)), dtype=np.uint8)
+        for n, finding in enumerate(self.findings):
+            k, j, i = finding.mask_origin_kji
+            dk, dj, di = finding.mask.shape
+            pixels[k - first : k - first + dk, j : j + dj, i : i + di, n] = finding.mask
         return hd.seg.Segmentation(
-            source_images=self.slices,
+            source_images=self.slices[first:last],
             pixel_array=pixels,
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=self.segment_descriptions(),

@@ -9,6 +9,7 @@ from highdicom import UID
 from pydicom.dataset import Dataset
 
 from dicom_node import __version__
+from inference.findings import ModelInfo, NoduleFinding
 
 MANUFACTURER = "Res-MTNet DICOM node (open source)"
 MODEL_NAME = "Res-MTNet lung nodule CAD"
@@ -32,15 +33,36 @@ class OutputSeries:
 SOFTWARE_VERSIONS = __version__
 
 
-def check_source(
-    what: str, slices: Sequence[Dataset], findings: Sequence[object], tracking_uids: Sequence[str]
-) -> None:
-    """What every writer refuses at construction: no source, unpaired tracking UIDs, or a
-    source that mixes frames of reference (coordinates would mean two things at once)."""
-    if not slices:
-        raise ValueError(f"{what} needs the source CT slices; none were given")
-    if len(tracking_uids) != len(findings):
-        raise ValueError(f"{len(findings)} findings but {len(tracking_uids)} tracking UIDs")
-    frames = {str(ds.FrameOfReferenceUID) for ds in slices}
-    if len(frames) != 1:
-        raise ValueError(f"source slices span {len(frames)} frames of reference")
+class TrackedFindingsWriter:
+    """Base of the SR and SEG writers: the source slices, the findings and their tracking
+    UIDs, checked at construction (highdicom's habit) so a bad call fails before any work."""
+
+    #: How the object is named in error messages ("an SR", "a SEG").
+    object_name = "a result object"
+    #: Whether the object means nothing without findings (a SEG has no empty segment).
+    needs_findings = False
+
+    def __init__(
+        self,
+        slices: Sequence[Dataset],
+        findings: Sequence[NoduleFinding],
+        tracking_uids: Sequence[str],
+        model: ModelInfo,
+        series: OutputSeries,
+    ) -> None:
+        if not slices:
+            raise ValueError(f"{self.object_name} needs the source CT slices; none were given")
+        if self.needs_findings and not findings:
+            raise ValueError(
+                f"{self.object_name} needs at least one nodule; write none when nothing was found"
+            )
+        if len(tracking_uids) != len(findings):
+            raise ValueError(f"{len(findings)} findings but {len(tracking_uids)} tracking UIDs")
+        frames = {str(ds.FrameOfReferenceUID) for ds in slices}
+        if len(frames) != 1:
+            raise ValueError(f"source slices span {len(frames)} frames of reference")
+        self.slices = list(slices)
+        self.findings = list(findings)
+        self.tracking_uids = list(tracking_uids)
+        self.model = model
+        self.series = series

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import highdicom as hd
 import numpy as np
 from highdicom import UID
-from pydicom.dataset import Dataset
 
 from dicom_node.writers import codes
 from dicom_node.writers.common import (
@@ -15,35 +12,19 @@ from dicom_node.writers.common import (
     MANUFACTURER,
     MODEL_NAME,
     SOFTWARE_VERSIONS,
-    OutputSeries,
-    check_source,
+    TrackedFindingsWriter,
 )
-from inference.findings import ModelInfo, NoduleFinding
 
 
-class NoduleSegmentation:
+class NoduleSegmentation(TrackedFindingsWriter):
     """Builds the SEG; segment n carries the SR's tracking identifier and UID of nodule n.
 
     Frames are taken from the same (k, j, i) grid the CT volume was read into, in the order
     of ``slices``, which is how the SEG stays registered to the CT (no flip, no shift).
     """
 
-    def __init__(
-        self,
-        slices: Sequence[Dataset],
-        findings: Sequence[NoduleFinding],
-        tracking_uids: Sequence[str],
-        model: ModelInfo,
-        series: OutputSeries,
-    ) -> None:
-        check_source("a SEG", slices, findings, tracking_uids)
-        if not findings:
-            raise ValueError("a SEG needs at least one nodule; write none when nothing was found")
-        self.slices = list(slices)
-        self.findings = list(findings)
-        self.tracking_uids = list(tracking_uids)
-        self.model = model
-        self.series = series
+    object_name = "a SEG"
+    needs_findings = True
 
     def segment_descriptions(self) -> list[hd.seg.SegmentDescription]:
         algorithm = hd.AlgorithmIdentificationSequence(

@@ -20,14 +20,16 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes as dcm_codes
 
 from dicom_node.writers import codes
-from dicom_node.writers.common import MANUFACTURER, OutputSeries, check_source
+from dicom_node.writers.common import MANUFACTURER, OutputSeries, TrackedFindingsWriter
 from inference.findings import ModelInfo, NoduleFinding
 
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 
 
-class NoduleReport:
+class NoduleReport(TrackedFindingsWriter):
     """Builds the SR for one series' findings."""
+
+    object_name = "an SR"
 
     def __init__(
         self,
@@ -38,14 +40,9 @@ class NoduleReport:
         series: OutputSeries,
         segmentation: Dataset | None,
     ) -> None:
-        check_source("an SR", slices, findings, tracking_uids)
+        super().__init__(slices, findings, tracking_uids, model, series)
         if findings and segmentation is None:
             raise ValueError("findings need the SEG they reference")
-        self.slices = list(slices)
-        self.findings = list(findings)
-        self.tracking_uids = list(tracking_uids)
-        self.model = model
-        self.series = series
         self.segmentation = segmentation
 
     def _algorithm(self) -> hd.sr.AlgorithmIdentification:

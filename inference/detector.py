@@ -24,6 +24,14 @@ from inference.volume import Volume
 MODEL_NAME = "Res-MTNet"
 DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "resmtnet.pt"
 LUNG_MASK_SPACING_MM = 2.5
+#: Per-candidate shapes of the classification outputs, for a scan with no candidate at all.
+EMPTY_OUTPUT_SHAPES = {
+    "nodule_logit": (),
+    "malignancy_logit": (),
+    "composition_logits": (len(COMPOSITIONS),),
+    "diameter_mm": (),
+    "offset_mm": (3,),
+}
 #: HU from which a voxel of a nodule counts as its solid part (Lung-RADS part-solid rule).
 SOLID_PART_HU = -300.0
 
@@ -172,6 +180,8 @@ class NoduleDetector:
     def _run(
         self, image: np.ndarray, centres: np.ndarray, with_mask: bool
     ) -> dict[str, np.ndarray]:
+        if len(centres) == 0:
+            return {name: np.zeros((0, *shape)) for name, shape in EMPTY_OUTPUT_SHAPES.items()}
         size = self.model.config.patch_voxels
         parts: dict[str, list[np.ndarray]] = {}
         for start in range(0, len(centres), self.batch_size):
@@ -185,19 +195,7 @@ class NoduleDetector:
             for name, value in out._asdict().items():
                 if value is not None:
                     parts.setdefault(name, []).append(value.float().cpu().numpy())
-        empty = {
-            "nodule_logit": (0,),
-            "malignancy_logit": (0,),
-            "composition_logits": (0, 3),
-            "diameter_mm": (0,),
-            "offset_mm": (0, 3),
-        }
-        return {
-            name: np.concatenate(parts[name]) if name in parts else np.zeros(shape)
-            for name, shape in empty.items()
-        } | (
-            {"mask_logits": np.concatenate(parts["mask_logits"])} if "mask_logits" in parts else {}
-        )
+        return {name: np.concatenate(values) for name, values in parts.items()}
 
     def _calibrate(self, logits: np.ndarray) -> np.ndarray:
         return 1.0 / (1.0 + np.exp(-logits / self.operating_point.temperature))

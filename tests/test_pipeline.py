@@ -108,3 +108,16 @@ def test_blobness_tells_a_ball_from_a_vessel_and_a_plate() -> None:
     }
     assert values["ball"] > 0.9
     assert values["vessel"] < 0.1 and values["plate"] < 0.1
+
+
+def test_scan_without_lungs_gives_no_findings_and_no_error() -> None:
+    from inference.detector import DEFAULT_WEIGHTS, NoduleDetector
+
+    if not DEFAULT_WEIGHTS.exists():
+        pytest.skip("shipped weights missing")
+    detector = NoduleDetector.from_weights(DEFAULT_WEIGHTS, "cpu")
+    volume = Volume(
+        np.full((80, 64, 64), 40.0, dtype=np.float32), (0.0, 0.0, 0.0), (1.0, 1.0, 1.25), np.eye(3)
+    )
+    result = detector.detect(volume)
+    assert result.findings == [] and result.candidates == 0

@@ -76,6 +76,9 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     detector = NoduleDetector.from_weights(args.weights, args.device)
     cases = load_cases(args.data, args.luna_csv)
+    if not cases:
+        log.error("no annotated cases (a LIDC XML beside a CT series) under %s", args.data)
+        return EXIT_USAGE
     evaluate_and_report(detector, cases, args.out, args.seed, args.synthetic_scans)
     print(f"report: {args.out / 'evaluation.md'}")
     return EXIT_OK

@@ -136,16 +136,22 @@ class NoduleDetector:
         """Load weights written by ``dicom-node train``; their config rebuilds the network."""
         if not path.is_file():
             raise FileNotFoundError(f"weights file not found: {path}")
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        config = NetworkConfig(
-            **{**checkpoint["config"], "widths": tuple(checkpoint["config"]["widths"])}
-        )
-        model = build_model(config)
-        model.load_state_dict(checkpoint["state_dict"])
-        info = ModelInfo(MODEL_NAME, checkpoint["version"], sha256_of(path))
-        return cls(
-            model, OperatingPoint(**checkpoint["operating_point"]), info, pick_device(device)
-        )
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+            config = NetworkConfig(
+                **{**checkpoint["config"], "widths": tuple(checkpoint["config"]["widths"])}
+            )
+            model = build_model(config)
+            model.load_state_dict(checkpoint["state_dict"])
+            operating_point = OperatingPoint(**checkpoint["operating_point"])
+            version = str(checkpoint["version"])
+        except Exception as exc:  # torch.load and load_state_dict raise many kinds
+            raise ValueError(
+                f"{path} is not a Res-MTNet weights file written by `dicom-node train` "
+                f"({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+            ) from exc
+        info = ModelInfo(MODEL_NAME, version, sha256_of(path))
+        return cls(model, operating_point, info, pick_device(device))
 
     def detect(self, volume: Volume) -> DetectionResult:
         """Findings at the stored operating point, measured and classified."""

@@ -154,3 +154,23 @@ def test_one_failing_series_does_not_stop_the_others(
     printed = capsys.readouterr()
     assert "failed: internal error while analyzing (RuntimeError: simulated fault)" in printed.out
     assert "Traceback" not in printed.out + printed.err
+
+
+def test_corrupt_weights_file_is_a_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    weights = tmp_path / "broken.pt"
+    weights.write_bytes(b"not a checkpoint")
+    code = main(
+        [
+            "analyze",
+            str(shared("lidc/LIDC-IDRI-0002.tar.xz")),
+            "--out",
+            str(tmp_path / "o"),
+            "--weights",
+            str(weights),
+        ]
+    )
+    assert code == EXIT_USAGE
+    err = capsys.readouterr().err.strip()
+    assert "broken.pt is not a Res-MTNet weights file" in err and "\n" not in err

@@ -1,0 +1,55 @@
+"""The file store: durable, deduplicated by SOP Instance UID, owner-only, path-safe."""
+
+from __future__ import annotations
+
+import hashlib
+import stat
+from pathlib import Path
+
+import pytest
+
+from storage.files import FileStore, InvalidUID
+
+STUDY, SERIES, SOP = "1.2.3", "1.2.3.4", "1.2.3.4.5"
+
+
+def test_store_writes_file_with_checksum(tmp_path: Path) -> None:
+    store = FileStore(tmp_path / "store")
+    stored = store.store(STUDY, SERIES, SOP, b"DICM payload")
+    assert stored.path == tmp_path / "store" / STUDY / SERIES / f"{SOP}.dcm"
+    assert stored.path.read_bytes() == b"DICM payload"
+    assert stored.sha256 == hashlib.sha256(b"DICM payload").hexdigest()
+    assert not stored.already_present
+    assert list(stored.path.parent.glob(".*.tmp")) == []
+
+
+def test_same_instance_twice_is_stored_once(tmp_path: Path) -> None:
+    store = FileStore(tmp_path)
+    first = store.store(STUDY, SERIES, SOP, b"first")
+    again = store.store(STUDY, SERIES, SOP, b"second")
+    assert again.already_present and again.path == first.path
+    assert first.path.read_bytes() == b"first" and again.sha256 == first.sha256
+
+
+def test_files_and_folders_are_owner_only(tmp_path: Path) -> None:
+    store = FileStore(tmp_path / "store")
+    stored = store.store(STUDY, SERIES, SOP, b"x")
+    assert stat.S_IMODE(stored.path.stat().st_mode) & 0o077 == 0
+    assert stat.S_IMODE(stored.path.parent.stat().st_mode) & 0o077 == 0
+
+
+@pytest.mark.parametrize("bad", ["../../etc", "1.2.03", "", "1..2", "1.2.3a", "1" * 65])
+def test_invalid_uid_cannot_become_a_path(tmp_path: Path, bad: str) -> None:
+    store = FileStore(tmp_path)
+    with pytest.raises(InvalidUID, match="is not a valid DICOM UID"):
+        store.store(STUDY, bad, SOP, b"x")
+    assert not any(p.is_file() for p in tmp_path.rglob("*"))
+
+
+def test_stale_temporaries_are_removed(tmp_path: Path) -> None:
+    store = FileStore(tmp_path)
+    folder = tmp_path / STUDY / SERIES
+    folder.mkdir(parents=True)
+    (folder / f".{SOP}.dcm.123.tmp").write_bytes(b"half")
+    assert store.remove_stale_temporaries() == 1
+    assert list(folder.iterdir()) == []

@@ -59,7 +59,9 @@ class FileStore:
         """Durably store one encoded instance (DICOM file format bytes)."""
         path = self.path_for(study_uid, series_uid, sop_uid)
         if path.exists():
-            return StoredFile(path, sha256_file(path), path.stat().st_size, already_present=True)
+            with path.open("rb") as handle:
+                digest = hashlib.file_digest(handle, "sha256").hexdigest()
+            return StoredFile(path, digest, path.stat().st_size, already_present=True)
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -81,14 +83,6 @@ class FileStore:
         for path in stale:
             path.unlink(missing_ok=True)
         return len(stale)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fsync_dir(folder: Path) -> None:

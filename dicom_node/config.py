@@ -1,53 +1,235 @@
-"""``config.yaml``: read, checked key by key, with a one-line error naming what is wrong."""
+"""``config.yaml``: every setting of the node, validated at start-up.
+
+A wrong key or value stops the node with one line naming the key and what was expected, rather
+than a traceback minutes later when the value is first used. Environment variables override
+any value, so that secrets and per-host settings need not live in the file:
+``DICOM_NODE__STORAGE__DATABASE_URL=postgresql+psycopg://...`` sets ``storage.database_url``;
+list items are addressed by index (``DICOM_NODE__DESTINATIONS__0__HOST``).
+"""
 
 from __future__ import annotations
 
-from dataclasses import fields
+import os
+import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from dicom_node.series import EligibilityRules
+
+ENV_PREFIX = "DICOM_NODE__"
+
+#: PS3.5 6.2: AE titles are at most 16 characters of the default repertoire, no backslash,
+#: and not all spaces.
+AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
+
+ObjectKind = Literal["sr", "seg", "key_images"]
+Port = Annotated[int, Field(ge=1, le=65535)]
+Seconds = Annotated[float, Field(gt=0)]
 
 
 class ConfigError(ValueError):
     """A wrong key or value; the message names the key and what was expected."""
 
 
-def _section(data: dict[str, Any], name: str, cls: type) -> dict[str, Any]:
-    raw = data.get(name) or {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{name}: expected a mapping of settings, got {type(raw).__name__}")
-    known = {f.name: f for f in fields(cls)}
-    out: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key not in known:
-            raise ConfigError(
-                f"{name}.{key}: unknown key; expected one of {', '.join(sorted(known))}"
-            )
-        default = getattr(cls(), key)
-        if (
-            isinstance(default, int | float)
-            and not isinstance(value, bool)
-            and isinstance(value, int | float)
-        ):
-            if value < 0:
-                raise ConfigError(f"{name}.{key}: expected a non-negative number, got {value}")
-            out[key] = type(default)(value)
-        else:
-            raise ConfigError(f"{name}.{key}: expected a number, got {value!r}")
-    return out
+def _ae_title(value: str) -> str:
+    if not AE_TITLE.match(value) or not value.strip():
+        raise ValueError("expected an AE title of 1-16 printable characters without backslash")
+    return value.strip()
 
 
-def load_eligibility(path: Path | None) -> EligibilityRules:
-    """The ``eligibility`` section; defaults where the file or the key is absent."""
-    if path is None:
-        return EligibilityRules()
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NodeSettings(_Section):
+    """The network edge: who this node is and what it takes."""
+
+    ae_title: str = "RESMTNET"
+    host: str = "0.0.0.0"
+    port: Port = 11112
+    #: Largest PDU this node receives (bytes); 0 = no limit. Large PDUs let a sender stream a
+    #: CT with few round trips.
+    max_pdu: Annotated[int, Field(ge=0)] = 4_194_304
+    max_associations: Annotated[int, Field(ge=1)] = 16
+    #: SOP classes other than CT and Enhanced CT: refuse them at association, or store them
+    #: (kept, indexed, never analyzed).
+    other_sop_classes: Literal["refuse", "store"] = "refuse"
+
+    _check_ae = field_validator("ae_title")(_ae_title)
+
+
+class StorageSettings(_Section):
+    path: Path = Path("./var/storage")
+    database_url: str = "sqlite:///./var/node.db"
+
+
+class CompletionSettings(_Section):
+    #: A series with no new instance for this long is complete.
+    quiet_seconds: Seconds = 30.0
+    #: Complete a series as soon as its association is released, if its slices already form a
+    #: complete, regular volume.
+    on_release: bool = True
+
+
+class WorkerSettings(_Section):
+    count: Annotated[int, Field(ge=0, le=16)] = 1
+    device: str = "auto"
+    #: A job whose worker has not finished within this time goes back to the queue.
+    lease_seconds: Seconds = 900.0
+    max_attempts: Annotated[int, Field(ge=1)] = 3
+
+
+class SelectionSettings(_Section):
+    """Which series of a study are analyzed. Patterns are Python regular expressions,
+    matched case-insensitively anywhere in the Series Description."""
+
+    modalities: list[str] = ["CT"]
+    min_slice_thickness_mm: Annotated[float, Field(ge=0)] = 0.0
+    max_slice_thickness_mm: Annotated[float, Field(gt=0)] = 3.0
+    #: Every listed value must be in Image Type (0008,0008).
+    image_type_required: list[str] = ["AXIAL"]
+    series_description_include: list[str] = []
+    series_description_exclude: list[str] = [
+        "scout",
+        "topogram",
+        "localizer",
+        "dose",
+        "mip",
+        "minip",
+        "coronal",
+        "sagittal",
+        "mpr",
+    ]
+    #: Analyze only what these AEs send; empty = any caller.
+    calling_ae_titles: list[str] = []
+    #: One series per study (the best by the next two keys) instead of every reconstruction.
+    one_per_study: bool = True
+    #: A reconstruction kernel or description matching one of these is a lung kernel, which is
+    #: preferred over a soft-tissue one at the same thickness.
+    lung_kernel_patterns: list[str] = [
+        "lung",
+        "chest",
+        "b6\\d",
+        "b70",
+        "br6\\d",
+        "fc5\\d",
+        "fc8\\d",
+        "^(l|ya|yb|yc)$",
+        "sharp",
+    ]
+
+    @field_validator(
+        "series_description_include", "series_description_exclude", "lung_kernel_patterns"
+    )
+    @classmethod
+    def _patterns_compile(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{pattern!r} is not a regular expression ({exc})") from exc
+        return patterns
+
+
+class SenderSettings(_Section):
+    """Retries of deliveries: exponential backoff with jitter, then the dead-letter state."""
+
+    max_attempts: Annotated[int, Field(ge=1)] = 8
+    backoff_seconds: Seconds = 5.0
+    max_backoff_seconds: Seconds = 900.0
+    timeout_seconds: Seconds = 60.0
+
+
+class Destination(_Section):
+    name: str
+    ae_title: str = "PACS"
+    host: str = "127.0.0.1"
+    port: Port = 4242
+    objects: list[ObjectKind] = ["sr", "seg", "key_images"]
+    #: Send instead to the AE that sent the study (its calling AE title and address), on ``port``.
+    return_to_sender: bool = False
+
+    _check_ae = field_validator("ae_title")(_ae_title)
+
+
+class NodeConfig(_Section):
+    node: NodeSettings = NodeSettings()
+    storage: StorageSettings = StorageSettings()
+    completion: CompletionSettings = CompletionSettings()
+    workers: WorkerSettings = WorkerSettings()
+    selection: SelectionSettings = SelectionSettings()
+    eligibility: EligibilityRules = EligibilityRules()
+    sender: SenderSettings = SenderSettings()
+    destinations: list[Destination] = []
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("destinations")
+    @classmethod
+    def _unique_names(cls, destinations: list[Destination]) -> list[Destination]:
+        names = [d.name for d in destinations]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"destination names must be unique; repeated: {', '.join(duplicates)}")
+        return destinations
+
+    def destination(self, name: str) -> Destination:
+        for destination in self.destinations:
+            if destination.name == name:
+                return destination
+        raise KeyError(f"no destination named {name!r} in the configuration")
+
+
+def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
+    for name, raw in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        keys = name[len(ENV_PREFIX) :].lower().split("__")
+        target: Any = data
+        for depth, key in enumerate(keys):
+            last = depth == len(keys) - 1
+            value = yaml.safe_load(raw) if last else {}
+            if isinstance(target, list):
+                if not key.isdigit() or int(key) >= len(target):
+                    raise ConfigError(f"{name}: {key!r} is not an index of the list it addresses")
+                index = int(key)
+                target[index] = value if last else target[index]
+                target = target[index]
+            elif isinstance(target, dict):
+                if last:
+                    target[key] = value
+                else:
+                    target = target.setdefault(key, {})
+            else:
+                raise ConfigError(f"{name}: {'.'.join(keys[:depth])} is not a section")
+
+
+def _one_line(error: Mapping[str, Any]) -> str:
+    key = ".".join(str(part) for part in error["loc"])
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if error["type"] in {"extra_forbidden", "unexpected_keyword_argument"}:
+        message = "unknown key"
+    if isinstance(error["input"], dict):  # a check across a section names its own key
+        return f"{key}.{message}"
+    return f"{key}: {message} (got {error['input']!r})"
+
+
+def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> NodeConfig:
+    """The file's settings over the defaults, the environment's over both."""
+    data: Any = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    _apply_env(data, os.environ if environ is None else environ)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    return EligibilityRules(**_section(data, "eligibility", EligibilityRules))
+        return NodeConfig.model_validate(data)
+    except ValidationError as exc:
+        where = f"{path}: " if path else ""
+        raise ConfigError(where + _one_line(exc.errors()[0])) from None

@@ -11,6 +11,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pydicom
@@ -36,6 +37,14 @@ class EligibilityRules:
     #: Cosine tolerance for "axial" and "no tilt".
     orientation_tolerance: float = 0.02
     min_slices: int = 16
+
+    #: Validated as the ``eligibility`` section of config.yaml: unknown keys are errors.
+    __pydantic_config__: ClassVar[dict[str, str]] = {"extra": "forbid"}
+
+    def __post_init__(self) -> None:
+        for name, value in self.__dict__.items():
+            if value < 0:
+                raise ValueError(f"{name}: expected a non-negative number, got {value}")
 
 
 class SeriesRejected(Exception):

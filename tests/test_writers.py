@@ -13,7 +13,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
-from dicom_node.analyze import ResultObjects, build_results, write_atomically
+from dicom_node.analyze import Amendment, ResultObjects, build_results, write_atomically
 from dicom_node.series import CTSeries, read_series
 from dicom_node.writers.common import OutputSeries
 from dicom_node.writers.seg import NoduleSegmentation
@@ -263,3 +263,40 @@ def test_nodule_group_coded_like_the_field_writes_it(results) -> None:  # type: 
         == pydicom.dcmread(results[2]["sr"]).ContentTemplateSequence[0].TemplateIdentifier
         == "1500"
     )
+
+
+def test_amended_report_keeps_series_and_tracking_and_names_its_predecessor(
+    nodule_series, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    folder, _, centre = nodule_series
+    (series,), _, _ = read_series([folder])
+    first = build_results(series, [_sphere_finding(series, centre, 12.0, 1)], MODEL)
+    moved = (centre[0] + 1.0, centre[1], centre[2])  # the same nodule, measured again
+    amends = Amendment(
+        first.sr,
+        first.series_uids(),
+        [(_sphere_finding(series, centre, 12.0).center_mm, first.tracking_uids[0])],
+    )
+    second = build_results(
+        series,
+        [
+            _sphere_finding(series, moved, 12.0, 1),
+            _sphere_finding(series, (35.0, -10.0, -70.0), 7.0, 2),
+        ],
+        MODEL,
+        amends,
+    )
+    assert second.series_uids() == first.series_uids()
+    assert second.tracking_uids[0] == first.tracking_uids[0]
+    assert second.tracking_uids[1] != first.tracking_uids[0]
+    assert second.sr.SOPInstanceUID != first.sr.SOPInstanceUID
+    assert second.sr.InstanceNumber == first.sr.InstanceNumber + 1
+    (predecessor,) = second.sr.PredecessorDocumentsSequence
+    referenced = predecessor.ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert referenced.ReferencedSOPInstanceUID == first.sr.SOPInstanceUID
+    path = tmp_path / "amended_sr.dcm"
+    write_atomically(second.sr, path)
+    report = subprocess.run(
+        [_require("dciodvfy"), str(path)], capture_output=True, text=True, check=False
+    )
+    assert not [line for line in report.stderr.splitlines() if line.startswith("Error")]

@@ -39,11 +39,18 @@ class NoduleReport(TrackedFindingsWriter):
         model: ModelInfo,
         series: OutputSeries,
         segmentation: Dataset | None,
+        replaces: Dataset | None = None,
     ) -> None:
+        """``replaces``: the SR this one amends (a re-analysis after late slices). It is
+        referenced as the predecessor document (PS3.3 C.17.2.3), and this SR takes the next
+        instance number in the same series, so viewers list the newest version first."""
         super().__init__(slices, findings, tracking_uids, model, series)
         if findings and segmentation is None:
             raise ValueError("findings need the SEG they reference")
+        if replaces is not None and replaces.StudyInstanceUID != slices[0].StudyInstanceUID:
+            raise ValueError("an amended SR must replace an SR of the same study")
         self.segmentation = segmentation
+        self.replaces = replaces
 
     def _algorithm(self) -> hd.sr.AlgorithmIdentification:
         return hd.sr.AlgorithmIdentification(
@@ -179,9 +186,10 @@ class NoduleReport(TrackedFindingsWriter):
             series_instance_uid=self.series.series_instance_uid,
             series_number=self.series.number,
             sop_instance_uid=str(UID()),
-            instance_number=1,
+            instance_number=int(self.replaces.InstanceNumber) + 1 if self.replaces else 1,
             manufacturer=MANUFACTURER,
             is_complete=True,
+            previous_versions=[self.replaces] if self.replaces is not None else None,
             series_description=self.series.description,
         )
         sr.CodingSchemeIdentificationSequence = [codes.private_scheme_identification()]

@@ -1,0 +1,331 @@
+"""The index's reads and writes: instances in, series state, results and deliveries out.
+
+Every function takes the caller's session, so that what belongs together (an instance and
+its series' counters; a result, its instances and the delivery jobs it starts) commits
+together. The receiver fills :class:`InstanceRecord` from the header; nothing here reads DICOM.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from storage.files import StoredFile
+from storage.models import (
+    Delivery,
+    Instance,
+    Patient,
+    Result,
+    ResultInstance,
+    Series,
+    Study,
+    utcnow,
+)
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """What the index keeps of one received instance's header."""
+
+    patient_id: str
+    issuer: str
+    patient_name: str
+    study_uid: str
+    accession_number: str
+    study_date: str
+    series_uid: str
+    modality: str
+    series_description: str
+    convolution_kernel: str
+    sop_uid: str
+    sop_class_uid: str
+    transfer_syntax: str
+    instance_number: int | None
+    position_mm: float | None
+    slice_thickness_mm: float | None
+    images_in_acquisition: int | None
+    image_type: str
+    frames: int
+
+
+@dataclass(frozen=True)
+class Recorded:
+    series_id: int
+    new: bool  # False when the SOP instance was already indexed (a resend)
+
+
+def _get_or_create(session: Session, model: Any, where: dict[str, Any], **values: Any) -> Any:
+    """Concurrent receivers may create the same study at once: the loser of the race
+    rolls back to a savepoint and reads the winner's row."""
+    found = session.execute(select(model).filter_by(**where)).scalar_one_or_none()
+    if found is not None:
+        return found
+    try:
+        with session.begin_nested():
+            row = model(**where, **values)
+            session.add(row)
+        return row
+    except IntegrityError:
+        return session.execute(select(model).filter_by(**where)).scalar_one()
+
+
+def record_instance(
+    session: Session, record: InstanceRecord, stored: StoredFile, calling_ae: str, peer_host: str
+) -> Recorded:
+    existing = session.execute(
+        select(Instance.series_id).where(Instance.sop_uid == record.sop_uid)
+    ).scalar_one_or_none()
+    if existing is not None:
+        return Recorded(existing, new=False)
+    patient = _get_or_create(
+        session,
+        Patient,
+        {"patient_id": record.patient_id, "issuer": record.issuer},
+        name=record.patient_name,
+    )
+    study = _get_or_create(
+        session,
+        Study,
+        {"study_uid": record.study_uid},
+        patient_id=patient.id,
+        accession_number=record.accession_number,
+        study_date=record.study_date,
+    )
+    now = utcnow()
+    series = _get_or_create(
+        session,
+        Series,
+        {"series_uid": record.series_uid},
+        study_id=study.id,
+        modality=record.modality,
+        description=record.series_description,
+        convolution_kernel=record.convolution_kernel,
+        calling_ae=calling_ae,
+        peer_host=peer_host,
+        first_received=now,
+        last_received=now,
+    )
+    session.add(
+        Instance(
+            sop_uid=record.sop_uid,
+            series_id=series.id,
+            sop_class_uid=record.sop_class_uid,
+            transfer_syntax=record.transfer_syntax,
+            instance_number=record.instance_number,
+            position_mm=record.position_mm,
+            slice_thickness_mm=record.slice_thickness_mm,
+            images_in_acquisition=record.images_in_acquisition,
+            image_type=record.image_type,
+            frames=record.frames,
+            path=str(stored.path),
+            size=stored.size,
+            sha256=stored.sha256,
+            received=now,
+        )
+    )
+    session.execute(
+        update(Series)
+        .where(Series.id == series.id)
+        .values(version=Series.version + 1, last_received=now, state="receiving", reason="")
+    )
+    return Recorded(series.id, new=True)
+
+
+# --- completion and selection --------------------------------------------------------------
+
+
+def series_awaiting_completion(
+    session: Session, quiet_before: datetime | None = None, ids: Iterable[int] = ()
+) -> list[Series]:
+    """Series with instances not yet looked at: quiet since ``quiet_before``, or in ``ids``."""
+    ids = list(ids)
+    pending = select(Series).where(Series.version > Series.state_version)
+    if quiet_before is None:
+        if not ids:
+            return []
+        pending = pending.where(Series.id.in_(ids))
+    elif ids:
+        pending = pending.where((Series.last_received < quiet_before) | Series.id.in_(ids))
+    else:
+        pending = pending.where(Series.last_received < quiet_before)
+    return list(session.scalars(pending.order_by(Series.id)))
+
+
+def instances_of(session: Session, series_id: int) -> list[Instance]:
+    return list(
+        session.scalars(
+            select(Instance).where(Instance.series_id == series_id).order_by(Instance.id)
+        )
+    )
+
+
+def study_series(session: Session, study_id: int) -> list[Series]:
+    return list(session.scalars(select(Series).where(Series.study_id == study_id)))
+
+
+def set_series_state(
+    session: Session, series_id: int, state: str, reason: str = "", *, version: int | None = None
+) -> None:
+    """Record a decision about the series as it was at ``version`` (default: as it is now)."""
+    values: dict[str, Any] = {"state": state, "reason": reason[:4000]}
+    if version is not None:
+        values["state_version"] = version
+    session.execute(update(Series).where(Series.id == series_id).values(**values))
+
+
+def settle_analysis(
+    session: Session, series_id: int, version: int, state: str, reason: str
+) -> None:
+    """The outcome of an analysis of ``version``, unless newer instances arrived meanwhile
+    (then the series is receiving again and a newer analysis will settle it)."""
+    session.execute(
+        update(Series)
+        .where(Series.id == series_id, Series.state_version == version, Series.state == "queued")
+        .values(state=state, reason=reason[:4000])
+    )
+
+
+def series_by_uid(session: Session, series_uid: str) -> Series | None:
+    return session.execute(
+        select(Series).where(Series.series_uid == series_uid)
+    ).scalar_one_or_none()
+
+
+def study_of(session: Session, series: Series) -> Study:
+    return session.get_one(Study, series.study_id)
+
+
+# --- results and deliveries ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResultFile:
+    sop_uid: str
+    sop_class_uid: str
+    kind: str
+    path: Path
+
+
+def current_result(session: Session, series_id: int) -> Result | None:
+    return session.execute(
+        select(Result).where(Result.series_id == series_id, Result.current.is_(True))
+    ).scalar_one_or_none()
+
+
+def save_result(
+    session: Session,
+    series_id: int,
+    job_id: int | None,
+    series_version: int,
+    findings: dict[str, Any],
+    model_sha256: str,
+    files: Sequence[ResultFile],
+) -> int:
+    """A new current result for the series; the one it supersedes stays, marked not current."""
+    session.execute(update(Result).where(Result.series_id == series_id).values(current=False))
+    result = Result(
+        series_id=series_id,
+        job_id=job_id,
+        series_version=series_version,
+        current=True,
+        nodules=len(findings.get("findings", [])),
+        findings_json=json.dumps(findings),
+        model_sha256=model_sha256,
+        created=utcnow(),
+    )
+    session.add(result)
+    session.flush()
+    session.add_all(
+        ResultInstance(
+            result_id=result.id,
+            sop_uid=f.sop_uid,
+            sop_class_uid=f.sop_class_uid,
+            kind=f.kind,
+            path=str(f.path),
+        )
+        for f in files
+    )
+    return result.id
+
+
+def undelivered(
+    session: Session, series_id: int, destination: str, kinds: Sequence[str]
+) -> list[ResultInstance]:
+    """The current result's instances of ``kinds`` that ``destination`` has not acknowledged."""
+    delivered = select(Delivery.result_instance_id).where(Delivery.destination == destination)
+    return list(
+        session.scalars(
+            select(ResultInstance)
+            .join(Result, Result.id == ResultInstance.result_id)
+            .where(
+                Result.series_id == series_id,
+                Result.current.is_(True),
+                ResultInstance.kind.in_(list(kinds)),
+                ResultInstance.id.not_in(delivered),
+            )
+            .order_by(ResultInstance.id)
+        )
+    )
+
+
+def record_delivery(
+    session: Session, result_instance_id: int, destination: str, status: int
+) -> None:
+    session.add(
+        Delivery(
+            result_instance_id=result_instance_id,
+            destination=destination,
+            status=status,
+            delivered=utcnow(),
+        )
+    )
+
+
+def forget_deliveries(session: Session, series_id: int) -> int:
+    """Make the current result's instances due again everywhere (an operator's resend: the
+    same SOP instances go out again, so a PACS that has them keeps one copy)."""
+    ids = (
+        select(ResultInstance.id)
+        .join(Result)
+        .where(Result.series_id == series_id, Result.current.is_(True))
+    )
+    result = session.execute(delete(Delivery).where(Delivery.result_instance_id.in_(ids)))
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+def delivered_count(session: Session, series_id: int, destination: str) -> int:
+    return int(
+        session.execute(
+            select(func.count())
+            .select_from(Delivery)
+            .join(ResultInstance, ResultInstance.id == Delivery.result_instance_id)
+            .join(Result, Result.id == ResultInstance.result_id)
+            .where(Result.series_id == series_id, Delivery.destination == destination)
+        ).scalar_one()
+    )
+
+
+def totals(session: Session) -> dict[str, int]:
+    """Counts for ``dicom-node status``."""
+    count = func.count()
+    return {
+        "patients": session.execute(select(count).select_from(Patient)).scalar_one(),
+        "studies": session.execute(select(count).select_from(Study)).scalar_one(),
+        "series": session.execute(select(count).select_from(Series)).scalar_one(),
+        "instances": session.execute(select(count).select_from(Instance)).scalar_one(),
+        "results": session.execute(select(count).select_from(Result)).scalar_one(),
+        "deliveries": session.execute(select(count).select_from(Delivery)).scalar_one(),
+    }
+
+
+def series_states(session: Session) -> dict[str, int]:
+    rows = session.execute(select(Series.state, func.count()).group_by(Series.state))
+    return {state: int(n) for state, n in rows}

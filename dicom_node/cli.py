@@ -8,8 +8,15 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dicom_node import __version__
+from storage.database import DatabaseError
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session, sessionmaker
+
+    from dicom_node.config import NodeConfig
 
 log = logging.getLogger("dicom_node")
 
@@ -90,6 +97,66 @@ def _analyze(args: argparse.Namespace) -> int:
     return analyze_paths(args.paths, args.out, args.weights, args.device, args.config)
 
 
+def _node_config(args: argparse.Namespace) -> NodeConfig:
+    from dicom_node.config import load_config
+
+    return load_config(args.config)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from dicom_node.service import Node
+
+    config = _node_config(args)
+    logging.getLogger().setLevel(logging.DEBUG if args.verbose else config.log_level)
+    if not args.verbose:  # their INFO is one line per PDU or copied module: noise to an operator
+        for chatty in ("pynetdicom", "highdicom"):
+            logging.getLogger(chatty).setLevel(logging.WARNING)
+    Node(config, args.weights).run_until_signalled()
+    return EXIT_OK
+
+
+def _database(args: argparse.Namespace) -> sessionmaker[Session]:
+    from storage.database import open_database
+
+    return open_database(_node_config(args).storage.database_url)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from dicom_node.operations import status_lines
+
+    print("\n".join(status_lines(_database(args))))
+    return EXIT_OK
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    from dicom_node.operations import job_lines
+
+    print("\n".join(job_lines(_database(args), args.state, args.limit)))
+    return EXIT_OK
+
+
+def _retry(args: argparse.Namespace) -> int:
+    from dicom_node.operations import retry_job
+
+    if not retry_job(_database(args), args.job):
+        print(f"job {args.job}: not found, or still queued or running", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"job {args.job}: queued again")
+    return EXIT_OK
+
+
+def _resend(args: argparse.Namespace) -> int:
+    from dicom_node.operations import resend_series
+
+    try:
+        queued = resend_series(_database(args), _node_config(args), args.series)
+    except KeyError as exc:
+        print(f"dicom-node resend: {exc.args[0]}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"series {args.series}: {queued} delivery job(s) queued")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     from inference.detector import DEFAULT_WEIGHTS
 
@@ -142,6 +209,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--device", default="auto")
     evaluate.set_defaults(func=_evaluate)
+
+    config_help = "config.yaml (default: the embedded defaults)"
+    serve = sub.add_parser("serve", help="run the DICOM node: receive, analyze, send")
+    serve.add_argument("--config", type=Path, default=None, help=config_help)
+    serve.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
+    serve.set_defaults(func=_serve)
+
+    status = sub.add_parser("status", help="what the node holds and what its queue is doing")
+    status.add_argument("--config", type=Path, default=None, help=config_help)
+    status.set_defaults(func=_status)
+
+    jobs = sub.add_parser("jobs", help="recent jobs, newest first, with their last error")
+    jobs.add_argument("--config", type=Path, default=None, help=config_help)
+    jobs.add_argument("--state", choices=["queued", "running", "done", "failed"])
+    jobs.add_argument("--limit", type=int, default=50)
+    jobs.set_defaults(func=_jobs)
+
+    retry = sub.add_parser("retry", help="queue a failed (dead-lettered) job again")
+    retry.add_argument("job", type=int, help="job id (see `dicom-node jobs`)")
+    retry.add_argument("--config", type=Path, default=None, help=config_help)
+    retry.set_defaults(func=_retry)
+
+    resend = sub.add_parser(
+        "resend", help="send a series' results again to every destination (same SOP instances)"
+    )
+    resend.add_argument("series", help="Series Instance UID of the analyzed CT series")
+    resend.add_argument("--config", type=Path, default=None, help=config_help)
+    resend.set_defaults(func=_resend)
     return parser
 
 
@@ -153,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args.func(args))
-    except (FileNotFoundError, ValueError, OSError) as exc:
+    except (FileNotFoundError, ValueError, OSError, DatabaseError) as exc:
         print(f"dicom-node {args.command}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -4,11 +4,20 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# DICOM peers the tests check against: dciodvfy (dicom3tools) and dsrdump/storescu (dcmtk).
-if ! command -v dciodvfy >/dev/null || ! command -v dsrdump >/dev/null; then
-  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+
+# DICOM peers the tests check against, from Debian's packages: dciodvfy (dicom3tools), the
+# modality and checker (dcmtk: storescu, echoscu, dsrdump), and the PACS (orthanc; the tests
+# start their own instances with temporary configs, never the system service).
+if ! command -v dciodvfy >/dev/null || ! command -v dsrdump >/dev/null || ! command -v Orthanc >/dev/null; then
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -q
-  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends dicom3tools dcmtk
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+    dicom3tools dcmtk orthanc
+fi
+# PostgreSQL: the storage and queue tests run on it as well as on SQLite. The CI machine runs
+# a server on 127.0.0.1:5432 (trust auth, database test); start it if it is installed but down.
+if command -v pg_isready >/dev/null && ! pg_isready -q -h 127.0.0.1 -p 5432; then
+  (command -v service >/dev/null && $sudo service postgresql start) || true
 fi
 
 # torch first, pinned: pip takes this version from the machine's wheel cache where it lies

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,8 +63,9 @@ class FileStore:
             with path.open("rb") as handle:
                 digest = hashlib.file_digest(handle, "sha256").hexdigest()
             return StoredFile(path, digest, path.stat().st_size, already_present=True)
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        self._make_folders(path.parent)
+        # pid and thread: two associations may carry the same instance at the same moment.
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             with os.fdopen(fd, "wb") as handle:
@@ -76,6 +78,17 @@ class FileStore:
             raise
         _fsync_dir(path.parent)
         return StoredFile(path, hashlib.sha256(data).hexdigest(), len(data), already_present=False)
+
+    def _make_folders(self, folder: Path) -> None:
+        """Create the study and series folders, each made durable in its parent: a rename
+        into a folder whose own entry was lost in a crash would be lost with it."""
+        missing = []
+        while not folder.exists() and folder != self.root:
+            missing.append(folder)
+            folder = folder.parent
+        for new in reversed(missing):
+            new.mkdir(mode=0o700, exist_ok=True)
+            _fsync_dir(new.parent)
 
     def remove_stale_temporaries(self) -> int:
         """Delete half-written files a crash left behind (never acknowledged); return how many."""

@@ -1,0 +1,75 @@
+"""The storage SCP: which SOP classes and transfer syntaxes the node accepts, and its limits."""
+
+from __future__ import annotations
+
+from pydicom.uid import (
+    JPEG2000,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, AllStoragePresentationContexts
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    CTImageStorage,
+    EnhancedCTImageStorage,
+    Verification,
+)
+from pynetdicom.transport import ThreadedAssociationServer
+
+from dicom_node.config import NodeSettings
+from dicom_node.handlers import StorageHandlers
+
+#: Every syntax the node can decode (pylibjpeg's plugins): what scanners and PACS send CT in.
+TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    JPEGLosslessSV1,
+    JPEGLossless,
+    JPEGExtended12Bit,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
+]
+
+CT_CLASSES = (CTImageStorage, EnhancedCTImageStorage)
+
+
+def build_ae(settings: NodeSettings) -> AE:
+    ae = AE(ae_title=settings.ae_title)
+    ae.maximum_pdu_size = settings.max_pdu
+    ae.maximum_associations = settings.max_associations
+    # A peer that addresses another AE title is misconfigured: reject it at association.
+    ae.require_called_aet = True
+    ae.network_timeout = 60
+    ae.acse_timeout = 30
+    ae.dimse_timeout = 60
+    ae.add_supported_context(Verification)
+    for sop_class in CT_CLASSES:
+        ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
+    if settings.other_sop_classes == "store":
+        for context in AllStoragePresentationContexts:
+            if context.abstract_syntax and context.abstract_syntax not in CT_CLASSES:
+                ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
+    return ae
+
+
+def start_scp(settings: NodeSettings, handlers: StorageHandlers) -> ThreadedAssociationServer:
+    """Listen in background threads; ``shutdown()`` on the result stops accepting."""
+    ae = build_ae(settings)
+    server = ae.start_server(
+        (settings.host, settings.port),
+        block=False,
+        evt_handlers=handlers.bindings(),  # type: ignore[arg-type]
+    )
+    assert server is not None  # block=False always returns the server
+    return server

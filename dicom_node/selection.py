@@ -1,0 +1,155 @@
+"""Which complete series are analyzed: the configured rules, then one series per study.
+
+A scanner sends many reconstructions of one scan (thin and thick, lung and soft-tissue
+kernels, coronal reformats, a scout, a dose report). The detector wants the thinnest axial
+reconstruction with a sharp (lung) kernel; analyzing the others costs time and puts duplicate
+findings in front of the radiologist.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import statistics
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy.orm import Session
+
+from dicom_node.config import SelectionSettings
+from dicom_node.series import CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE
+from storage import index, queue
+from storage.models import Instance, Series
+
+#: Series states that mean "this series of the study is (being) analyzed".
+CHOSEN = ("queued", "analyzed")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A series as selection sees it, summarised from its instances' index rows."""
+
+    series: Series
+    sop_classes: frozenset[str]
+    image_type: str
+    thickness_mm: float | None
+    images: int
+
+    @classmethod
+    def of(cls, series: Series, instances: Sequence[Instance]) -> Candidate:
+        images = [i for i in instances if "LOCALIZER" not in i.image_type.upper()]
+        thickness = [i.slice_thickness_mm for i in images if i.slice_thickness_mm]
+        if not thickness:
+            positions = sorted(i.position_mm for i in images if i.position_mm is not None)
+            steps = [b - a for a, b in itertools.pairwise(positions) if b - a > 1e-3]
+            thickness = steps
+        common = Counter(i.image_type for i in images).most_common(1)
+        return cls(
+            series=series,
+            sop_classes=frozenset(i.sop_class_uid for i in instances),
+            image_type=common[0][0] if common else "",
+            thickness_mm=statistics.median(thickness) if thickness else None,
+            images=sum(i.frames for i in images),
+        )
+
+    def is_lung_kernel(self, rules: SelectionSettings) -> bool:
+        text = (self.series.convolution_kernel, self.series.description)
+        return any(
+            re.search(pattern, value, re.IGNORECASE)
+            for pattern in rules.lung_kernel_patterns
+            for value in text
+            if value
+        )
+
+    def rank(self, rules: SelectionSettings) -> tuple[bool, float, int]:
+        """Higher is better: lung kernel, then thinner, then more images."""
+        return (self.is_lung_kernel(rules), -(self.thickness_mm or 99.0), self.images)
+
+
+def refusal(candidate: Candidate, rules: SelectionSettings) -> str | None:
+    """Why the rules exclude this series, or None."""
+    series = candidate.series
+    if series.modality not in rules.modalities:
+        return (
+            f"Modality {series.modality or '(empty)'} is not one of {', '.join(rules.modalities)}"
+        )
+    other = candidate.sop_classes - {CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE}
+    if other:
+        return f"SOP class {sorted(other)[0]} is not CT Image or Enhanced CT Image Storage"
+    if rules.calling_ae_titles and series.calling_ae not in rules.calling_ae_titles:
+        return f"sent by {series.calling_ae!r}, which selection.calling_ae_titles does not list"
+    description = series.description or ""
+    for pattern in rules.series_description_exclude:
+        if re.search(pattern, description, re.IGNORECASE):
+            return f"Series Description {description!r} matches excluded pattern {pattern!r}"
+    if rules.series_description_include and not any(
+        re.search(p, description, re.IGNORECASE) for p in rules.series_description_include
+    ):
+        return f"Series Description {description!r} matches no selection.series_description_include pattern"
+    if candidate.images == 0:
+        return "only localizer images"
+    image_type = candidate.image_type.upper().split("\\")
+    missing = [v for v in rules.image_type_required if v.upper() not in image_type]
+    if missing and ENHANCED_CT_IMAGE_STORAGE not in candidate.sop_classes:
+        return f"Image Type {candidate.image_type!r} lacks {', '.join(missing)}"
+    thickness = candidate.thickness_mm
+    if thickness is not None and not (
+        rules.min_slice_thickness_mm <= thickness <= rules.max_slice_thickness_mm
+    ):
+        return (
+            f"slice thickness {thickness:.2f} mm is outside "
+            f"{rules.min_slice_thickness_mm}-{rules.max_slice_thickness_mm} mm"
+        )
+    return None
+
+
+def select(
+    session: Session, completed: Sequence[Series], rules: SelectionSettings, max_attempts: int
+) -> dict[int, str]:
+    """Decide for each completed series: queue its analysis or say why not.
+
+    Series completed together (one association) are ranked together, so the best of a study
+    is queued and the others are not; a series completed later is analyzed only if it beats
+    what its study already has. Returns the new state by series id.
+    """
+    candidates = [Candidate.of(s, index.instances_of(session, s.id)) for s in completed]
+    candidates.sort(key=lambda c: c.rank(rules), reverse=True)
+    decided: dict[int, str] = {}
+    for candidate in candidates:
+        series = candidate.series
+        reason = refusal(candidate, rules)
+        if reason is None and rules.one_per_study:
+            reason = _better_in_study(session, candidate, rules)
+        if reason is None:
+            queue.enqueue(
+                session,
+                "analyze",
+                series.id,
+                series_version=series.version,
+                max_attempts=max_attempts,
+            )
+            index.set_series_state(session, series.id, "queued", version=series.version)
+            decided[series.id] = "queued"
+        else:
+            index.set_series_state(
+                session, series.id, "not_selected", reason, version=series.version
+            )
+            decided[series.id] = "not_selected"
+    return decided
+
+
+def _better_in_study(
+    session: Session, candidate: Candidate, rules: SelectionSettings
+) -> str | None:
+    mine = candidate.rank(rules)
+    for other in index.study_series(session, candidate.series.study_id):
+        if other.id == candidate.series.id or other.state not in CHOSEN:
+            continue
+        theirs = Candidate.of(other, index.instances_of(session, other.id)).rank(rules)
+        if theirs >= mine:
+            return (
+                f"series {other.series_uid} of the same study is preferred "
+                "(one series per study: lung kernel, then thinnest)"
+            )
+    return None

@@ -1,0 +1,147 @@
+"""The sender: C-STORE SCU of results to each destination, with retries and a dead letter.
+
+Each result instance is recorded as delivered only after the destination answers with a
+success (or warning) status; a crash in between means it is sent again with the same SOP
+Instance UID, which a PACS stores once. Failures back off exponentially with jitter; after
+``sender.max_attempts`` the job is dead-lettered with the destination's answer as the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pydicom
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node import status
+from dicom_node.config import Destination, NodeConfig
+from storage import index, queue
+from storage.models import ResultInstance, Series
+
+log = logging.getLogger(__name__)
+
+
+class DeliveryFailed(Exception):
+    """The destination could not be reached or refused an instance; the message says how."""
+
+
+@dataclass(frozen=True)
+class Peer:
+    ae_title: str
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+def peer_for(destination: Destination, series: Series) -> Peer:
+    if destination.return_to_sender:
+        if not series.calling_ae or not series.peer_host:
+            raise DeliveryFailed("return_to_sender: the series' sender is not known")
+        return Peer(series.calling_ae, series.peer_host, destination.port)
+    return Peer(destination.ae_title, destination.host, destination.port)
+
+
+def store_instances(
+    calling_ae: str,
+    peer: Peer,
+    instances: list[ResultInstance],
+    timeout: float,
+    on_stored: Callable[[ResultInstance, int], None],
+) -> None:
+    """Send ``instances`` over one association; ``on_stored(instance, status)`` after each
+    acknowledged one. Raises :class:`DeliveryFailed` at the first failure."""
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.connection_timeout = timeout
+    for sop_class in sorted({i.sop_class_uid for i in instances}):
+        ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    if not assoc.is_established:
+        if assoc.is_rejected:
+            raise DeliveryFailed(f"{peer} rejected the association (A-ASSOCIATE-RJ)")
+        raise DeliveryFailed(f"no association with {peer} (unreachable or aborted)")
+    try:
+        for instance in instances:
+            ds = pydicom.dcmread(instance.path)
+            answer = assoc.send_c_store(ds)
+            code = int(answer.get("Status", -1)) if answer else -1
+            if code not in status.STORED:
+                comment = str(answer.get("ErrorComment", "")) if answer else ""
+                what = f"0x{code:04X}" if code >= 0 else "no answer (timeout or abort)"
+                raise DeliveryFailed(
+                    f"{peer} answered {what} to {instance.kind} {instance.sop_uid}"
+                    + (f": {comment}" if comment else "")
+                )
+            on_stored(instance, code)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+class Sender:
+    def __init__(self, db: sessionmaker[Session], config: NodeConfig, name: str) -> None:
+        self.db = db
+        self.config = config
+        self.name = name
+        settings = config.sender
+        self.backoff = queue.Backoff(settings.backoff_seconds, settings.max_backoff_seconds)
+
+    def run_once(self) -> bool:
+        """Deliver one job if one is ready; return whether there was one."""
+        with self.db.begin() as session:
+            job = queue.claim(
+                session, "deliver", self.name, self.config.sender.timeout_seconds * 10
+            )
+        if job is None:
+            return False
+        try:
+            self._deliver(job)
+        except (DeliveryFailed, KeyError, OSError) as exc:
+            reason = str(exc)
+            with self.db.begin() as session:
+                state = queue.fail(session, job, reason, self.backoff)
+            log.warning(
+                "delivery job %d to %s, attempt %d/%d: %s%s",
+                job.id,
+                job.destination,
+                job.attempts,
+                job.max_attempts,
+                reason,
+                " (dead-lettered)" if state == queue.FAILED else "",
+            )
+        except Exception as exc:
+            log.exception("delivery job %d failed", job.id)
+            with self.db.begin() as session:
+                queue.fail(session, job, f"{exc.__class__.__name__}: {exc}", self.backoff)
+        return True
+
+    def _deliver(self, job: queue.ClaimedJob) -> None:
+        destination = self.config.destination(job.destination)
+        with self.db() as session:
+            series = session.get_one(Series, job.series_id)
+            due = index.undelivered(session, job.series_id, destination.name, destination.objects)
+        if due:
+            peer = peer_for(destination, series)
+
+            def stored(instance: ResultInstance, code: int) -> None:
+                with self.db.begin() as session:
+                    index.record_delivery(session, instance.id, destination.name, code)
+
+            store_instances(
+                self.config.node.ae_title, peer, due, self.config.sender.timeout_seconds, stored
+            )
+            log.info(
+                "series %s: %d result instance(s) delivered to %s (%s)",
+                series.series_uid,
+                len(due),
+                destination.name,
+                peer,
+            )
+        with self.db.begin() as session:
+            queue.complete(session, job)

@@ -1,0 +1,129 @@
+"""``dicom-node serve``: the SCP, the analysis workers, the sender and housekeeping, together.
+
+Stopping (SIGTERM, SIGINT): the SCP stops accepting associations first; workers and the
+sender finish the job in hand (or, past the grace period, leave it to its lease) and exit.
+Nothing acknowledged is lost: it is on disk and indexed before its C-STORE response.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.completion import SeriesCompletion
+from dicom_node.config import NodeConfig
+from dicom_node.handlers import StorageHandlers
+from dicom_node.scp import start_scp
+from dicom_node.sender import Sender
+from dicom_node.worker import AnalysisWorker
+from inference.detector import DEFAULT_WEIGHTS, NoduleDetector
+from storage import queue
+from storage.database import open_database
+from storage.files import FileStore
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.25
+ERROR_PAUSE_SECONDS = 5.0
+
+
+class Node:
+    def __init__(self, config: NodeConfig, weights: Path = DEFAULT_WEIGHTS) -> None:
+        self.config = config
+        self.weights = weights
+        self.stopping = threading.Event()
+        self.threads: list[threading.Thread] = []
+        self.db: sessionmaker[Session] = open_database(config.storage.database_url)
+        root = Path(config.storage.path)
+        self.instances = FileStore(root / "instances")
+        self.results = FileStore(root / "results")
+        self.completion = SeriesCompletion(self.db, config)
+        self.handlers = StorageHandlers(
+            self.instances, self.db, self.completion, config.completion.on_release
+        )
+        self.server: object | None = None
+
+    def start(self) -> None:
+        swept = self.instances.remove_stale_temporaries() + self.results.remove_stale_temporaries()
+        if swept:
+            log.info("removed %d unacknowledged partial file(s) left by a crash", swept)
+        identity = f"{socket.gethostname()}:{os.getpid()}"
+        for n in range(self.config.workers.count):
+            # Each worker loads the model once and keeps it for every series it analyzes.
+            detector = NoduleDetector.from_weights(self.weights, self.config.workers.device)
+            worker = AnalysisWorker(
+                self.db, self.config, detector, self.results, f"{identity}/worker{n}"
+            )
+            self._spawn(f"worker{n}", worker.run_once)
+        self._spawn("sender", Sender(self.db, self.config, f"{identity}/sender").run_once)
+        self._spawn("housekeeping", self._housekeeping, idle=1.0)
+        self.server = start_scp(self.config.node, self.handlers)
+        log.info(
+            "listening as %s on %s:%d; %d worker(s), %d destination(s)",
+            self.config.node.ae_title,
+            self.config.node.host,
+            self.config.node.port,
+            self.config.workers.count,
+            len(self.config.destinations),
+        )
+
+    def _housekeeping(self) -> bool:
+        self.completion.sweep()
+        with self.db.begin() as session:
+            reaped = queue.reap(session)
+        if reaped:
+            log.warning("%d job(s) dead-lettered: their worker died on every attempt", reaped)
+        return False
+
+    def _spawn(self, name: str, step: Callable[[], bool], idle: float = POLL_SECONDS) -> None:
+        def loop() -> None:
+            while not self.stopping.is_set():
+                try:
+                    busy = step()
+                except Exception:  # the database may be down for a while: keep trying
+                    log.exception(
+                        "%s: unexpected error; retrying in %.0f s", name, ERROR_PAUSE_SECONDS
+                    )
+                    self.stopping.wait(ERROR_PAUSE_SECONDS)
+                    continue
+                if not busy:
+                    self.stopping.wait(idle)
+
+        thread = threading.Thread(target=loop, name=name, daemon=True)
+        thread.start()
+        self.threads.append(thread)
+
+    def stop(self, grace_seconds: float = 120.0) -> None:
+        if self.server is not None:
+            self.server.shutdown()  # type: ignore[attr-defined]
+            self.server = None
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join(timeout=grace_seconds)
+            if thread.is_alive():
+                log.warning(
+                    "%s still busy after %.0f s; its lease returns the job",
+                    thread.name,
+                    grace_seconds,
+                )
+        self.db.kw["bind"].dispose()
+
+    def run_until_signalled(self) -> None:
+        def on_signal(signum: int, _frame: FrameType | None) -> None:
+            log.info("%s: stopping", signal.Signals(signum).name)
+            self.stopping.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        self.start()
+        self.stopping.wait()
+        self.stop()
+        log.info("stopped")

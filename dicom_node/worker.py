@@ -1,0 +1,178 @@
+"""The analysis worker: claim a series, run Res-MTNet on it, store the results, queue delivery.
+
+The model is loaded once per worker and kept. A series the engine cannot read (geometry,
+modality, undecodable pixels) is a decision, not a failure: it is marked ``rejected`` with the
+reason and not retried. Anything else is a failure, retried with backoff, then dead-lettered.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.dataset import Dataset
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.analyze import Amendment, ResultObjects, build_results
+from dicom_node.config import NodeConfig
+from dicom_node.series import CTSeries, SeriesFiles, SeriesRejected, load_series
+from inference.detector import NoduleDetector
+from storage import index, queue
+from storage.files import FileStore
+from storage.models import Result, Series
+
+log = logging.getLogger(__name__)
+
+ANALYSIS_BACKOFF = queue.Backoff(base_seconds=15.0, max_seconds=600.0)
+
+
+def _read_stored(paths: list[Path], series_uid: str) -> SeriesFiles:
+    files = SeriesFiles(series_uid)
+    for path in paths:
+        try:
+            files.datasets.append((path, pydicom.dcmread(path, defer_size="1 KB")))
+        except FileNotFoundError as exc:
+            raise RuntimeError(f"stored instance {path.name} is missing from the store") from exc
+    return files
+
+
+def _amendment(result: Result | None) -> Amendment | None:
+    """What the series' current result must hand on to its replacement."""
+    if result is None:
+        return None
+    record = json.loads(result.findings_json)
+    sr_path = Path(record["files"]["sr"][0])
+    tracked = [
+        (tuple(finding["center_mm"]), uid)
+        for finding, uid in zip(record["findings"], record["tracking_uids"], strict=True)
+    ]
+    return Amendment(
+        pydicom.dcmread(sr_path),
+        dict(record["output_series"]),
+        tracked,
+    )
+
+
+def _encode(ds: Dataset) -> bytes:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+class AnalysisWorker:
+    def __init__(
+        self,
+        db: sessionmaker[Session],
+        config: NodeConfig,
+        detector: NoduleDetector,
+        results: FileStore,
+        name: str,
+    ) -> None:
+        self.db = db
+        self.config = config
+        self.detector = detector
+        self.results = results
+        self.name = name
+
+    def run_once(self) -> bool:
+        """Process one job if one is ready; return whether there was one."""
+        with self.db.begin() as session:
+            job = queue.claim(session, "analyze", self.name, self.config.workers.lease_seconds)
+        if job is None:
+            return False
+        try:
+            self._analyze(job)
+        except Exception as exc:
+            log.exception("analysis job %d failed (attempt %d)", job.id, job.attempts)
+            reason = f"{exc.__class__.__name__}: {exc}"
+            with self.db.begin() as session:
+                state = queue.fail(session, job, reason, ANALYSIS_BACKOFF)
+                if state == queue.FAILED:
+                    index.settle_analysis(
+                        session, job.series_id, job.series_version, "failed", reason
+                    )
+        return True
+
+    def _analyze(self, job: queue.ClaimedJob) -> None:
+        with self.db() as session:
+            series_row = session.get_one(Series, job.series_id)
+            paths = [Path(i.path) for i in index.instances_of(session, job.series_id)]
+            amends = _amendment(index.current_result(session, job.series_id))
+        try:
+            series = load_series(
+                _read_stored(paths, series_row.series_uid), self.config.eligibility
+            )
+        except SeriesRejected as exc:
+            log.info("series %s rejected: %s", series_row.series_uid, exc)
+            with self.db.begin() as session:
+                index.settle_analysis(
+                    session, job.series_id, job.series_version, "rejected", str(exc)
+                )
+                queue.complete(session, job)
+            return
+        detection = self.detector.detect(series.volume)
+        objects = build_results(series, detection.findings, self.detector.info, amends)
+        files = self._store(series, objects)
+        record: dict[str, Any] = {
+            "findings": [f.to_json() for f in detection.findings],
+            "tracking_uids": objects.tracking_uids,
+            "output_series": objects.series_uids(),
+            "candidates": detection.candidates,
+            "timings_s": detection.timings_s,
+            "amends": str(amends.previous_sr.SOPInstanceUID) if amends else None,
+            "files": {
+                kind: [str(f.path) for f in files if f.kind == kind]
+                for kind in ("sr", "seg", "key_images")
+            },
+        }
+        with self.db.begin() as session:
+            index.save_result(
+                session,
+                job.series_id,
+                job.id,
+                job.series_version,
+                record,
+                self.detector.info.weights_sha256,
+                files,
+            )
+            for destination in self.config.destinations:
+                queue.enqueue(
+                    session,
+                    "deliver",
+                    job.series_id,
+                    destination=destination.name,
+                    max_attempts=self.config.sender.max_attempts,
+                )
+            index.settle_analysis(
+                session,
+                job.series_id,
+                job.series_version,
+                "analyzed",
+                f"{len(detection.findings)} nodule(s)",
+            )
+            if not queue.complete(session, job):
+                raise RuntimeError("lease lost while analyzing; results discarded")
+        log.info(
+            "series %s analyzed: %d nodule(s)%s",
+            series.series_instance_uid,
+            len(detection.findings),
+            " (amends the earlier report)" if amends else "",
+        )
+
+    def _store(self, series: CTSeries, objects: ResultObjects) -> list[index.ResultFile]:
+        files = []
+        for kind, ds in objects.by_kind():
+            stored = self.results.store(
+                series.study_instance_uid,
+                str(ds.SeriesInstanceUID),
+                str(ds.SOPInstanceUID),
+                _encode(ds),
+            )
+            files.append(
+                index.ResultFile(str(ds.SOPInstanceUID), str(ds.SOPClassUID), kind, stored.path)
+            )
+        return files

@@ -1,0 +1,206 @@
+"""Real DICOM peers for the tests: Orthanc as the PACS, DCMTK as the modality, and the node.
+
+Orthanc runs from Debian's package with a temporary configuration (its own folders, free
+ports on loopback, no plugins); DCMTK's ``storescu``/``echoscu`` send as a scanner would.
+``TCP_NODELAY=1`` is set for DCMTK programs, which otherwise stall on Nagle's algorithm.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def require(tool: str) -> str:
+    found = shutil.which(tool)
+    if found is None:
+        if os.environ.get("CI"):
+            raise RuntimeError(f"{tool} is not installed; scripts/test.sh installs it")
+        pytest.skip(f"{tool} not installed (scripts/test.sh installs it)")
+    return found
+
+
+def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def storescu(
+    port: int, paths: list[Path], called: str = "RESMTNET", calling: str = "SCANNER"
+) -> subprocess.CompletedProcess[str]:
+    """Send files (or folders, recursively, *.dcm) over one association, as a modality."""
+    return subprocess.run(
+        [
+            require("storescu"),
+            "-aet",
+            calling,
+            "-aec",
+            called,
+            "+sd",
+            "+r",
+            "--scan-pattern",
+            "*.dcm",
+            "127.0.0.1",
+            str(port),
+            *map(str, paths),
+        ],
+        capture_output=True,
+        text=True,
+        env=DCMTK_ENV,
+        check=False,
+        timeout=600,
+    )
+
+
+class Orthanc:
+    """A throw-away Orthanc: DICOM and REST on loopback, storage in ``folder``."""
+
+    def __init__(self, folder: Path, ae_title: str = "ORTHANC", check_called_aet: bool = True):
+        self.folder = folder
+        self.ae_title = ae_title
+        self.dicom_port = free_port()
+        self.http_port = free_port()
+        self.check_called_aet = check_called_aet
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Orthanc:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        config = {
+            "Name": "test-pacs",
+            "StorageDirectory": str(self.folder / "db"),
+            "IndexDirectory": str(self.folder / "db"),
+            "DicomAet": self.ae_title,
+            "DicomPort": self.dicom_port,
+            "HttpPort": self.http_port,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomCheckCalledAet": self.check_called_aet,
+            "DicomAlwaysAllowStore": True,
+            "DicomAlwaysAllowEcho": True,
+            "UnknownSopClassAccepted": False,
+            "Plugins": [],
+            "StableAge": 3600,
+        }
+        path = self.folder / "orthanc.json"
+        path.write_text(json.dumps(config))
+        log = (self.folder / "orthanc.log").open("wb")
+        self.process = subprocess.Popen(
+            [require("Orthanc"), str(path)], stdout=log, stderr=subprocess.STDOUT, env=DCMTK_ENV
+        )
+        wait_for(self._up, 30, "Orthanc's REST API")
+        return self
+
+    def _up(self) -> bool:
+        try:
+            self.get("/system")
+            return True
+        except (urllib.error.URLError, ConnectionError):
+            return False
+
+    def get(self, path: str) -> Any:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as r:
+            body = r.read()
+        return json.loads(body) if body[:1] in (b"{", b"[") else body
+
+    def instances_of_study(self, study_uid: str) -> list[dict[str, Any]]:
+        """Main DICOM tags of every instance Orthanc holds in the study."""
+        found = self.post("/tools/lookup", study_uid)
+        studies = [item["ID"] for item in found if item["Type"] == "Study"]
+        if not studies:
+            return []
+        return list(self.get(f"/studies/{studies[0]}/instances?expand"))
+
+    def post(self, path: str, data: str) -> Any:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.http_port}{path}", data=data.encode(), method="POST"
+        )
+        with urllib.request.urlopen(request, timeout=10) as r:
+            return json.loads(r.read())
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=30)
+            self.process = None
+
+
+def node_config(folder: Path, port: int, **sections: Any) -> Path:
+    """A config.yaml for a node under test: its own storage and SQLite database."""
+    config: dict[str, Any] = {
+        "node": {"ae_title": "RESMTNET", "host": "127.0.0.1", "port": port},
+        "storage": {
+            "path": str(folder / "storage"),
+            "database_url": f"sqlite:///{folder / 'node.db'}",
+        },
+        "workers": {"device": "cpu"},
+    }
+    for name, values in sections.items():
+        config[name] = {**config.get(name, {}), **values} if isinstance(values, dict) else values
+    path = folder / "config.yaml"
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+class NodeProcess:
+    """``dicom-node serve`` as operators run it: its own process, stopped with SIGTERM."""
+
+    def __init__(self, config: Path) -> None:
+        self.config = config
+        self.log = config.with_name("node.log")
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, port: int) -> NodeProcess:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(self.config)],
+            stdout=self.log.open("wb"),
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
+        wait_for(lambda: self._echo(port), 60, "the node's C-ECHO")
+        return self
+
+    def _echo(self, port: int) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(f"node exited early:\n{self.log.read_text()}")
+        result = subprocess.run(
+            [require("echoscu"), "-aec", "RESMTNET", "127.0.0.1", str(port)],
+            capture_output=True,
+            env=DCMTK_ENV,
+            check=False,
+        )
+        return result.returncode == 0
+
+    def stop(self) -> int:
+        assert self.process is not None
+        self.process.terminate()
+        code = self.process.wait(timeout=120)
+        self.process = None
+        return code

@@ -1,0 +1,197 @@
+"""The node in one process against DCMTK's storescu: store, statuses, completion, re-analysis."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage, MRImageStorage  # type: ignore[attr-defined]
+from sqlalchemy import select
+
+from dicom_node import status
+from dicom_node.config import load_config
+from dicom_node.service import Node
+from storage import queue
+from storage.models import Instance, Result, Series
+from tests.dicom_factory import SeriesSpec, ct_datasets, phantom, write_series
+from tests.peers import free_port, node_config, storescu, wait_for
+
+
+@pytest.fixture
+def start_node(tmp_path: Path) -> Iterator[Any]:
+    nodes: list[Node] = []
+
+    def start(**sections: Any) -> Node:
+        port = free_port()
+        path = node_config(tmp_path / f"node{len(nodes)}", port, **sections)
+        node = Node(load_config(path, environ={}))
+        node.start()
+        nodes.append(node)
+        return node
+
+    yield start
+    for node in nodes:
+        node.stop(grace_seconds=30)
+
+
+def _series(folder: Path, spec: SeriesSpec | None = None) -> list[Path]:
+    spec = spec or SeriesSpec()
+    return write_series(folder, ct_datasets(spec, phantom(spec, (-40.0, 10.0, -90.0))))
+
+
+def _rows(node: Node, model: Any) -> list[Any]:
+    with node.db() as session:
+        return list(session.scalars(select(model)))
+
+
+def _state(node: Node) -> str:
+    (series,) = _rows(node, Series)
+    return str(series.state)
+
+
+def test_store_is_durable_indexed_and_once_per_sop_instance(
+    start_node: Any, tmp_path: Path
+) -> None:
+    node = start_node(workers={"count": 0}, completion={"quiet_seconds": 600})
+    files = _series(tmp_path / "ct")
+    port = node.config.node.port
+    first = storescu(port, files)
+    again = storescu(port, files[:10])
+    assert first.returncode == 0 and again.returncode == 0, first.stderr + again.stderr
+    instances = _rows(node, Instance)
+    assert len(instances) == len(files)
+    on_disk = sorted(Path(node.config.storage.path, "instances").rglob("*.dcm"))
+    assert len(on_disk) == len(files)
+    sent = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files}
+    assert {i.sop_uid for i in instances} == sent
+    assert all(Path(i.path).stat().st_mode & 0o077 == 0 for i in instances)
+    (series,) = _rows(node, Series)
+    assert series.version == len(files) and series.calling_ae == "SCANNER"
+
+
+def _send(port: int, datasets: list[Dataset], sop_class: str = CTImageStorage) -> list[int]:
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(sop_class)
+    assoc = ae.associate("127.0.0.1", port, ae_title="RESMTNET")
+    assert assoc.is_established
+    codes = []
+    for ds in datasets:
+        answer = assoc.send_c_store(ds)
+        codes.append(int(answer.Status) if answer else -1)
+    assoc.release()
+    return codes
+
+
+def test_bad_instances_get_a_specific_status_and_the_node_keeps_serving(
+    start_node: Any, tmp_path: Path
+) -> None:
+    node = start_node(workers={"count": 0}, completion={"quiet_seconds": 600})
+    spec = SeriesSpec(slices=3)
+    good, bad_uid, no_study = ct_datasets(spec, phantom(spec, None))
+    bad_uid.SOPInstanceUID = "1.2.3.abc"
+    del no_study.StudyInstanceUID
+    codes = _send(node.config.node.port, [bad_uid, no_study, good])
+    assert codes == [status.CANNOT_UNDERSTAND, status.MISSING_ATTRIBUTE, status.SUCCESS]
+    assert [i.sop_uid for i in _rows(node, Instance)] == [good.SOPInstanceUID]
+
+
+def test_other_sop_classes_are_refused_by_default(start_node: Any) -> None:
+    node = start_node(workers={"count": 0})
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(MRImageStorage)
+    assoc = ae.associate("127.0.0.1", node.config.node.port, ae_title="RESMTNET")
+    try:
+        assert not assoc.accepted_contexts  # nothing to send MR on
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+def test_a_wrong_called_ae_title_is_rejected(start_node: Any) -> None:
+    node = start_node(workers={"count": 0})
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", node.config.node.port, ae_title="SOMEONEELSE")
+    assert assoc.is_rejected
+
+
+def test_complete_series_is_queued_on_release(start_node: Any, tmp_path: Path) -> None:
+    node = start_node(workers={"count": 0}, completion={"quiet_seconds": 600})
+    assert storescu(node.config.node.port, _series(tmp_path / "ct")).returncode == 0
+    wait_for(lambda: _state(node) == "queued", 10, "completion on release")
+    with node.db() as session:
+        assert queue.counts(session) == {("analyze", "queued"): 1}
+
+
+def test_series_with_a_missing_slice_waits_for_the_quiet_period(
+    start_node: Any, tmp_path: Path
+) -> None:
+    node = start_node(workers={"count": 0}, completion={"quiet_seconds": 3})
+    files = sorted(
+        _series(tmp_path / "ct"), key=lambda p: pydicom.dcmread(p).ImagePositionPatient[2]
+    )
+    del files[40]
+    assert storescu(node.config.node.port, files).returncode == 0
+    assert _state(node) == "receiving"  # released, but a 2.5 mm gap: not early
+    wait_for(lambda: _state(node) == "queued", 15, "completion after the quiet period")
+
+
+def test_selection_queues_the_thin_lung_series_not_the_thick_one(
+    start_node: Any, tmp_path: Path
+) -> None:
+    node = start_node(workers={"count": 0}, completion={"quiet_seconds": 3})
+    thin = ct_datasets(SeriesSpec(), phantom(SeriesSpec(), None))
+    thick_spec = SeriesSpec(slices=24, slice_mm=5.0)
+    thick = ct_datasets(thick_spec, phantom(thick_spec, None))
+    scout_spec = SeriesSpec(slices=1)
+    (scout,) = ct_datasets(scout_spec, phantom(scout_spec, None))
+    for ds in [*thick, scout]:
+        ds.StudyInstanceUID = thin[0].StudyInstanceUID
+    for ds, description, kernel in [
+        (thin, "Chest 1.25 lung", "B70f"),
+        (thick, "Chest 5.0 soft tissue", "B30f"),
+        ([scout], "Topogram 0.6 T20f", "T20f"),
+    ]:
+        for item in ds:
+            item.SeriesDescription, item.ConvolutionKernel, item.SliceThickness = (
+                description,
+                kernel,
+                5.0 if ds is thick else 1.25,
+            )
+    files = write_series(tmp_path / "study", [*thin, *thick, scout])
+    assert storescu(node.config.node.port, files).returncode == 0
+    # The one-image scout is never "complete at release": it is decided after the quiet period.
+    wait_for(lambda: all(s.state != "receiving" for s in _rows(node, Series)), 15, "selection")
+    states = {s.description: (s.state, s.reason) for s in _rows(node, Series)}
+    assert states["Chest 1.25 lung"][0] == "queued"
+    assert states["Chest 5.0 soft tissue"][0] == "not_selected"
+    assert "slice thickness 5.00 mm" in states["Chest 5.0 soft tissue"][1]
+    assert "Topogram" in states["Topogram 0.6 T20f"][1]
+
+
+@pytest.mark.slow
+def test_a_late_slice_triggers_an_amending_analysis(start_node: Any, tmp_path: Path) -> None:
+    node = start_node(workers={"count": 1}, completion={"quiet_seconds": 600})
+    files = sorted(
+        _series(tmp_path / "ct"), key=lambda p: pydicom.dcmread(p).ImagePositionPatient[2]
+    )
+    late = files.pop()  # the last slice: the volume is still regular without it
+    assert storescu(node.config.node.port, files).returncode == 0
+    wait_for(lambda: _state(node) == "analyzed", 120, "the first analysis")
+    assert storescu(node.config.node.port, [late]).returncode == 0
+    wait_for(
+        lambda: len(_rows(node, Result)) == 2 and _state(node) == "analyzed", 120, "re-analysis"
+    )
+    first, second = sorted(_rows(node, Result), key=lambda r: r.id)
+    assert not first.current and second.current
+    assert second.series_version == len(files) + 1
+    earlier, record = json.loads(first.findings_json), json.loads(second.findings_json)
+    first_sr = pydicom.dcmread(earlier["files"]["sr"][0])
+    assert record["amends"] == first_sr.SOPInstanceUID
+    assert record["output_series"] == earlier["output_series"]

@@ -1,0 +1,197 @@
+"""End to end with real peers: storescu (modality) -> node -> Orthanc (PACS), over DICOM."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from sqlalchemy import select
+
+from dicom_node.analyze import analyze_paths
+from dicom_node.config import load_config
+from dicom_node.service import Node
+from inference.detector import DEFAULT_WEIGHTS
+from storage.models import Job
+from tests.dicom_factory import SeriesSpec, ct_datasets, phantom, write_series
+from tests.peers import NodeProcess, Orthanc, free_port, node_config, storescu, wait_for
+
+SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
+SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+SC_CLASSES = {"1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.7.4"}
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
+    pacs = Orthanc(tmp_path / "pacs").start()
+    yield pacs
+    pacs.stop()
+
+
+def _result_instances(pacs: Orthanc, study_uid: str) -> dict[str, list[dict[str, Any]]]:
+    by_class: dict[str, list[dict[str, Any]]] = {}
+    for instance in pacs.instances_of_study(study_uid):
+        sop_class = pacs.get(f"/instances/{instance['ID']}/metadata/SopClassUid").decode()
+        by_class.setdefault(sop_class, []).append(instance)
+    return by_class
+
+
+def _points_mm(sr: Dataset) -> list[np.ndarray]:
+    """The 3D centre points (SCOORD3D POINT) of the SR's nodules, in document order."""
+    found: list[np.ndarray] = []
+
+    def walk(items: Any) -> None:
+        for item in items:
+            if item.get("ValueType") == "SCOORD3D" and item.GraphicType == "POINT":
+                found.append(np.array(item.GraphicData, dtype=float))
+            walk(item.get("ContentSequence", []))
+
+    walk(sr.ContentSequence)
+    return found
+
+
+@pytest.mark.slow
+def test_lidc_case_round_trip_from_storescu_to_orthanc(
+    tmp_path: Path, orthanc: Orthanc, lidc_root: Path
+) -> None:
+    case = lidc_root / "LIDC-IDRI-0001"
+    port = free_port()
+    config = node_config(
+        tmp_path / "node",
+        port,
+        destinations=[
+            {"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port}
+        ],
+    )
+    node = NodeProcess(config).start(port)
+    try:
+        sent = storescu(port, [case])
+        assert sent.returncode == 0, sent.stderr
+        study_uid = str(
+            pydicom.dcmread(next(case.rglob("*.dcm")), stop_before_pixels=True).StudyInstanceUID
+        )
+
+        def arrived() -> dict[str, list[dict[str, Any]]] | None:
+            found = _result_instances(orthanc, study_uid)
+            return found if SR_CLASS in found and SEG_CLASS in found else None
+
+        results = wait_for(arrived, 180, "SR and SEG in Orthanc", interval=1.0)
+    finally:
+        exit_code = node.stop()
+    assert exit_code == 0, node.log.read_text()[-2000:]
+    assert SC_CLASSES & set(results), "key images missing"
+    (sr_instance,) = results[SR_CLASS]
+    sr = pydicom.dcmread(io.BytesIO(orthanc.get(f"/instances/{sr_instance['ID']}/file")))
+    assert sr.StudyInstanceUID == study_uid
+
+    # The same series through `dicom-node analyze` gives the same findings.
+    out = tmp_path / "analyze"
+    assert analyze_paths([case], out, DEFAULT_WEIGHTS, "cpu", None) == 0
+    (series,) = json.loads((out / "findings.json").read_text())["series"]
+    expected = [np.array(f["center_mm"]) for f in series["findings"]]
+    got = _points_mm(sr)
+    assert len(got) == len(expected) >= 1
+    for a, b in zip(got, expected, strict=True):
+        assert np.linalg.norm(a - b) < 0.5
+
+
+@pytest.fixture
+def start_node(tmp_path: Path) -> Iterator[Any]:
+    nodes: list[Node] = []
+
+    def start(destination: dict[str, Any], **sender: Any) -> Node:
+        port = free_port()
+        path = node_config(
+            tmp_path / "node",
+            port,
+            destinations=[{"name": "pacs", "host": "127.0.0.1", **destination}],
+            sender={"backoff_seconds": 0.5, "max_backoff_seconds": 2, **sender},
+        )
+        node = Node(load_config(path, environ={}))
+        node.start()
+        nodes.append(node)
+        return node
+
+    yield start
+    for node in nodes:
+        node.stop(grace_seconds=30)
+
+
+def _send_phantom(node: Node, folder: Path) -> str:
+    spec = SeriesSpec()
+    datasets = ct_datasets(spec, phantom(spec, (-40.0, 10.0, -90.0)))
+    assert storescu(node.config.node.port, write_series(folder, datasets)).returncode == 0
+    return str(datasets[0].StudyInstanceUID)
+
+
+def _deliver_jobs(node: Node) -> list[Job]:
+    with node.db() as session:
+        return list(session.scalars(select(Job).where(Job.kind == "deliver")))
+
+
+@pytest.mark.slow
+def test_results_reach_a_destination_that_comes_up_late_exactly_once(tmp_path: Path) -> None:
+    pacs = Orthanc(tmp_path / "pacs")  # ports chosen, not yet listening
+    nodes: list[Node] = []
+    try:
+        path = node_config(
+            tmp_path / "node",
+            free_port(),
+            destinations=[{"name": "pacs", "ae_title": "ORTHANC", "port": pacs.dicom_port}],
+            sender={"backoff_seconds": 0.5, "max_backoff_seconds": 2},
+        )
+        node = Node(load_config(path, environ={}))
+        node.start()
+        nodes.append(node)
+        study_uid = _send_phantom(node, tmp_path / "ct")
+        wait_for(
+            lambda: any(j.last_error for j in _deliver_jobs(node)), 120, "a failed delivery attempt"
+        )
+        pacs.start()
+        wait_for(
+            lambda: [j.state for j in _deliver_jobs(node)] == ["done"], 60, "delivery after start"
+        )
+        sent = _result_instances(pacs, study_uid)
+        assert set(sent) >= {SR_CLASS, SEG_CLASS}
+        assert all(len(v) == 1 for k, v in sent.items() if k in {SR_CLASS, SEG_CLASS})
+        sop_uids = [i["MainDicomTags"]["SOPInstanceUID"] for v in sent.values() for i in v]
+        assert len(sop_uids) == len(set(sop_uids))
+    finally:
+        for node in nodes:
+            node.stop(grace_seconds=30)
+        pacs.stop()
+
+
+@pytest.mark.slow
+def test_a_refusing_destination_is_dead_lettered_with_the_reason(
+    tmp_path: Path, orthanc: Orthanc, start_node: Any
+) -> None:
+    node = start_node({"ae_title": "NOTORTHANC", "port": orthanc.dicom_port}, max_attempts=2)
+    _send_phantom(node, tmp_path / "ct")
+    wait_for(lambda: [j.state for j in _deliver_jobs(node)] == ["failed"], 120, "the dead letter")
+    (job,) = _deliver_jobs(node)
+    assert job.attempts == 2 and "rejected the association" in job.last_error
+    config = str(tmp_path / "node" / "config.yaml")
+    listed = subprocess.run(
+        [sys.executable, "-m", "dicom_node.cli", "jobs", "--state", "failed", "--config", config],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "rejected the association" in listed.stdout
+    retried = subprocess.run(
+        [sys.executable, "-m", "dicom_node.cli", "retry", str(job.id), "--config", config],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert retried.returncode == 0
+    wait_for(lambda: _deliver_jobs(node)[0].attempts >= 1, 30, "the retried job running again")

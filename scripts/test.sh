@@ -9,10 +9,12 @@ sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
 # DICOM peers the tests check against, from Debian's packages: dciodvfy (dicom3tools), the
 # modality and checker (dcmtk: storescu, echoscu, dsrdump), and the PACS (orthanc; the tests
 # start their own instances with temporary configs, never the system service).
-if ! command -v dciodvfy >/dev/null || ! command -v dsrdump >/dev/null || ! command -v Orthanc >/dev/null; then
+# systemd-analyze checks the shipped unit file.
+if ! command -v dciodvfy >/dev/null || ! command -v dsrdump >/dev/null || ! command -v Orthanc >/dev/null \
+  || ! command -v systemd-analyze >/dev/null; then
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -q
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-    dicom3tools dcmtk orthanc
+    dicom3tools dcmtk orthanc systemd
 fi
 # PostgreSQL: the storage and queue tests run on it as well as on SQLite. The CI machine runs
 # a server on 127.0.0.1:5432 (trust auth, database test); start it if it is installed but down.

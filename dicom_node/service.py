@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node.completion import SeriesCompletion
 from dicom_node.config import NodeConfig
 from dicom_node.handlers import StorageHandlers
+from dicom_node.ingest import Receiver
 from dicom_node.scp import start_scp
 from dicom_node.sender import Sender
 from dicom_node.worker import AnalysisWorker
@@ -47,7 +48,7 @@ class Node:
         self.results = FileStore(root / "results")
         self.completion = SeriesCompletion(self.db, config)
         self.handlers = StorageHandlers(
-            self.instances, self.db, self.completion, config.completion.on_release
+            Receiver(self.instances, self.db), self.completion, config.completion.on_release
         )
         self.server: object | None = None
 

@@ -8,7 +8,6 @@ so the same instance sent twice lands on the same path and is stored once.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import threading
@@ -27,7 +26,6 @@ class InvalidUID(ValueError):
 @dataclass(frozen=True)
 class StoredFile:
     path: Path
-    sha256: str
     size: int
     already_present: bool  # the same SOP instance was stored before; nothing was rewritten
 
@@ -60,9 +58,7 @@ class FileStore:
         """Durably store one encoded instance (DICOM file format bytes)."""
         path = self.path_for(study_uid, series_uid, sop_uid)
         if path.exists():
-            with path.open("rb") as handle:
-                digest = hashlib.file_digest(handle, "sha256").hexdigest()
-            return StoredFile(path, digest, path.stat().st_size, already_present=True)
+            return StoredFile(path, path.stat().st_size, already_present=True)
         self._make_folders(path.parent)
         # pid and thread: two associations may carry the same instance at the same moment.
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
@@ -77,7 +73,7 @@ class FileStore:
             tmp.unlink(missing_ok=True)
             raise
         _fsync_dir(path.parent)
-        return StoredFile(path, hashlib.sha256(data).hexdigest(), len(data), already_present=False)
+        return StoredFile(path, len(data), already_present=False)
 
     def _make_folders(self, folder: Path) -> None:
         """Create the study and series folders, each made durable in its parent: a rename

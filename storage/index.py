@@ -7,6 +7,7 @@ together. The receiver fills :class:`InstanceRecord` from the header; nothing he
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -14,11 +15,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import bindparam, delete, func, select, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from storage.files import StoredFile
 from storage.models import (
     Delivery,
     Instance,
@@ -77,14 +79,33 @@ def _get_or_create(session: Session, model: Any, where: dict[str, Any], **values
         return session.execute(select(model).filter_by(**where)).scalar_one()
 
 
-def record_instance(
-    session: Session, record: InstanceRecord, stored: StoredFile, calling_ae: str, peer_host: str
-) -> Recorded:
-    existing = session.execute(
-        select(Instance.series_id).where(Instance.sop_uid == record.sop_uid)
+@functools.cache
+def _insert_instance(dialect: str) -> Any:
+    """INSERT ... ON CONFLICT DO NOTHING, built once per dialect (building it per instance
+    costs more than executing it)."""
+    insert = sqlite_insert if dialect == "sqlite" else postgresql_insert
+    return insert(Instance).on_conflict_do_nothing(index_elements=["sop_uid"])
+
+
+_COUNT_INSTANCE = (
+    update(Series)
+    .where(Series.id == bindparam("series"))
+    .values(
+        version=Series.version + 1,
+        last_received=bindparam("now"),
+        state="receiving",
+        reason="",
+    )
+)
+
+
+def series_for(session: Session, record: InstanceRecord, calling_ae: str, peer_host: str) -> int:
+    """The series' row id, creating patient, study and series rows on first sight."""
+    found = session.execute(
+        select(Series.id).where(Series.series_uid == record.series_uid)
     ).scalar_one_or_none()
-    if existing is not None:
-        return Recorded(existing, new=False)
+    if found is not None:
+        return int(found)
     patient = _get_or_create(
         session,
         Patient,
@@ -113,30 +134,41 @@ def record_instance(
         first_received=now,
         last_received=now,
     )
-    session.add(
-        Instance(
-            sop_uid=record.sop_uid,
-            series_id=series.id,
-            sop_class_uid=record.sop_class_uid,
-            transfer_syntax=record.transfer_syntax,
-            instance_number=record.instance_number,
-            position_mm=record.position_mm,
-            slice_thickness_mm=record.slice_thickness_mm,
-            images_in_acquisition=record.images_in_acquisition,
-            image_type=record.image_type,
-            frames=record.frames,
-            path=str(stored.path),
-            size=stored.size,
-            sha256=stored.sha256,
-            received=now,
-        )
-    )
-    session.execute(
-        update(Series)
-        .where(Series.id == series.id)
-        .values(version=Series.version + 1, last_received=now, state="receiving", reason="")
-    )
-    return Recorded(series.id, new=True)
+    return int(series.id)
+
+
+def record_instance(
+    session: Session, record: InstanceRecord, path: Path, size: int, sha256: str, series_id: int
+) -> Recorded:
+    """Index one instance of the series ``series_id`` (from :func:`series_for`) stored at
+    ``path``. The caller commits only once the file is durable."""
+    now = utcnow()
+    values = {
+        "sop_uid": record.sop_uid,
+        "series_id": series_id,
+        "sop_class_uid": record.sop_class_uid,
+        "transfer_syntax": record.transfer_syntax,
+        "instance_number": record.instance_number,
+        "position_mm": record.position_mm,
+        "slice_thickness_mm": record.slice_thickness_mm,
+        "images_in_acquisition": record.images_in_acquisition,
+        "image_type": record.image_type,
+        "frames": record.frames,
+        "path": str(path),
+        "size": size,
+        "sha256": sha256,
+        "received": now,
+    }
+    # One statement, no read first: the same instance may arrive on two associations at once.
+    connection = session.connection()  # Core: the ORM's bulk path reports no row count
+    inserted = connection.execute(_insert_instance(connection.dialect.name), values)
+    if not inserted.rowcount:
+        existing = session.execute(
+            select(Instance.series_id).where(Instance.sop_uid == record.sop_uid)
+        ).scalar_one()
+        return Recorded(int(existing), new=False)
+    connection.execute(_COUNT_INSTANCE, {"series": series_id, "now": now})
+    return Recorded(series_id, new=True)
 
 
 # --- completion and selection --------------------------------------------------------------

@@ -1,0 +1,194 @@
+"""Ingest rate of the node against DCMTK storescp, Orthanc and pynetdicom's storescp.
+
+Usage: python bench/ingest_bench.py [--slices 300] [--repeat 3] [--concurrent 4]
+
+One synthetic CT (512 x 512, 16 bit, explicit VR little endian) is sent by DCMTK's storescu
+over one association on loopback to each receiver in turn, in the same run, so the ratios hold
+on a noisy machine; then split over ``--concurrent`` simultaneous associations. The node runs
+with its durable store and index (SQLite WAL, fsync) and no workers, as ``dicom-node serve``.
+TCP_NODELAY=1 is set for every DCMTK program (storescu, storescp, Orthanc), which otherwise
+stall on Nagle's algorithm. Prints markdown rows for bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.peers import DCMTK_ENV, NodeProcess, Orthanc, free_port, node_config, wait_for
+
+
+def write_ct(folder: Path, slices: int) -> list[Path]:
+    """A 512 x 512 x ``slices`` CT at 1.25 mm; noise, so that nothing compresses on the way."""
+    folder.mkdir(parents=True, exist_ok=True)
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    rng = np.random.default_rng(0)
+    paths = []
+    for n in range(slices):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.PatientName, ds.PatientID = "Bench^Ingest", "BENCH1"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "CT", 1, n + 1
+        ds.SeriesDescription, ds.ImageType = "Bench 1.25", ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [-250.0, -250.0, -400.0 + 1.25 * n]
+        ds.PixelSpacing, ds.SliceThickness = [0.98, 0.98], 1.25
+        ds.Rows = ds.Columns = 512
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+        ds.PixelData = rng.integers(0, 2000, (512, 512), dtype=np.int16).tobytes()
+        path = folder / f"{n:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def send(port: int, called: str, groups: list[list[Path]]) -> float:
+    """Seconds for all groups, each over its own simultaneous storescu association."""
+    started = time.perf_counter()
+    procs = [
+        subprocess.Popen(
+            ["storescu", "-aec", called, "127.0.0.1", str(port), *map(str, group)],
+            env=DCMTK_ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for group in groups
+    ]
+    for proc in procs:
+        _, err = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"storescu failed: {err.decode()[-500:]}")
+    return time.perf_counter() - started
+
+
+def _echo(port: int, called: str) -> bool:
+    return (
+        subprocess.run(
+            ["echoscu", "-aec", called, "127.0.0.1", str(port)],
+            env=DCMTK_ENV,
+            capture_output=True,
+            check=False,
+        ).returncode
+        == 0
+    )
+
+
+@contextmanager
+def dcmtk_storescp(work: Path) -> Iterator[tuple[int, str]]:
+    port, out = free_port(), work / "storescp"
+    out.mkdir(parents=True)
+    proc = subprocess.Popen(
+        ["storescp", "-aet", "STORESCP", "-od", str(out), str(port)],
+        env=DCMTK_ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_for(lambda: _echo(port, "STORESCP"), 20, "storescp")
+    yield port, "STORESCP"
+    proc.terminate()
+    proc.wait()
+
+
+@contextmanager
+def pynetdicom_storescp(work: Path) -> Iterator[tuple[int, str]]:
+    port, out = free_port(), work / "pynetdicom"
+    out.mkdir(parents=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pynetdicom", "storescp", str(port), "-od", str(out), "-q"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_for(lambda: _echo(port, "STORESCP"), 30, "pynetdicom storescp")
+    yield port, "STORESCP"
+    proc.terminate()
+    proc.wait()
+
+
+@contextmanager
+def orthanc(work: Path) -> Iterator[tuple[int, str]]:
+    pacs = Orthanc(work / "orthanc", check_called_aet=False).start()
+    yield pacs.dicom_port, "ORTHANC"
+    pacs.stop()
+
+
+@contextmanager
+def this_node(work: Path) -> Iterator[tuple[int, str]]:
+    port = free_port()
+    config = node_config(
+        work / "node", port, workers={"count": 0}, completion={"quiet_seconds": 3600}
+    )
+    node = NodeProcess(config).start(port)
+    yield port, "RESMTNET"
+    node.stop()
+
+
+RECEIVERS: dict[str, Callable[[Path], AbstractContextManager[tuple[int, str]]]] = {
+    "DCMTK storescp (raw files, no index)": dcmtk_storescp,
+    "Orthanc 1.10 (files + SQLite index)": orthanc,
+    "pynetdicom storescp app (files)": pynetdicom_storescp,
+    "this node (fsync'd files + index, SQLite WAL)": this_node,
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--concurrent", type=int, default=4)
+    args = parser.parse_args()
+    for tool in ("storescu", "storescp", "echoscu", "Orthanc"):
+        if shutil.which(tool) is None:
+            print(f"{tool} not found: apt-get install dcmtk orthanc", file=sys.stderr)
+            return 2
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "ct"
+        files = write_ct(data, args.slices)
+        mb = sum(p.stat().st_size for p in files) / 1e6
+        print(f"{platform.node()}, {os.cpu_count()} CPUs; {len(files)} slices, {mb:.0f} MB\n")
+        print(
+            f"| receiver | 1 association: instances/s (median of {args.repeat}) | "
+            f"{args.concurrent} associations: instances/s |"
+        )
+        print("|---|---|---|")
+        split = [files[n :: args.concurrent] for n in range(args.concurrent)]
+        for number, (name, receiver) in enumerate(RECEIVERS.items()):
+            single, parallel = [], []
+            for run in range(args.repeat):
+                work = Path(tmp) / f"r{number}-{run}"
+                with receiver(work) as (port, called):
+                    single.append(len(files) / send(port, called, [files]))
+                work = Path(tmp) / f"r{number}-{run}c"
+                with receiver(work) as (port, called):
+                    parallel.append(len(files) / send(port, called, split))
+            print(
+                f"| {name} | {statistics.median(single):.0f} "
+                f"({', '.join(f'{r:.0f}' for r in single)}) | "
+                f"{statistics.median(parallel):.0f} ({', '.join(f'{r:.0f}' for r in parallel)}) |",
+                flush=True,
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -15,7 +15,7 @@ from pynetdicom.events import Event
 
 from dicom_node import status
 from dicom_node.completion import SeriesCompletion
-from dicom_node.ingest import InstanceRefused, Receiver
+from dicom_node.ingest import InstanceRefused, Receiver, file_meta_header
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,13 @@ class StorageHandlers:
     def on_store(self, event: Event) -> int | Dataset:
         requestor = event.assoc.requestor
         try:
-            encoded = event.encoded_dataset(include_meta=True)
+            request = event.request
+            encoded = file_meta_header(
+                str(getattr(request, "AffectedSOPClassUID", "") or ""),
+                str(getattr(request, "AffectedSOPInstanceUID", "") or ""),
+                str(event.context.transfer_syntax),
+                str(requestor.ae_title).strip(),
+            ) + event.encoded_dataset(include_meta=False)
             done = self.receiver.ingest(
                 encoded,
                 calling_ae=str(requestor.ae_title).strip(),

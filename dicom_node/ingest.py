@@ -10,22 +10,58 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import struct
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
+from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node import status
+from dicom_node import __version__, status
 from storage import index
 from storage.files import FileStore, InvalidUID, StoredFile, check_uid
 
 log = logging.getLogger(__name__)
+
+
+#: The node's implementation identity in the File Meta Information of what it stores.
+IMPLEMENTATION_CLASS_UID = PYDICOM_IMPLEMENTATION_UID
+IMPLEMENTATION_VERSION = f"RESMTNET_{__version__}"[:16]
+
+
+def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
+    padding = b"\0" if vr == b"UI" else b" "
+    if len(value) % 2:
+        value += padding
+    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
+
+
+def file_meta_header(
+    sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, source_ae: str
+) -> bytes:
+    """Preamble, "DICM" and the File Meta Information group (PS3.10 7.1) for a received
+    dataset, encoded directly: pydicom's general writer costs more than a fast network
+    stream can spare per instance, and these seven elements never change shape."""
+    body = b"".join(
+        (
+            struct.pack("<HH2s2sI", 0x0002, 0x0001, b"OB", b"\0\0", 2) + b"\0\1",
+            _meta_element(0x0002, b"UI", sop_class_uid.encode("ascii")),
+            _meta_element(0x0003, b"UI", sop_instance_uid.encode("ascii")),
+            _meta_element(0x0010, b"UI", transfer_syntax.encode("ascii")),
+            _meta_element(0x0012, b"UI", IMPLEMENTATION_CLASS_UID.encode("ascii")),
+            _meta_element(0x0013, b"SH", IMPLEMENTATION_VERSION.encode("ascii")),
+            _meta_element(0x0016, b"AE", source_ae.encode("ascii", "replace")[:16]),
+        )
+    )
+    group_length = struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(body))
+    return b"\0" * 128 + b"DICM" + group_length + body
 
 
 class InstanceRefused(Exception):
@@ -57,15 +93,14 @@ def _number(ds: Dataset, keyword: str) -> float | None:
 
 
 def _position_mm(ds: Dataset) -> float | None:
-    """Distance of the slice along its normal: what "contiguous" and "regular" are judged on."""
+    """Distance of the slice along its normal: what "contiguous" and "regular" are judged on.
+    Plain arithmetic on six and three numbers: numpy's call overhead would dominate."""
     try:
-        orientation = np.array([float(v) for v in ds.ImageOrientationPatient], dtype=float)
-        position = np.array([float(v) for v in ds.ImagePositionPatient], dtype=float)
+        rx, ry, rz, cx, cy, cz = (float(v) for v in ds.ImageOrientationPatient)
+        px, py, pz = (float(v) for v in ds.ImagePositionPatient)
     except (AttributeError, TypeError, ValueError):
         return None
-    if orientation.size != 6 or position.size != 3:
-        return None
-    return float(position @ np.cross(orientation[:3], orientation[3:]))
+    return px * (ry * cz - rz * cy) + py * (rz * cx - rx * cz) + pz * (rx * cy - ry * cx)
 
 
 def read_record(ds: Dataset, transfer_syntax: str) -> index.InstanceRecord:
@@ -114,6 +149,7 @@ class Receiver:
     def __init__(self, files: FileStore, db: sessionmaker[Session]) -> None:
         self.files = files
         self.db = db
+        self.engine: Engine = db.kw["bind"]
         self._series_ids: dict[str, int] = {}
         self._lock = threading.Lock()
         self._writer = ThreadPoolExecutor(max_workers=16, thread_name_prefix="store")
@@ -125,32 +161,33 @@ class Receiver:
         peer_host: str,
         expected_sop_uid: str | None = None,
     ) -> Ingested:
-        """Store and index one instance (DICOM file format bytes, file meta included)."""
+        """Store and index one instance (DICOM file format bytes, file meta included).
+
+        The bytes go to disk (write, fsync) on a writer thread from the start, while this
+        thread parses the header, hashes and prepares the index rows; then the file is renamed
+        into place and the index committed, in that order, so the index never names a file
+        that is not durable."""
+        writing = self._writer.submit(self.files.write_temporary, encoded)
         try:
-            ds = pydicom.dcmread(io.BytesIO(encoded), stop_before_pixels=True)
-        except Exception as exc:  # pydicom raises many types on malformed input
-            raise InstanceRefused(
-                status.CANNOT_UNDERSTAND, f"dataset cannot be parsed ({exc.__class__.__name__})"
-            ) from exc
-        record = read_record(ds, str(ds.file_meta.get("TransferSyntaxUID", "")))
-        if expected_sop_uid and record.sop_uid != expected_sop_uid:
-            raise InstanceRefused(
-                status.MISSING_ATTRIBUTE,
-                f"SOPInstanceUID {record.sop_uid} differs from the request's {expected_sop_uid}",
-            )
-        path = self.files.path_for(record.study_uid, record.series_uid, record.sop_uid)
-        # The file is written and fsynced on another thread while this one hashes it and
-        # prepares the index rows; the commit waits for the file, so the index never names
-        # a file that is not durable.
-        writing = self._writer.submit(
-            self.files.store, record.study_uid, record.series_uid, record.sop_uid, encoded
-        )
+            record = self._header(encoded, expected_sop_uid)
+        except InstanceRefused:
+            writing.add_done_callback(_discard(self.files))
+            raise
         digest = hashlib.sha256(encoded).hexdigest()
+        placed: list[StoredFile] = []
+
+        def place() -> StoredFile:
+            if not placed:
+                placed.append(
+                    self.files.place(
+                        writing.result(), record.study_uid, record.series_uid, record.sop_uid
+                    )
+                )
+            return placed[0]
+
         for attempt in (1, 2):
             try:
-                return self._index(
-                    record, path, len(encoded), digest, writing, calling_ae, peer_host
-                )
+                return self._index(record, len(encoded), digest, place, calling_ae, peer_host)
             except OSError as exc:
                 log.error("cannot write instance %s: %s", record.sop_uid, exc)
                 raise InstanceRefused(
@@ -172,22 +209,40 @@ class Receiver:
                 ) from exc
         raise AssertionError("unreachable")
 
+    @staticmethod
+    def _header(encoded: bytes, expected_sop_uid: str | None) -> index.InstanceRecord:
+        try:
+            ds = pydicom.dcmread(io.BytesIO(encoded), stop_before_pixels=True)
+        except Exception as exc:  # pydicom raises many types on malformed input
+            raise InstanceRefused(
+                status.CANNOT_UNDERSTAND, f"dataset cannot be parsed ({exc.__class__.__name__})"
+            ) from exc
+        record = read_record(ds, str(ds.file_meta.get("TransferSyntaxUID", "")))
+        if expected_sop_uid and record.sop_uid != expected_sop_uid:
+            raise InstanceRefused(
+                status.MISSING_ATTRIBUTE,
+                f"SOPInstanceUID {record.sop_uid} differs from the request's {expected_sop_uid}",
+            )
+        return record
+
     def _index(
         self,
         record: index.InstanceRecord,
-        path: Path,
         size: int,
         digest: str,
-        writing: Future[StoredFile],
+        place: Callable[[], StoredFile],
         calling_ae: str,
         peer_host: str,
     ) -> Ingested:
-        with self.db.begin() as session:
-            series_id = self._series_ids.get(record.series_uid)
-            if series_id is None:
+        path = self.files.path_for(record.study_uid, record.series_uid, record.sop_uid)
+        series_id = self._series_ids.get(record.series_uid)
+        if series_id is None:  # first sight of the series in this process: the ORM creates it
+            with self.db.begin() as session:
                 series_id = index.series_for(session, record, calling_ae, peer_host)
-            recorded = index.record_instance(session, record, path, size, digest, series_id)
-            stored = writing.result()
+        # Then a bare connection: an ORM session per instance costs more than its statements.
+        with self.engine.begin() as connection:
+            recorded = index.record_instance(connection, record, path, size, digest, series_id)
+            stored = place()  # durable under its name before the commit makes it visible
         if stored.already_present and stored.size != size:
             log.warning(
                 "instance %s received again with different content; the first copy is kept",
@@ -198,3 +253,13 @@ class Receiver:
             if len(self._series_ids) > 10_000:  # a long-running node sees many series
                 self._series_ids.pop(next(iter(self._series_ids)))
         return Ingested(recorded.series_id, recorded.new)
+
+
+def _discard(files: FileStore) -> Callable[[Future[Path]], None]:
+    """Drop the temporary file of a refused instance once its write has finished."""
+
+    def discard(writing: Future[Path]) -> None:
+        if writing.exception() is None:
+            files.discard(writing.result())
+
+    return discard

@@ -9,7 +9,9 @@ so the same instance sent twice lands on the same path and is stored once.
 from __future__ import annotations
 
 import os
+import queue
 import re
+import secrets
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,11 +42,48 @@ class FileStore:
     """Files under ``root/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``.
 
     Created with owner-only permissions: the files hold patient data.
+
+    With ``spares``, a background thread keeps that many empty files ready in ``.spare/``:
+    creating an inode costs about as much as writing 512 kB, and a receiver acknowledging a
+    CT slice by slice should not wait for it. A spare is renamed into place like any
+    temporary file (same file system), so durability is unchanged.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, spares: int = 0) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._spares: queue.SimpleQueue[Path] = queue.SimpleQueue()
+        self._spare_wanted = threading.Event()
+        if spares:
+            spare_dir = self.root / ".spare"
+            spare_dir.mkdir(exist_ok=True, mode=0o700)
+            for leftover in spare_dir.iterdir():  # empty files of an earlier run
+                leftover.unlink(missing_ok=True)
+            threading.Thread(
+                target=self._keep_spares, args=(spare_dir, spares), name="spare-files", daemon=True
+            ).start()
+
+    def _keep_spares(self, folder: Path, target: int) -> None:
+        while True:
+            while self._spares.qsize() < target:
+                path = folder / f".{secrets.token_hex(8)}.tmp"
+                try:
+                    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+                except OSError:  # disk full or gone: store() falls back to creating files
+                    break
+                self._spares.put(path)
+            self._spare_wanted.wait(timeout=5.0)
+            self._spare_wanted.clear()
+
+    def _temporary(self) -> Path:
+        try:
+            spare = self._spares.get_nowait()
+        except queue.Empty:
+            incoming = self.root / ".incoming"
+            incoming.mkdir(exist_ok=True, mode=0o700)
+            return incoming / f".{secrets.token_hex(8)}.tmp"
+        self._spare_wanted.set()
+        return spare
 
     def path_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         return (
@@ -59,21 +98,38 @@ class FileStore:
         path = self.path_for(study_uid, series_uid, sop_uid)
         if path.exists():
             return StoredFile(path, path.stat().st_size, already_present=True)
-        self._make_folders(path.parent)
-        # pid and thread: two associations may carry the same instance at the same moment.
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        return self.place(self.write_temporary(data), study_uid, series_uid, sop_uid)
+
+    def write_temporary(self, data: bytes) -> Path:
+        """Write and fsync ``data`` to a temporary file, before its final name is known (a
+        receiver can write while it still parses the header); :meth:`place` names it."""
+        tmp = self._temporary()
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
-            os.replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+        return tmp
+
+    def place(self, tmp: Path, study_uid: str, series_uid: str, sop_uid: str) -> StoredFile:
+        """Rename a durable temporary file into place and make the name durable. An instance
+        already stored keeps its first copy; the temporary file is dropped."""
+        path = self.path_for(study_uid, series_uid, sop_uid)
+        size = tmp.stat().st_size
+        if path.exists():
+            tmp.unlink(missing_ok=True)
+            return StoredFile(path, path.stat().st_size, already_present=True)
+        self._make_folders(path.parent)
+        os.replace(tmp, path)
         _fsync_dir(path.parent)
-        return StoredFile(path, len(data), already_present=False)
+        return StoredFile(path, size, already_present=False)
+
+    def discard(self, tmp: Path) -> None:
+        tmp.unlink(missing_ok=True)
 
     def _make_folders(self, folder: Path) -> None:
         """Create the study and series folders, each made durable in its parent: a rename
@@ -88,7 +144,7 @@ class FileStore:
 
     def remove_stale_temporaries(self) -> int:
         """Delete half-written files a crash left behind (never acknowledged); return how many."""
-        stale = list(self.root.rglob(".*.tmp"))
+        stale = [p for p in self.root.rglob(".*.tmp") if p.parent.name != ".spare"]
         for path in stale:
             path.unlink(missing_ok=True)
         return len(stale)

@@ -15,7 +15,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import bindparam, delete, func, select, update
+from sqlalchemy import Connection, bindparam, delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
@@ -84,7 +84,13 @@ def _insert_instance(dialect: str) -> Any:
     """INSERT ... ON CONFLICT DO NOTHING, built once per dialect (building it per instance
     costs more than executing it)."""
     insert = sqlite_insert if dialect == "sqlite" else postgresql_insert
-    return insert(Instance).on_conflict_do_nothing(index_elements=["sop_uid"])
+    return (
+        insert(Instance)
+        .on_conflict_do_nothing(index_elements=["sop_uid"])
+        # RETURNING rather than rowcount: PostgreSQL drivers report -1 for an INSERT that
+        # SQLAlchemy gives an implicit RETURNING.
+        .returning(Instance.id)
+    )
 
 
 _COUNT_INSTANCE = (
@@ -138,7 +144,12 @@ def series_for(session: Session, record: InstanceRecord, calling_ae: str, peer_h
 
 
 def record_instance(
-    session: Session, record: InstanceRecord, path: Path, size: int, sha256: str, series_id: int
+    connection: Connection,
+    record: InstanceRecord,
+    path: Path,
+    size: int,
+    sha256: str,
+    series_id: int,
 ) -> Recorded:
     """Index one instance of the series ``series_id`` (from :func:`series_for`) stored at
     ``path``. The caller commits only once the file is durable."""
@@ -160,10 +171,9 @@ def record_instance(
         "received": now,
     }
     # One statement, no read first: the same instance may arrive on two associations at once.
-    connection = session.connection()  # Core: the ORM's bulk path reports no row count
-    inserted = connection.execute(_insert_instance(connection.dialect.name), values)
-    if not inserted.rowcount:
-        existing = session.execute(
+    inserted = connection.execute(_insert_instance(connection.dialect.name), values).first()
+    if inserted is None:
+        existing = connection.execute(
             select(Instance.series_id).where(Instance.sop_uid == record.sop_uid)
         ).scalar_one()
         return Recorded(int(existing), new=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import stat
+import threading
 from pathlib import Path
 
 import pytest
@@ -52,3 +53,20 @@ def test_stale_temporaries_are_removed(tmp_path: Path) -> None:
     (folder / f".{SOP}.dcm.123.tmp").write_bytes(b"half")
     assert store.remove_stale_temporaries() == 1
     assert list(folder.iterdir()) == []
+
+
+def test_spare_files_are_used_and_never_left_as_instances(tmp_path: Path) -> None:
+    store = FileStore(tmp_path, spares=4)
+    spare_dir = tmp_path / ".spare"
+    deadline = 50
+    while len(list(spare_dir.iterdir())) < 4 and deadline:
+        deadline -= 1
+        threading.Event().wait(0.05)
+    ready = set(spare_dir.iterdir())
+    stored = [store.store(STUDY, SERIES, f"{SOP}.{n}", b"x" * n) for n in range(1, 7)]
+    assert [s.path.read_bytes() for s in stored] == [b"x" * n for n in range(1, 7)]
+    assert not ready & set(spare_dir.iterdir())  # the first four came from the spares
+    assert store.remove_stale_temporaries() == 0  # live spares are not stale
+    assert sorted(p.name for p in (tmp_path / STUDY / SERIES).iterdir()) == sorted(
+        f"{SOP}.{n}.dcm" for n in range(1, 7)
+    )

@@ -66,11 +66,41 @@ def run_once(folder: Path, device: str) -> dict[str, float]:
     }
 
 
+def steady_state(folder: Path, device: str, repeat: int) -> None:
+    """What a running node pays per series: the model is loaded once, then each series is
+    read, analyzed and written (process start and model loading excluded)."""
+    from dicom_node.analyze import build_results
+    from dicom_node.series import read_series
+    from inference.detector import DEFAULT_WEIGHTS, NoduleDetector
+
+    detector = NoduleDetector.from_weights(DEFAULT_WEIGHTS, device)
+    times = []
+    for n in range(repeat + 1):  # the first run warms up (CUDA kernels, allocator)
+        started = time.perf_counter()
+        (series,), _, _ = read_series([folder])
+        read = time.perf_counter()
+        result = detector.detect(series.volume)
+        detected = time.perf_counter()
+        build_results(series, result.findings, detector.info)
+        done = time.perf_counter()
+        if n:
+            times.append((read - started, detected - read, done - detected, done - started))
+    medians = [statistics.median(t[i] for t in times) for i in range(4)]
+    print(
+        f"\nsteady state (model loaded once, median of {repeat}): read {medians[0]:.2f} s, "
+        f"detect {medians[1]:.2f} s, build SR/SEG/key images {medians[2]:.2f} s, "
+        f"total {medians[3]:.2f} s"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("case", nargs="?", type=Path, default=DEFAULT_CASE)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--steady-state", action="store_true", help="also time repeated analyses in one process"
+    )
     args = parser.parse_args()
     print(
         f"# {time.strftime('%Y-%m-%d')} {platform.node()} {platform.processor() or platform.machine()}, "
@@ -92,6 +122,8 @@ def main() -> None:
                 str(r["findings"]),
             ]
             print("| " + " | ".join(cells) + " |", flush=True)
+        if args.steady_state:
+            steady_state(folder, args.device, args.repeat)
     median = statistics.median(r["wall"] for r in runs)
     print(
         f"\nmedian wall {median:.1f} s; target 15 s on 2 CPU cores -> ratio {median / 15:.2f}; "

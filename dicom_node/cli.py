@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dicom_node import __version__
-from storage.database import DatabaseError
+from storage.errors import DatabaseError
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker

@@ -168,12 +168,13 @@ class Receiver:
         into place and the index committed, in that order, so the index never names a file
         that is not durable."""
         writing = self._writer.submit(self.files.write_temporary, encoded)
+        hashing = self._writer.submit(_sha256, encoded)  # hashlib lets go of the GIL
         try:
             record = self._header(encoded, expected_sop_uid)
         except InstanceRefused:
             writing.add_done_callback(_discard(self.files))
             raise
-        digest = hashlib.sha256(encoded).hexdigest()
+        digest = hashing.result()
         placed: list[StoredFile] = []
 
         def place() -> StoredFile:
@@ -253,6 +254,10 @@ class Receiver:
             if len(self._series_ids) > 10_000:  # a long-running node sees many series
                 self._series_ids.pop(next(iter(self._series_ids)))
         return Ingested(recorded.series_id, recorded.new)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def _discard(files: FileStore) -> Callable[[Future[Path]], None]:

@@ -9,6 +9,7 @@ Instance UID, which a PACS stores once. Failures back off exponentially with jit
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -53,9 +54,11 @@ def store_instances(
     instances: list[ResultInstance],
     timeout: float,
     on_stored: Callable[[ResultInstance, int], None],
+    stopping: threading.Event | None = None,
 ) -> None:
     """Send ``instances`` over one association; ``on_stored(instance, status)`` after each
-    acknowledged one. Raises :class:`DeliveryFailed` at the first failure."""
+    acknowledged one. Raises :class:`DeliveryFailed` at the first failure, and
+    :class:`storage.queue.HandedBack` between instances once ``stopping`` is set."""
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.connection_timeout = timeout
@@ -68,6 +71,8 @@ def store_instances(
         raise DeliveryFailed(f"no association with {peer} (unreachable or aborted)")
     try:
         for instance in instances:
+            if stopping is not None and stopping.is_set():
+                raise queue.HandedBack
             ds = pydicom.dcmread(instance.path)
             answer = assoc.send_c_store(ds)
             code = int(answer.get("Status", -1)) if answer else -1
@@ -85,10 +90,17 @@ def store_instances(
 
 
 class Sender:
-    def __init__(self, db: sessionmaker[Session], config: NodeConfig, name: str) -> None:
+    def __init__(
+        self,
+        db: sessionmaker[Session],
+        config: NodeConfig,
+        name: str,
+        stopping: threading.Event,
+    ) -> None:
         self.db = db
         self.config = config
         self.name = name
+        self.stopping = stopping
         settings = config.sender
         self.backoff = queue.Backoff(settings.backoff_seconds, settings.max_backoff_seconds)
 
@@ -102,6 +114,9 @@ class Sender:
             return False
         try:
             self._deliver(job)
+        except queue.HandedBack:
+            with self.db.begin() as session:
+                queue.hand_back(session, job)
         except (DeliveryFailed, KeyError, OSError) as exc:
             reason = str(exc)
             with self.db.begin() as session:
@@ -134,7 +149,12 @@ class Sender:
                     index.record_delivery(session, instance.id, destination.name, code)
 
             store_instances(
-                self.config.node.ae_title, peer, due, self.config.sender.timeout_seconds, stored
+                self.config.node.ae_title,
+                peer,
+                due,
+                self.config.sender.timeout_seconds,
+                stored,
+                self.stopping,
             )
             log.info(
                 "series %s: %d result instance(s) delivered to %s (%s)",

@@ -61,10 +61,11 @@ class Node:
             # Each worker loads the model once and keeps it for every series it analyzes.
             detector = NoduleDetector.from_weights(self.weights, self.config.workers.device)
             worker = AnalysisWorker(
-                self.db, self.config, detector, self.results, f"{identity}/worker{n}"
+                self.db, self.config, detector, self.results, f"{identity}/worker{n}", self.stopping
             )
             self._spawn(f"worker{n}", worker.run_once)
-        self._spawn("sender", Sender(self.db, self.config, f"{identity}/sender").run_once)
+        sender = Sender(self.db, self.config, f"{identity}/sender", self.stopping)
+        self._spawn("sender", sender.run_once)
         self._spawn("housekeeping", self._housekeeping, idle=1.0)
         self.server = start_scp(self.config.node, self.handlers)
         log.info(

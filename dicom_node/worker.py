@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -71,12 +72,14 @@ class AnalysisWorker:
         detector: NoduleDetector,
         results: FileStore,
         name: str,
+        stopping: threading.Event,
     ) -> None:
         self.db = db
         self.config = config
         self.detector = detector
         self.results = results
         self.name = name
+        self.stopping = stopping
 
     def run_once(self) -> bool:
         """Process one job if one is ready; return whether there was one."""
@@ -86,6 +89,10 @@ class AnalysisWorker:
             return False
         try:
             self._analyze(job)
+        except queue.HandedBack:
+            with self.db.begin() as session:
+                queue.hand_back(session, job)
+            log.info("analysis job %d handed back: the node is stopping", job.id)
         except Exception as exc:
             log.exception("analysis job %d failed (attempt %d)", job.id, job.attempts)
             reason = f"{exc.__class__.__name__}: {exc}"
@@ -114,6 +121,8 @@ class AnalysisWorker:
                 )
                 queue.complete(session, job)
             return
+        if self.stopping.is_set():  # the analysis would outlast the stop's grace period
+            raise queue.HandedBack
         detection = self.detector.detect(series.volume)
         objects = build_results(series, detection.findings, self.detector.info, amends)
         files = self._store(series, objects)

@@ -19,11 +19,9 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from storage.errors import DatabaseError
+
 MIGRATIONS = Path(__file__).with_name("migrations")
-
-
-class DatabaseError(RuntimeError):
-    """The database cannot be used (unreachable, newer schema); the message says which."""
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -27,6 +27,11 @@ Kind = Literal["analyze", "deliver"]
 QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
 
 
+class HandedBack(Exception):
+    """Raised by a job's runner when the node is stopping: the job goes back to the queue
+    untouched (:func:`hand_back`), its attempt uncounted."""
+
+
 @dataclass(frozen=True)
 class ClaimedJob:
     id: int

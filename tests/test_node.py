@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ from sqlalchemy import select
 from dicom_node import status
 from dicom_node.config import load_config
 from dicom_node.service import Node
+from dicom_node.worker import AnalysisWorker
+from inference.detector import DEFAULT_WEIGHTS, NoduleDetector
 from storage import queue
 from storage.models import Instance, Result, Series
 from tests.dicom_factory import SeriesSpec, ct_datasets, phantom, write_series
@@ -195,3 +198,24 @@ def test_a_late_slice_triggers_an_amending_analysis(start_node: Any, tmp_path: P
     first_sr = pydicom.dcmread(earlier["files"]["sr"][0])
     assert record["amends"] == first_sr.SOPInstanceUID
     assert record["output_series"] == earlier["output_series"]
+
+
+def test_a_stopping_worker_hands_its_job_back_uncounted(start_node: Any, tmp_path: Path) -> None:
+    node = start_node(workers={"count": 0}, completion={"quiet_seconds": 600})
+    assert storescu(node.config.node.port, _series(tmp_path / "ct")).returncode == 0
+    wait_for(lambda: _state(node) == "queued", 10, "completion on release")
+    stopping = threading.Event()
+    stopping.set()
+    worker = AnalysisWorker(
+        node.db,
+        node.config,
+        NoduleDetector.from_weights(DEFAULT_WEIGHTS, "cpu"),
+        node.results,
+        "test-worker",
+        stopping,
+    )
+    assert worker.run_once()
+    with node.db() as session:
+        (job,) = queue.recent(session)
+    assert (job.state, job.attempts, job.last_error) == ("queued", 0, "")
+    assert _state(node) == "queued"

@@ -20,12 +20,13 @@ from dicom_node.analyze import analyze_paths
 from dicom_node.config import load_config
 from dicom_node.service import Node
 from inference.detector import DEFAULT_WEIGHTS
-from storage.models import Job
+from storage.models import Delivery, Job
 from tests.dicom_factory import SeriesSpec, ct_datasets, phantom, write_series
 from tests.peers import NodeProcess, Orthanc, free_port, node_config, storescu, wait_for
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+CT_CLASS = "1.2.840.10008.5.1.4.1.1.2"
 SC_CLASSES = {"1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.7.4"}
 
 
@@ -195,3 +196,50 @@ def test_a_refusing_destination_is_dead_lettered_with_the_reason(
     )
     assert retried.returncode == 0
     wait_for(lambda: _deliver_jobs(node)[0].attempts >= 1, 30, "the retried job running again")
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "dicom_node.cli", *args], capture_output=True, text=True, check=False
+    )
+
+
+@pytest.mark.slow
+def test_return_to_sender_then_an_operator_resend_keeps_one_copy(
+    tmp_path: Path, orthanc: Orthanc, start_node: Any
+) -> None:
+    # The "scanner" here is Orthanc's AE title on this host: results go back where they came from.
+    node = start_node({"return_to_sender": True, "port": orthanc.dicom_port})
+    spec = SeriesSpec()
+    datasets = ct_datasets(spec, phantom(spec, (-40.0, 10.0, -90.0)))
+    files = write_series(tmp_path / "ct", datasets)
+    assert storescu(node.config.node.port, files, calling="ORTHANC").returncode == 0
+    study_uid = str(datasets[0].StudyInstanceUID)
+    wait_for(lambda: [j.state for j in _deliver_jobs(node)] == ["done"], 120, "delivery")
+    before = _result_instances(orthanc, study_uid)
+    assert SR_CLASS in before
+
+    config = str(tmp_path / "node" / "config.yaml")
+    resent = _cli("resend", str(datasets[0].SeriesInstanceUID), "--config", config)
+    assert resent.returncode == 0, resent.stderr
+    sent_instances = sum(len(v) for k, v in before.items() if k != CT_CLASS)
+    wait_for(
+        lambda: (
+            [j.state for j in _deliver_jobs(node)] == ["done", "done"]
+            and _delivered(node) == sent_instances
+        ),
+        60,
+        "the resend",
+    )
+    after = _result_instances(orthanc, study_uid)
+    assert {k: len(v) for k, v in after.items()} == {k: len(v) for k, v in before.items()}
+
+    status = _cli("status", "--config", config)
+    assert status.returncode == 0 and "1 analyzed" in status.stdout
+    unknown = _cli("resend", "1.2.3.4", "--config", config)
+    assert unknown.returncode == 2 and "no series 1.2.3.4" in unknown.stderr
+
+
+def _delivered(node: Node) -> int:
+    with node.db() as session:
+        return len(session.scalars(select(Delivery)).all())

@@ -167,25 +167,37 @@ def main() -> int:
         mb = sum(p.stat().st_size for p in files) / 1e6
         print(f"{platform.node()}, {os.cpu_count()} CPUs; {len(files)} slices, {mb:.0f} MB\n")
         print(
-            f"| receiver | 1 association: instances/s (median of {args.repeat}) | "
+            f"| receiver | 1 association: instances/s, median (each round) | "
             f"{args.concurrent} associations: instances/s |"
         )
         print("|---|---|---|")
         split = [files[n :: args.concurrent] for n in range(args.concurrent)]
-        for number, (name, receiver) in enumerate(RECEIVERS.items()):
-            single, parallel = [], []
-            for run in range(args.repeat):
-                work = Path(tmp) / f"r{number}-{run}"
-                with receiver(work) as (port, called):
-                    single.append(len(files) / send(port, called, [files]))
-                work = Path(tmp) / f"r{number}-{run}c"
-                with receiver(work) as (port, called):
-                    parallel.append(len(files) / send(port, called, split))
+        # Receivers take turns within each round, so that a slow spell of this shared machine
+        # (its disk above all) weighs on all of them alike; ratios are taken round by round.
+        single: dict[str, list[float]] = {name: [] for name in RECEIVERS}
+        parallel: dict[str, list[float]] = {name: [] for name in RECEIVERS}
+        for run in range(args.repeat):
+            for number, (name, receiver) in enumerate(RECEIVERS.items()):
+                with receiver(Path(tmp) / f"r{number}-{run}") as (port, called):
+                    single[name].append(len(files) / send(port, called, [files]))
+                with receiver(Path(tmp) / f"r{number}-{run}c") as (port, called):
+                    parallel[name].append(len(files) / send(port, called, split))
+        for name in RECEIVERS:
             print(
-                f"| {name} | {statistics.median(single):.0f} "
-                f"({', '.join(f'{r:.0f}' for r in single)}) | "
-                f"{statistics.median(parallel):.0f} ({', '.join(f'{r:.0f}' for r in parallel)}) |",
-                flush=True,
+                f"| {name} | {statistics.median(single[name]):.0f} "
+                f"({', '.join(f'{r:.0f}' for r in single[name])}) | "
+                f"{statistics.median(parallel[name]):.0f} "
+                f"({', '.join(f'{r:.0f}' for r in parallel[name])}) |"
+            )
+        node, orthanc_name = list(RECEIVERS)[3], list(RECEIVERS)[1]
+        for label, rates in (
+            ("1 association", single),
+            (f"{args.concurrent} associations", parallel),
+        ):
+            ratios = [a / b for a, b in zip(rates[node], rates[orthanc_name], strict=True)]
+            print(
+                f"\n{label}: this node / Orthanc, round by round: "
+                f"{', '.join(f'{r:.2f}' for r in ratios)} (median {statistics.median(ratios):.2f})"
             )
     return 0
 

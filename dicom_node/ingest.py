@@ -164,9 +164,9 @@ class Receiver:
         """Store and index one instance (DICOM file format bytes, file meta included).
 
         The bytes go to disk (write, fsync) on a writer thread from the start, while this
-        thread parses the header, hashes and prepares the index rows; then the file is renamed
-        into place and the index committed, in that order, so the index never names a file
-        that is not durable."""
+        thread parses the header and another hashes; then the file is renamed into place, and
+        the index row committed while the new name is fsynced. Success is answered after all
+        of it."""
         writing = self._writer.submit(self.files.write_temporary, encoded)
         hashing = self._writer.submit(_sha256, encoded)  # hashlib lets go of the GIL
         try:
@@ -181,7 +181,11 @@ class Receiver:
             if not placed:
                 placed.append(
                     self.files.place(
-                        writing.result(), record.study_uid, record.series_uid, record.sop_uid
+                        writing.result(),
+                        record.study_uid,
+                        record.series_uid,
+                        record.sop_uid,
+                        sync_name=False,
                     )
                 )
             return placed[0]
@@ -241,9 +245,16 @@ class Receiver:
             with self.db.begin() as session:
                 series_id = index.series_for(session, record, calling_ae, peer_host)
         # Then a bare connection: an ORM session per instance costs more than its statements.
+        stored = place()  # the data is durable and renamed before the index names it
+        # The new name is fsynced alongside the commit (one journal flush can serve both);
+        # success is answered only when both are done. A power cut between them can leave an
+        # index row for an instance never acknowledged; its resend restores the file. The
+        # transaction opens only now: SQLite's write lock is not held while the disk works, so
+        # concurrent associations do not queue behind each other's fsyncs.
+        naming = self._writer.submit(self.files.sync_folder, path.parent)
         with self.engine.begin() as connection:
             recorded = index.record_instance(connection, record, path, size, digest, series_id)
-            stored = place()  # durable under its name before the commit makes it visible
+        naming.result()
         if stored.already_present and stored.size != size:
             log.warning(
                 "instance %s received again with different content; the first copy is kept",

@@ -85,7 +85,9 @@ def open_database(url: str) -> sessionmaker[Session]:
         raise
     except Exception as exc:  # driver errors differ by backend; all mean "cannot use it"
         safe = make_url(url).render_as_string(hide_password=True)
-        raise DatabaseError(f"database {safe}: {exc.__class__.__name__}: {exc}") from exc
+        # The driver's own message, first line: SQLAlchemy appends SQL and links after it.
+        detail = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or [""])[0]
+        raise DatabaseError(f"database {safe}: cannot be used ({detail})") from exc
     if engine.dialect.name == "sqlite":
         database = make_url(url).database
         if database and database != ":memory:" and Path(database).exists():

@@ -174,3 +174,23 @@ def test_corrupt_weights_file_is_a_one_line_error(
     assert code == EXIT_USAGE
     err = capsys.readouterr().err.strip()
     assert "broken.pt is not a Res-MTNet weights file" in err and "\n" not in err
+
+
+@pytest.mark.parametrize(
+    ("config_text", "expected"),
+    [
+        ("node:\n  port: 0\n", "node.port: Input should be greater than or equal to 1"),
+        (
+            "storage:\n  database_url: postgresql+psycopg://nobody@127.0.0.1:1/none\n",
+            "database postgresql+psycopg://nobody@127.0.0.1:1/none: cannot be used (connection failed",
+        ),
+    ],
+)
+def test_serve_refuses_a_bad_config_or_database_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], config_text: str, expected: str
+) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(config_text)
+    assert main(["serve", "--config", str(config)]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert expected in err and len(err.strip().splitlines()) == 1, err

@@ -208,8 +208,11 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 def test_return_to_sender_then_an_operator_resend_keeps_one_copy(
     tmp_path: Path, orthanc: Orthanc, start_node: Any
 ) -> None:
-    # The "scanner" here is Orthanc's AE title on this host: results go back where they came from.
-    node = start_node({"return_to_sender": True, "port": orthanc.dicom_port})
+    # The "scanner" here is Orthanc's AE title on this host: results go back where they came
+    # from, and only the object types this destination asks for.
+    node = start_node(
+        {"return_to_sender": True, "port": orthanc.dicom_port, "objects": ["sr", "seg"]}
+    )
     spec = SeriesSpec()
     datasets = ct_datasets(spec, phantom(spec, (-40.0, 10.0, -90.0)))
     files = write_series(tmp_path / "ct", datasets)
@@ -217,7 +220,7 @@ def test_return_to_sender_then_an_operator_resend_keeps_one_copy(
     study_uid = str(datasets[0].StudyInstanceUID)
     wait_for(lambda: [j.state for j in _deliver_jobs(node)] == ["done"], 120, "delivery")
     before = _result_instances(orthanc, study_uid)
-    assert SR_CLASS in before
+    assert SR_CLASS in before and SEG_CLASS in before and not SC_CLASSES & set(before)
 
     config = str(tmp_path / "node" / "config.yaml")
     resent = _cli("resend", str(datasets[0].SeriesInstanceUID), "--config", config)

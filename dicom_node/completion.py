@@ -85,14 +85,6 @@ class SeriesCompletion:
     def _complete(self, session: Session, series: list[Series], why: str) -> dict[int, str]:
         if not series:
             return {}
-        decided = select(session, series, self.config.selection, self.config.workers.max_attempts)
         for s in series:
-            log.info(
-                "series %s complete (%s, %d instances): %s%s",
-                s.series_uid,
-                why,
-                s.version,
-                decided[s.id],
-                f" ({s.reason})" if decided[s.id] == "not_selected" else "",
-            )
-        return decided
+            log.info("series %s complete (%s, %d instances)", s.series_uid, why, s.version)
+        return select(session, series, self.config.selection, self.config.workers.max_attempts)

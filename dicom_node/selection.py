@@ -9,6 +9,7 @@ findings in front of the radiologist.
 from __future__ import annotations
 
 import itertools
+import logging
 import re
 import statistics
 from collections import Counter
@@ -21,6 +22,8 @@ from dicom_node.config import SelectionSettings
 from dicom_node.series import CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE
 from storage import index, queue
 from storage.models import Instance, Series
+
+log = logging.getLogger(__name__)
 
 #: Series states that mean "this series of the study is (being) analyzed".
 CHOSEN = ("queued", "analyzed")
@@ -121,6 +124,12 @@ def select(
         reason = refusal(candidate, rules)
         if reason is None and rules.one_per_study:
             reason = _better_in_study(session, candidate, rules)
+        log.info(
+            "series %s (%s): %s",
+            series.series_uid,
+            series.description or "no description",
+            "queued for analysis" if reason is None else f"not selected: {reason}",
+        )
         if reason is None:
             queue.enqueue(
                 session,

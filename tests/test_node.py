@@ -219,3 +219,31 @@ def test_a_stopping_worker_hands_its_job_back_uncounted(start_node: Any, tmp_pat
         (job,) = queue.recent(session)
     assert (job.state, job.attempts, job.last_error) == ("queued", 0, "")
     assert _state(node) == "queued"
+
+
+def test_one_series_per_study_among_series_completed_together(
+    start_node: Any, tmp_path: Path
+) -> None:
+    node = start_node(workers={"count": 0}, completion={"quiet_seconds": 600})
+    lung = ct_datasets(SeriesSpec(), phantom(SeriesSpec(), None))
+    soft = ct_datasets(SeriesSpec(), phantom(SeriesSpec(), None))
+    for ds in soft:
+        ds.StudyInstanceUID, ds.FrameOfReferenceUID = (
+            lung[0].StudyInstanceUID,
+            lung[0].FrameOfReferenceUID,
+        )
+    for datasets, description, kernel in [
+        (lung, "Thorax 1.25", "B70f"),
+        (soft, "Thorax 1.25", "B30f"),
+    ]:
+        for ds in datasets:
+            ds.SeriesDescription, ds.ConvolutionKernel = description, kernel
+    assert (
+        storescu(node.config.node.port, write_series(tmp_path / "study", [*lung, *soft])).returncode
+        == 0
+    )
+    wait_for(lambda: all(s.state != "receiving" for s in _rows(node, Series)), 10, "selection")
+    states = {s.convolution_kernel: (s.state, s.reason) for s in _rows(node, Series)}
+    assert states["B70f"][0] == "queued"
+    assert states["B30f"][0] == "not_selected"
+    assert str(lung[0].SeriesInstanceUID) in states["B30f"][1]

@@ -109,7 +109,7 @@ def _serve(args: argparse.Namespace) -> int:
     config = _node_config(args)
     logging.getLogger().setLevel(logging.DEBUG if args.verbose else config.log_level)
     if not args.verbose:  # their INFO is one line per PDU or copied module: noise to an operator
-        for chatty in ("pynetdicom", "highdicom"):
+        for chatty in ("pynetdicom", "highdicom", "alembic"):
             logging.getLogger(chatty).setLevel(logging.WARNING)
     Node(config, args.weights).run_until_signalled()
     return EXIT_OK

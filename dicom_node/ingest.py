@@ -52,9 +52,9 @@ def file_meta_header(
     body = b"".join(
         (
             struct.pack("<HH2s2sI", 0x0002, 0x0001, b"OB", b"\0\0", 2) + b"\0\1",
-            _meta_element(0x0002, b"UI", sop_class_uid.encode("ascii")),
-            _meta_element(0x0003, b"UI", sop_instance_uid.encode("ascii")),
-            _meta_element(0x0010, b"UI", transfer_syntax.encode("ascii")),
+            _meta_element(0x0002, b"UI", sop_class_uid.encode("ascii", "replace")),
+            _meta_element(0x0003, b"UI", sop_instance_uid.encode("ascii", "replace")),
+            _meta_element(0x0010, b"UI", transfer_syntax.encode("ascii", "replace")),
             _meta_element(0x0012, b"UI", IMPLEMENTATION_CLASS_UID.encode("ascii")),
             _meta_element(0x0013, b"SH", IMPLEMENTATION_VERSION.encode("ascii")),
             _meta_element(0x0016, b"AE", source_ae.encode("ascii", "replace")[:16]),

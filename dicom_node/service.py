@@ -76,6 +76,11 @@ class Node:
             self.config.workers.count,
             len(self.config.destinations),
         )
+        if not self.config.destinations:
+            log.warning(
+                "no destinations configured: results stay in %s (config.yaml: destinations)",
+                self.results.root,
+            )
 
     def _housekeeping(self) -> bool:
         self.completion.sweep()

@@ -64,7 +64,11 @@ def write_ct(folder: Path, slices: int) -> list[Path]:
 
 
 def send(port: int, called: str, groups: list[list[Path]]) -> float:
-    """Seconds for all groups, each over its own simultaneous storescu association."""
+    """Seconds for all groups, each over its own simultaneous storescu association.
+
+    The page cache is flushed first: what the previous receiver left unwritten would otherwise
+    be written back during this one's run and slow whichever receiver fsyncs."""
+    os.sync()
     started = time.perf_counter()
     procs = [
         subprocess.Popen(

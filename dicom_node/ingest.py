@@ -255,6 +255,10 @@ class Receiver:
         naming = self._writer.submit(self.files.sync_folder, path.parent)
         with self.engine.begin() as connection:
             recorded = index.record_instance(connection, record, path, size, digest, series_id)
+            if not recorded.new and not stored.already_present:
+                # Indexed, yet its file was missing: the power cut above. The resend restored
+                # it; the series completes again so that its analysis sees the slice.
+                index.count_arrival(connection, recorded.series_id)
         naming.result()
         if stored.already_present and stored.size != size:
             log.warning(

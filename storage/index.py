@@ -177,8 +177,13 @@ def record_instance(
             select(Instance.series_id).where(Instance.sop_uid == record.sop_uid)
         ).scalar_one()
         return Recorded(int(existing), new=False)
-    connection.execute(_COUNT_INSTANCE, {"series": series_id, "now": now})
+    count_arrival(connection, series_id)
     return Recorded(series_id, new=True)
+
+
+def count_arrival(connection: Connection, series_id: int) -> None:
+    """The series received something new: it is receiving again and will complete anew."""
+    connection.execute(_COUNT_INSTANCE, {"series": series_id, "now": utcnow()})
 
 
 # --- completion and selection --------------------------------------------------------------

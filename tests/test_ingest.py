@@ -98,3 +98,17 @@ def test_a_mismatched_sop_instance_uid_is_refused(receiver: Receiver) -> None:
     with pytest.raises(InstanceRefused, match="differs from the request") as refused:
         receiver.ingest(_encoded(ds), "SCANNER", "127.0.0.1", expected_sop_uid="1.2.3")
     assert refused.value.status == status.MISSING_ATTRIBUTE
+
+
+def test_a_resend_restores_a_file_the_index_names_but_the_disk_lost(receiver: Receiver) -> None:
+    spec = SeriesSpec(slices=1)
+    (ds,) = ct_datasets(spec, phantom(spec, None))
+    receiver.ingest(_encoded(ds), "SCANNER", "127.0.0.1")
+    with receiver.db() as session:
+        row = session.scalars(select(Instance)).one()
+    Path(row.path).unlink()  # a power cut between the commit and the folder's fsync
+    again = receiver.ingest(_encoded(ds), "SCANNER", "127.0.0.1")
+    assert not again.new and Path(row.path).exists()
+    with receiver.db() as session:
+        series = session.scalars(select(Series)).one()
+    assert series.version == 2  # it completes again, and its analysis sees the slice

@@ -17,7 +17,7 @@ from dicom_node import __version__
 from dicom_node.cases import unpacked
 from dicom_node.config import load_config
 from dicom_node.series import CTSeries, read_series
-from dicom_node.writers.common import OutputSeries
+from dicom_node.writers.common import OutputSeries, SourceFrames
 from dicom_node.writers.key_images import NoduleKeyImages
 from dicom_node.writers.seg import NoduleSegmentation
 from dicom_node.writers.sr import NoduleReport
@@ -94,6 +94,11 @@ def build_results(
     amends: Amendment | None = None,
 ) -> ResultObjects:
     """SR, SEG and key images for one series, cross-referenced by tracking UID."""
+    frames = (
+        SourceFrames(series.multiframe, series.frame_numbers)
+        if series.multiframe is not None and series.frame_numbers is not None
+        else None
+    )
     tracking: list[str] = []
     for finding in findings:
         earlier = amends.tracking_uid(finding) if amends else None
@@ -106,6 +111,7 @@ def build_results(
             tracking,
             model,
             _output_series("seg", "Res-MTNet nodule segmentation", SEG_SERIES, amends),
+            frames,
         ).build()
     summary = (
         f"Res-MTNet nodules ({len(findings)} found)"
@@ -120,12 +126,14 @@ def build_results(
         _output_series("sr", summary, SR_SERIES, amends),
         seg,
         replaces=amends.previous_sr if amends else None,
+        frames=frames,
     ).build()
     keys = NoduleKeyImages(
         series.slices,
         series.volume.array,
         findings,
         _output_series("key_images", "Res-MTNet key images", KEY_SERIES, amends),
+        frames,
     ).build()
     return ResultObjects(sr, seg, list(keys), tracking)
 

@@ -103,6 +103,16 @@ def _position_mm(ds: Dataset) -> float | None:
     return px * (ry * cz - rz * cy) + py * (rz * cx - rx * cz) + pz * (rx * cy - ry * cx)
 
 
+def _shared_thickness(ds: Dataset) -> float | None:
+    """A multi-frame CT keeps its slice thickness in the shared functional groups."""
+    try:
+        return _number(
+            ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0], "SliceThickness"
+        )
+    except (AttributeError, IndexError):
+        return None
+
+
 def read_record(ds: Dataset, transfer_syntax: str) -> index.InstanceRecord:
     """The index's view of a header; refuses what cannot be placed in the information model."""
     uids = {}
@@ -132,7 +142,7 @@ def read_record(ds: Dataset, transfer_syntax: str) -> index.InstanceRecord:
         transfer_syntax=transfer_syntax,
         instance_number=int(number) if number is not None else None,
         position_mm=_position_mm(ds),
-        slice_thickness_mm=_number(ds, "SliceThickness"),
+        slice_thickness_mm=_number(ds, "SliceThickness") or _shared_thickness(ds),
         images_in_acquisition=int(images) if images is not None else None,
         image_type="\\".join(str(v) for v in ds.get("ImageType", []) or [])[:128],
         frames=int(_number(ds, "NumberOfFrames") or 1),

@@ -19,6 +19,7 @@ from pynetdicom import AE, AllStoragePresentationContexts
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     CTImageStorage,
     EnhancedCTImageStorage,
+    LegacyConvertedEnhancedCTImageStorage,
     Verification,
 )
 from pynetdicom.transport import ThreadedAssociationServer
@@ -41,7 +42,7 @@ TRANSFER_SYNTAXES = [
     RLELossless,
 ]
 
-CT_CLASSES = (CTImageStorage, EnhancedCTImageStorage)
+CT_CLASSES = (CTImageStorage, EnhancedCTImageStorage, LegacyConvertedEnhancedCTImageStorage)
 
 
 def build_ae(settings: NodeSettings) -> AE:

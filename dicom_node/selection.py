@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from sqlalchemy.orm import Session
 
 from dicom_node.config import SelectionSettings
-from dicom_node.series import CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE
+from dicom_node.series import CT_IMAGE_STORAGE, MULTI_FRAME_CT
 from storage import index, queue
 from storage.models import Instance, Series
 
@@ -77,9 +77,9 @@ def refusal(candidate: Candidate, rules: SelectionSettings) -> str | None:
         return (
             f"Modality {series.modality or '(empty)'} is not one of {', '.join(rules.modalities)}"
         )
-    other = candidate.sop_classes - {CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE}
+    other = candidate.sop_classes - {CT_IMAGE_STORAGE, *MULTI_FRAME_CT}
     if other:
-        return f"SOP class {sorted(other)[0]} is not CT Image or Enhanced CT Image Storage"
+        return f"SOP class {sorted(other)[0]} is not a CT image storage class"
     if rules.calling_ae_titles and series.calling_ae not in rules.calling_ae_titles:
         return f"sent by {series.calling_ae!r}, which selection.calling_ae_titles does not list"
     description = series.description or ""
@@ -94,7 +94,7 @@ def refusal(candidate: Candidate, rules: SelectionSettings) -> str | None:
         return "only localizer images"
     image_type = candidate.image_type.upper().split("\\")
     missing = [v for v in rules.image_type_required if v.upper() not in image_type]
-    if missing and ENHANCED_CT_IMAGE_STORAGE not in candidate.sop_classes:
+    if missing and not MULTI_FRAME_CT & candidate.sop_classes:
         return f"Image Type {candidate.image_type!r} lacks {', '.join(missing)}"
     thickness = candidate.thickness_mm
     if thickness is not None and not (

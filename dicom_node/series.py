@@ -15,8 +15,9 @@ from typing import ClassVar
 
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import ExplicitVRLittleEndian
 
 from inference.volume import Volume
 
@@ -24,6 +25,9 @@ log = logging.getLogger(__name__)
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
+LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.2"
+#: Multi-frame CT: the whole series in one instance, geometry in functional groups.
+MULTI_FRAME_CT = {ENHANCED_CT_IMAGE_STORAGE, LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE}
 
 
 @dataclass(frozen=True)
@@ -70,11 +74,15 @@ class CTSeries:
     """An eligible series: its volume and, slice by slice, the datasets it came from.
 
     ``slices[k]`` is the dataset (pixel data dropped) of the volume's slice k, which the
-    writers need for references and for copying patient and study attributes.
+    writers need for references and for copying patient and study attributes. For a
+    multi-frame CT, ``slices[k]`` is a single-frame view of frame ``frame_numbers[k]`` of
+    ``multiframe`` (same SOP instance), and references must name that frame.
     """
 
     volume: Volume
     slices: list[Dataset]
+    frame_numbers: tuple[int, ...] | None = None
+    multiframe: Dataset | None = None
 
     @property
     def series_instance_uid(self) -> str:
@@ -158,12 +166,21 @@ def load_series(files: SeriesFiles, rules: EligibilityRules) -> CTSeries:
         raise SeriesRejected(
             f"Modality (0008,0060) is {', '.join(sorted(modalities))}; expected CT"
         )
+    frames: dict[int, int] = {}
+    multiframe = None
     for path, ds in files.datasets:
         sop_class = str(ds.get("SOPClassUID", ""))
-        if sop_class == ENHANCED_CT_IMAGE_STORAGE:
-            raise SeriesRejected(
-                f"{path.name}: Enhanced CT (multi-frame) is not read yet; send classic CT Image Storage"
-            )
+        if sop_class in MULTI_FRAME_CT:
+            if len(files.datasets) > 1:
+                raise SeriesRejected(
+                    f"{path.name}: {len(files.datasets)} instances in a multi-frame CT series; "
+                    "one instance holding every slice is expected"
+                )
+            for view_path, view, number in _frame_views(path, ds):
+                frames[id(view)] = number
+                images.append((view_path, view))
+            multiframe = ds
+            continue
         if sop_class != CT_IMAGE_STORAGE:
             raise SeriesRejected(
                 f"{path.name}: SOPClassUID {sop_class or '(empty)'} is not CT Image Storage"
@@ -176,7 +193,70 @@ def load_series(files: SeriesFiles, rules: EligibilityRules) -> CTSeries:
         images.append((path, ds))
     if len(images) < rules.min_slices:
         raise SeriesRejected(f"{len(images)} axial images; at least {rules.min_slices} are needed")
-    return _build_volume(images, rules)
+    series = _build_volume(images, rules)
+    if multiframe is None:
+        return series
+    del multiframe.PixelData
+    numbers = tuple(frames[id(ds)] for ds in series.slices)
+    return CTSeries(series.volume, series.slices, numbers, multiframe)
+
+
+def _frame_group(ds: Dataset, index: int, name: str, where: str) -> Dataset:
+    """Functional group ``name`` of one frame: its own if it has one, else the shared one."""
+    for groups in (
+        ds.get("PerFrameFunctionalGroupsSequence", [])[index : index + 1],
+        ds.get("SharedFunctionalGroupsSequence", [])[:1],
+    ):
+        for group in groups:
+            if name in group and group[name].value:
+                return group[name].value[0]
+    raise SeriesRejected(f"{where}: {name} is missing from the functional groups")
+
+
+def _frame_views(path: Path, ds: Dataset) -> list[tuple[Path, Dataset, int]]:
+    """One classic-CT-like dataset per frame of a multi-frame CT, named ``file#frameN``, so
+    that the checks and the volume builder treat both kinds of series alike."""
+    if "PixelData" not in ds:
+        raise SeriesRejected(f"{path.name}: PixelData (7FE0,0010) is missing")
+    try:
+        pixels = ds.pixel_array
+    except Exception as exc:  # pydicom raises many types for bad or undecodable pixel data
+        raise SeriesRejected(f"{path.name}: pixel data cannot be decoded: {exc}") from exc
+    count = int(ds.get("NumberOfFrames", 1) or 1)
+    pixels = pixels.reshape(count, int(ds.Rows), int(ds.Columns))
+    header = Dataset()
+    for element in ds:
+        if element.keyword not in {
+            "PixelData",
+            "PerFrameFunctionalGroupsSequence",
+            "SharedFunctionalGroupsSequence",
+            "NumberOfFrames",
+        }:
+            header.add(element)
+    views = []
+    for index in range(count):
+        where = f"{path.name}#frame{index + 1}"
+        view = Dataset()
+        view.update(header)
+        view.file_meta = FileMetaDataset()
+        view.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        position = _frame_group(ds, index, "PlanePositionSequence", where)
+        orientation = _frame_group(ds, index, "PlaneOrientationSequence", where)
+        measures = _frame_group(ds, index, "PixelMeasuresSequence", where)
+        view.ImagePositionPatient = position.get("ImagePositionPatient")
+        view.ImageOrientationPatient = orientation.get("ImageOrientationPatient")
+        view.PixelSpacing = measures.get("PixelSpacing")
+        if "SliceThickness" in measures:
+            view.SliceThickness = measures.SliceThickness
+        try:
+            rescale = _frame_group(ds, index, "PixelValueTransformationSequence", where)
+            view.RescaleSlope = rescale.get("RescaleSlope", 1)
+            view.RescaleIntercept = rescale.get("RescaleIntercept", 0)
+        except SeriesRejected:  # optional: stored values are then Hounsfield units already
+            pass
+        view.PixelData = pixels[index].tobytes()
+        views.append((path.with_name(where), view, index + 1))
+    return views
 
 
 def _build_volume(images: list[tuple[Path, Dataset]], rules: EligibilityRules) -> CTSeries:

@@ -5,9 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import (
+    CTImageStorage,
+    EnhancedCTImageStorage,
+    ExplicitVRLittleEndian,
+    generate_uid,
+)
 
 
 @dataclass
@@ -96,6 +102,20 @@ def ct_datasets(spec: SeriesSpec, hu: np.ndarray) -> list[Dataset]:
         ds.PixelData = stored.tobytes()
         out.append(ds)
     return out
+
+
+def multiframe_ct(datasets: list[Dataset], sop_class: str = EnhancedCTImageStorage) -> Dataset:
+    """The same slices as one multi-frame instance (highdicom's legacy converter lays out the
+    functional groups; the SOP class is then set to what the test needs)."""
+    ds = hd.legacy.LegacyConvertedEnhancedCTImage(
+        datasets,
+        series_instance_uid=generate_uid(),
+        series_number=3,
+        sop_instance_uid=generate_uid(),
+        instance_number=1,
+    )
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+    return ds
 
 
 def write_series(folder: Path, datasets: list[Dataset], shuffle_names: bool = True) -> list[Path]:

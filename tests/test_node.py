@@ -22,7 +22,7 @@ from dicom_node.worker import AnalysisWorker
 from inference.detector import DEFAULT_WEIGHTS, NoduleDetector
 from storage import queue
 from storage.models import Instance, Result, Series
-from tests.dicom_factory import SeriesSpec, ct_datasets, phantom, write_series
+from tests.dicom_factory import SeriesSpec, ct_datasets, multiframe_ct, phantom, write_series
 from tests.peers import free_port, node_config, storescu, wait_for
 
 
@@ -247,3 +247,22 @@ def test_one_series_per_study_among_series_completed_together(
     assert states["B70f"][0] == "queued"
     assert states["B30f"][0] == "not_selected"
     assert str(lung[0].SeriesInstanceUID) in states["B30f"][1]
+
+
+@pytest.mark.slow
+def test_an_enhanced_ct_sent_over_dicom_is_analyzed(start_node: Any, tmp_path: Path) -> None:
+    node = start_node(workers={"count": 1}, completion={"quiet_seconds": 600})
+    spec = SeriesSpec()
+    multiframe = multiframe_ct(ct_datasets(spec, phantom(spec, (-40.0, 10.0, -90.0))))
+    multiframe.SeriesDescription, multiframe.ConvolutionKernel = "Thorax 1.25 lung", "B70f"
+    (tmp_path / "ct").mkdir()
+    multiframe.save_as(tmp_path / "ct" / "enhanced.dcm", enforce_file_format=True)
+    sent = storescu(node.config.node.port, [tmp_path / "ct"])
+    assert sent.returncode == 0, sent.stderr
+    wait_for(lambda: _state(node) in {"analyzed", "rejected", "failed"}, 120, "the analysis")
+    (series,) = _rows(node, Series)
+    assert (series.state, series.reason) == ("analyzed", "1 nodule(s)")
+    (result,) = _rows(node, Result)
+    record = json.loads(result.findings_json)
+    sr = pydicom.dcmread(record["files"]["sr"][0])
+    assert sr.StudyInstanceUID == multiframe.StudyInstanceUID

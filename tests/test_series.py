@@ -14,7 +14,7 @@ from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1, RLELossless
 
 from dicom_node.series import EligibilityRules, read_series
 from tests.conftest import shared
-from tests.dicom_factory import SeriesSpec, ct_datasets, phantom, write_series
+from tests.dicom_factory import SeriesSpec, ct_datasets, multiframe_ct, phantom, write_series
 
 
 def _read_one(folder: Path, rules: EligibilityRules | None = None):  # type: ignore[no-untyped-def]
@@ -223,3 +223,40 @@ def test_two_series_in_one_folder_read_separately(tmp_path: Path) -> None:
     write_series(tmp_path / "b", ct_datasets(mr, phantom(mr, None)))
     eligible, rejected, _ = _read_one(tmp_path)
     assert len(eligible) == 1 and len(rejected) == 1
+
+
+@pytest.mark.parametrize(
+    "sop_class", ["1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2.2"]
+)
+def test_multiframe_ct_reads_as_the_same_volume_with_frame_numbers(
+    tmp_path: Path, sop_class: str
+) -> None:
+    spec = SeriesSpec()
+    datasets = ct_datasets(spec, phantom(spec, (-40.0, 10.0, -90.0)))
+    multiframe = multiframe_ct(datasets, sop_class)
+    multiframe.save_as(tmp_path / "mf.dcm", enforce_file_format=True)
+    write_series(tmp_path / "classic", datasets)
+    (classic,), _, _ = read_series([tmp_path / "classic"])
+    (multi,), rejected, _ = read_series([tmp_path / "mf.dcm"])
+    assert rejected == {}
+    np.testing.assert_array_equal(multi.volume.array, classic.volume.array)
+    assert multi.volume.origin == classic.volume.origin
+    assert multi.volume.spacing == classic.volume.spacing
+    assert multi.frame_numbers is not None and multi.multiframe is not None
+    for k, number in enumerate(multi.frame_numbers):
+        frame = multi.multiframe.PerFrameFunctionalGroupsSequence[number - 1]
+        position = frame.PlanePositionSequence[0].ImagePositionPatient
+        assert [float(v) for v in position] == [
+            float(v) for v in classic.slices[k].ImagePositionPatient
+        ]
+    assert {str(s.SOPInstanceUID) for s in multi.slices} == {str(multiframe.SOPInstanceUID)}
+
+
+def test_multiframe_ct_without_plane_positions_is_rejected_by_name(tmp_path: Path) -> None:
+    spec = SeriesSpec()
+    multiframe = multiframe_ct(ct_datasets(spec, phantom(spec, None)))
+    del multiframe.PerFrameFunctionalGroupsSequence[3].PlanePositionSequence
+    multiframe.save_as(tmp_path / "mf.dcm", enforce_file_format=True)
+    _, rejected, _ = read_series([tmp_path / "mf.dcm"])
+    (reason,) = rejected.values()
+    assert reason == "mf.dcm#frame4: PlanePositionSequence is missing from the functional groups"

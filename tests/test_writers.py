@@ -20,6 +20,7 @@ from dicom_node.writers.seg import NoduleSegmentation
 from inference.detector import finding_from_mask
 from inference.findings import ModelInfo, NoduleFinding
 from tests.conftest import shared
+from tests.dicom_factory import multiframe_ct
 
 MODEL = ModelInfo("Res-MTNet", "test", "0" * 64)
 
@@ -300,3 +301,49 @@ def test_amended_report_keeps_series_and_tracking_and_names_its_predecessor(
         [_require("dciodvfy"), str(path)], capture_output=True, text=True, check=False
     )
     assert not [line for line in report.stderr.splitlines() if line.startswith("Error")]
+
+
+def test_objects_from_a_multiframe_ct_reference_its_frames(nodule_series, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    folder, _, centre = nodule_series
+    datasets = [pydicom.dcmread(p) for p in sorted(folder.iterdir())]
+    multiframe_ct(datasets).save_as(tmp_path / "mf.dcm", enforce_file_format=True)
+    (series,), _, _ = read_series([tmp_path / "mf.dcm"])
+    assert series.frame_numbers is not None
+    finding = _sphere_finding(series, centre, 12.0, 1)
+    objects = build_results(series, [finding], MODEL)
+    for name, ds in objects.by_kind():
+        path = tmp_path / f"{name}.dcm"
+        write_atomically(ds, path)
+        report = subprocess.run(
+            [_require("dciodvfy"), str(path)], capture_output=True, text=True, check=False
+        )
+        assert not [line for line in report.stderr.splitlines() if line.startswith("Error")], name
+    frame = series.frame_numbers[finding.axial_slice]
+    regions = [
+        item
+        for item in _walk(objects.sr.ContentSequence, [])
+        if item.get("GraphicType") == "ELLIPSE"
+    ]
+    (region,) = regions
+    assert region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedFrameNumber == frame
+    (key,) = objects.key_images
+    assert key.SourceImageSequence[0].ReferencedFrameNumber == frame
+    assert objects.seg is not None
+    derived = {
+        int(f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedFrameNumber)
+        for f in objects.seg.PerFrameFunctionalGroupsSequence
+    }
+    spanned = {
+        series.frame_numbers[k]
+        for k in range(
+            finding.mask_origin_kji[0], finding.mask_origin_kji[0] + finding.mask.shape[0]
+        )
+    }
+    assert derived <= spanned and frame in derived
+    evidence = [
+        str(sop.ReferencedSOPInstanceUID)
+        for study in objects.sr.CurrentRequestedProcedureEvidenceSequence
+        for series_item in study.ReferencedSeriesSequence
+        for sop in series_item.ReferencedSOPSequence
+    ]
+    assert evidence.count(str(series.multiframe.SOPInstanceUID)) == 1  # once, not per frame

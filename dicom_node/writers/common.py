@@ -33,6 +33,23 @@ class OutputSeries:
 SOFTWARE_VERSIONS = __version__
 
 
+@dataclass(frozen=True)
+class SourceFrames:
+    """A multi-frame CT source: slice k of the series is frame ``numbers[k]`` of ``instance``.
+    References to it name the frame (Referenced Frame Number); the SEG derives from it."""
+
+    instance: Dataset
+    numbers: tuple[int, ...]
+
+    def of(self, k: int) -> list[int]:
+        return [self.numbers[k]]
+
+
+def distinct_instances(slices: Sequence[Dataset]) -> list[Dataset]:
+    """One dataset per SOP instance: the frames of a multi-frame CT share one."""
+    return list({str(ds.SOPInstanceUID): ds for ds in slices}.values())
+
+
 class TrackedFindingsWriter:
     """Base of the SR and SEG writers: the source slices, the findings and their tracking
     UIDs, checked at construction (highdicom's habit) so a bad call fails before any work."""
@@ -49,6 +66,7 @@ class TrackedFindingsWriter:
         tracking_uids: Sequence[str],
         model: ModelInfo,
         series: OutputSeries,
+        frames: SourceFrames | None = None,
     ) -> None:
         if not slices:
             raise ValueError(f"{self.object_name} needs the source CT slices; none were given")
@@ -58,11 +76,14 @@ class TrackedFindingsWriter:
             )
         if len(tracking_uids) != len(findings):
             raise ValueError(f"{len(findings)} findings but {len(tracking_uids)} tracking UIDs")
-        frames = {str(ds.FrameOfReferenceUID) for ds in slices}
-        if len(frames) != 1:
-            raise ValueError(f"source slices span {len(frames)} frames of reference")
+        references = {str(ds.FrameOfReferenceUID) for ds in slices}
+        if len(references) != 1:
+            raise ValueError(f"source slices span {len(references)} frames of reference")
         self.slices = list(slices)
         self.findings = list(findings)
         self.tracking_uids = list(tracking_uids)
+        if frames is not None and len(frames.numbers) != len(slices):
+            raise ValueError(f"{len(frames.numbers)} frame numbers for {len(slices)} slices")
         self.model = model
         self.series = series
+        self.frames = frames

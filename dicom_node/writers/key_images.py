@@ -15,7 +15,12 @@ from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
 from scipy import ndimage
 
-from dicom_node.writers.common import MANUFACTURER, NOT_FOR_DIAGNOSTIC_USE, OutputSeries
+from dicom_node.writers.common import (
+    MANUFACTURER,
+    NOT_FOR_DIAGNOSTIC_USE,
+    OutputSeries,
+    SourceFrames,
+)
 from inference.findings import NoduleFinding
 
 LUNG_WINDOW = (-600.0, 1500.0)  # centre, width
@@ -67,6 +72,7 @@ class NoduleKeyImages:
         volume_hu: np.ndarray,
         findings: Sequence[NoduleFinding],
         series: OutputSeries,
+        frames: SourceFrames | None = None,
     ) -> None:
         if volume_hu.shape[0] != len(slices):
             raise ValueError(f"{volume_hu.shape[0]} slices of pixels but {len(slices)} datasets")
@@ -74,6 +80,7 @@ class NoduleKeyImages:
         self.volume_hu = volume_hu
         self.findings = list(findings)
         self.series = series
+        self.frames = frames
 
     @staticmethod
     def caption(finding: NoduleFinding) -> list[str]:
@@ -120,6 +127,8 @@ class NoduleKeyImages:
             source = Dataset()
             source.ReferencedSOPClassUID = ref.SOPClassUID
             source.ReferencedSOPInstanceUID = ref.SOPInstanceUID
+            if self.frames is not None:
+                source.ReferencedFrameNumber = self.frames.of(k)
             sc.SourceImageSequence = [source]
             images.append(sc)
         return images

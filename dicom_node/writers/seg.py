@@ -61,9 +61,21 @@ class NoduleSegmentation(TrackedFindingsWriter):
             k, j, i = finding.mask_origin_kji
             dk, dj, di = finding.mask.shape
             pixels[k - first : k - first + dk, j : j + dj, i : i + di, n] = finding.mask
+        if self.frames is None:
+            sources, positions = self.slices[first:last], None
+        else:  # frames of one multi-frame CT, placed by position
+            sources = [self.frames.instance]
+            positions = [
+                hd.PlanePositionSequence(
+                    hd.CoordinateSystemNames.PATIENT,
+                    [float(v) for v in ds.ImagePositionPatient],
+                )
+                for ds in self.slices[first:last]
+            ]
         return hd.seg.Segmentation(
-            source_images=self.slices[first:last],
+            source_images=sources,
             pixel_array=pixels,
+            plane_positions=positions,
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=self.segment_descriptions(),
             series_instance_uid=self.series.series_instance_uid,

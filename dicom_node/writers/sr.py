@@ -20,7 +20,13 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes as dcm_codes
 
 from dicom_node.writers import codes
-from dicom_node.writers.common import MANUFACTURER, OutputSeries, TrackedFindingsWriter
+from dicom_node.writers.common import (
+    MANUFACTURER,
+    OutputSeries,
+    SourceFrames,
+    TrackedFindingsWriter,
+    distinct_instances,
+)
 from inference.findings import ModelInfo, NoduleFinding
 
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -40,11 +46,12 @@ class NoduleReport(TrackedFindingsWriter):
         series: OutputSeries,
         segmentation: Dataset | None,
         replaces: Dataset | None = None,
+        frames: SourceFrames | None = None,
     ) -> None:
         """``replaces``: the SR this one amends (a re-analysis after late slices). It is
         referenced as the predecessor document (PS3.3 C.17.2.3), and this SR takes the next
         instance number in the same series, so viewers list the newest version first."""
-        super().__init__(slices, findings, tracking_uids, model, series)
+        super().__init__(slices, findings, tracking_uids, model, series, frames)
         if findings and segmentation is None:
             raise ValueError("findings need the SEG they reference")
         if replaces is not None and replaces.StudyInstanceUID != slices[0].StudyInstanceUID:
@@ -74,6 +81,9 @@ class NoduleReport(TrackedFindingsWriter):
             source_image=hd.sr.SourceImageForRegion(
                 referenced_sop_class_uid=str(ds.SOPClassUID),
                 referenced_sop_instance_uid=str(ds.SOPInstanceUID),
+                referenced_frame_numbers=self.frames.of(finding.axial_slice)
+                if self.frames
+                else None,
             ),
         )
 
@@ -177,7 +187,7 @@ class NoduleReport(TrackedFindingsWriter):
             procedure_reported=codes.CT_CHEST,
             imaging_measurements=groups,  # type: ignore[arg-type]
         )
-        evidence = list(self.slices) + (
+        evidence = distinct_instances(self.slices) + (
             [self.segmentation] if self.segmentation is not None else []
         )
         sr = hd.sr.Comprehensive3DSR(

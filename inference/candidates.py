@@ -16,8 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from scipy import ndimage
 
+from inference.filters import gaussian_filter, maximum_filter, on_gpu
 from inference.volume import Volume
 
 #: Nodule radii (mm) the detector is tuned for: 3 to 30 mm nodules.
@@ -42,7 +44,11 @@ class Candidate:
 
 
 def find_candidates(
-    volume: Volume, lungs: np.ndarray, per_scale: int = 200, min_distance_mm: float = 4.0
+    volume: Volume,
+    lungs: np.ndarray,
+    per_scale: int = 200,
+    min_distance_mm: float = 4.0,
+    device: torch.device | None = None,
 ) -> list[Candidate]:
     """Up to ``per_scale`` local maxima of a scale-normalised difference of Gaussians per radius.
 
@@ -64,10 +70,10 @@ def find_candidates(
         grid, mask = grids[factor]
         scale = np.array(grids[1][0].shape) / np.array(grid.shape)
         sigma_vox = radius / np.sqrt(3.0) / (spacing_kji * scale)
-        smooth = ndimage.gaussian_filter(grid, sigma_vox, truncate=3.0)
-        response = smooth - ndimage.gaussian_filter(grid, sigma_vox * 1.6, truncate=3.0)
+        smooth = gaussian_filter(grid, sigma_vox, device)
+        response = smooth - gaussian_filter(grid, sigma_vox * 1.6, device)
         size = tuple(int(max(3, round(radius / s) | 1)) for s in spacing_kji * scale)
-        peaks = (response == ndimage.maximum_filter(response, size=size)) & (response > 0) & mask
+        peaks = (response == maximum_filter(response, size, device)) & (response > 0) & mask
         kji = np.argwhere(peaks)
         values = response[peaks]
         ranking = values * (BLOBNESS_FLOOR + blobness(smooth, kji, spacing_kji * scale))
@@ -78,7 +84,9 @@ def find_candidates(
             for p, v in zip(fine.astype(int), ranking[order], strict=True)
         ]
 
-    with ThreadPoolExecutor(max_workers=2) as pool:
+    # On the CPU the scales run in two threads (scipy's filters release the GIL); a GPU
+    # takes them one after the other.
+    with ThreadPoolExecutor(max_workers=1 if on_gpu(device) else 2) as pool:
         found = [c for scale in pool.map(search, BLOB_RADII_MM) for c in scale]
     return merge_close(found, spacing_kji, min_distance_mm)
 

@@ -69,7 +69,10 @@ class _Stopwatch:
 
 
 def prepare(
-    volume: Volume, spacing_mm: float, clock: _Stopwatch | None = None
+    volume: Volume,
+    spacing_mm: float,
+    clock: _Stopwatch | None = None,
+    device: torch.device | None = None,
 ) -> tuple[Volume, np.ndarray]:
     """The network's grid (isotropic, HU clipped) and the lung mask on it.
 
@@ -79,7 +82,8 @@ def prepare(
     work = Compose([ResampleToSpacing(spacing_mm), ClipHU()])(volume)
     if clock:
         clock.lap("resample")
-    coarse = segment_lungs(ResampleToSpacing(LUNG_MASK_SPACING_MM)(volume)).astype(np.float32)
+    coarse = segment_lungs(ResampleToSpacing(LUNG_MASK_SPACING_MM)(volume), device)
+    coarse = coarse.astype(np.float32)
     zoom = [n / m for n, m in zip(work.array.shape, coarse.shape, strict=True)]
     lungs = ndimage.zoom(coarse, zoom, order=0, grid_mode=True, mode="nearest") > 0.5
     if clock:
@@ -167,8 +171,8 @@ class NoduleDetector:
         """Every candidate scored, refined and suppressed, without a threshold: what a FROC
         curve is drawn from."""
         clock = clock or _Stopwatch()
-        work, lungs = prepare(volume, self.model.config.spacing_mm, clock)
-        candidates = find_candidates(work, lungs)
+        work, lungs = prepare(volume, self.model.config.spacing_mm, clock, self.device)
+        candidates = find_candidates(work, lungs, device=self.device)
         clock.lap("candidates")
         centres = np.array([c.kji for c in candidates], dtype=int).reshape(-1, 3)
         outputs = self._run(work.array, centres, with_mask=False)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from inference.filters import gaussian_filter, maximum_filter, on_gpu
+from inference.filters import dog_peaks, on_gpu
 from inference.volume import Volume
 
 #: Nodule radii (mm) the detector is tuned for: 3 to 30 mm nodules.
@@ -70,12 +70,8 @@ def find_candidates(
         grid, mask = grids[factor]
         scale = np.array(grids[1][0].shape) / np.array(grid.shape)
         sigma_vox = radius / np.sqrt(3.0) / (spacing_kji * scale)
-        smooth = gaussian_filter(grid, sigma_vox, device)
-        response = smooth - gaussian_filter(grid, sigma_vox * 1.6, device)
         size = tuple(int(max(3, round(radius / s) | 1)) for s in spacing_kji * scale)
-        peaks = (response == maximum_filter(response, size, device)) & (response > 0) & mask
-        kji = np.argwhere(peaks)
-        values = response[peaks]
+        smooth, kji, values = dog_peaks(grid, mask, sigma_vox, size, device)
         ranking = values * (BLOBNESS_FLOOR + blobness(smooth, kji, spacing_kji * scale))
         order = np.argsort(ranking)[::-1][:per_scale]
         fine = np.minimum(np.round((kji[order] + 0.5) * scale - 0.5), np.array(image.shape) - 1)

@@ -23,22 +23,6 @@ def on_gpu(device: torch.device | None) -> bool:
     return device is not None and device.type != "cpu"
 
 
-def gaussian_filter(
-    array: np.ndarray, sigma: Sequence[float], device: torch.device | None = None
-) -> np.ndarray:
-    if not on_gpu(device):
-        return ndimage.gaussian_filter(array, sigma, truncate=GAUSSIAN_TRUNCATE)
-    return torch_gaussian_filter(array, sigma, device or torch.device("cpu"))
-
-
-def maximum_filter(
-    array: np.ndarray, size: Sequence[int], device: torch.device | None = None
-) -> np.ndarray:
-    if not on_gpu(device):
-        return ndimage.maximum_filter(array, size=tuple(size))
-    return torch_maximum_filter(array, size, device or torch.device("cpu"))
-
-
 def ball_closing(
     mask: np.ndarray,
     spacing_kji: Sequence[float],
@@ -71,33 +55,60 @@ def _symmetric_pad(volume: torch.Tensor, widths: Sequence[int]) -> torch.Tensor:
     return volume
 
 
-def torch_gaussian_filter(
-    array: np.ndarray, sigma: Sequence[float], device: torch.device
-) -> np.ndarray:
-    volume = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(device)[None, None]
+def _upload(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(device)[None, None]
+
+
+def _gaussian(volume: torch.Tensor, sigma: Sequence[float]) -> torch.Tensor:
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
         for axis, s in enumerate(sigma):
             radius = int(GAUSSIAN_TRUNCATE * float(s) + 0.5)
             x = torch.arange(-radius, radius + 1, dtype=torch.float64)
             kernel = torch.exp(-0.5 * (x / float(s)) ** 2)
-            kernel = (kernel / kernel.sum()).to(torch.float32).to(device)
+            kernel = (kernel / kernel.sum()).to(torch.float32).to(volume.device)
             shape = [1, 1, 1, 1, 1]
             shape[2 + axis] = kernel.numel()
             widths = [0, 0, 0]
             widths[axis] = radius
             volume = F.conv3d(_symmetric_pad(volume, widths), kernel.reshape(shape))
-    return volume[0, 0].cpu().numpy()
+    return volume
 
 
-def torch_maximum_filter(
-    array: np.ndarray, size: Sequence[int], device: torch.device
-) -> np.ndarray:
+def _maximum(volume: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """For a maximum, scipy's mirrored border adds only values already in the window, so the
     pooling's own border (ignored cells) gives the same result."""
-    volume = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(device)[None, None]
     kernel = tuple(int(s) for s in size)
-    pooled = F.max_pool3d(volume, kernel, stride=1, padding=tuple(k // 2 for k in kernel))
-    return pooled[0, 0].cpu().numpy()
+    return F.max_pool3d(volume, kernel, stride=1, padding=tuple(k // 2 for k in kernel))
+
+
+def dog_peaks(
+    grid: np.ndarray,
+    mask: np.ndarray,
+    sigma: Sequence[float],
+    size: Sequence[int],
+    device: torch.device | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Local maxima (within ``size``) of the difference of Gaussians at ``sigma`` and 1.6 x
+    ``sigma``, positive and inside ``mask``: the smoothed image, the peaks' (k, j, i) in
+    row-major order and their responses. On a GPU everything stays there but the peaks and
+    the smoothed image (for the Hessian at the peaks)."""
+    sigma = [float(s) for s in sigma]
+    if not on_gpu(device):
+        smooth = ndimage.gaussian_filter(grid, sigma, truncate=GAUSSIAN_TRUNCATE)
+        wide = ndimage.gaussian_filter(grid, [s * 1.6 for s in sigma], truncate=GAUSSIAN_TRUNCATE)
+        response = smooth - wide
+        peaks = (
+            (response == ndimage.maximum_filter(response, size=tuple(size))) & (response > 0) & mask
+        )
+        return smooth, np.argwhere(peaks), response[peaks]
+    assert device is not None
+    volume = _upload(grid, device)
+    smoothed = _gaussian(volume, sigma)
+    dog = smoothed - _gaussian(volume, [s * 1.6 for s in sigma])
+    inside = torch.from_numpy(np.ascontiguousarray(mask)).to(device)[None, None]
+    maxima = (dog == _maximum(dog, size)) & (dog > 0) & inside
+    kji = torch.nonzero(maxima[0, 0]).cpu().numpy()
+    return smoothed[0, 0].cpu().numpy(), kji, dog[maxima].cpu().numpy()
 
 
 def torch_ball_closing(

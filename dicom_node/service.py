@@ -44,7 +44,7 @@ class Node:
         self.threads: list[threading.Thread] = []
         self.db: sessionmaker[Session] = open_database(config.storage.database_url)
         root = Path(config.storage.path)
-        self.instances = FileStore(root / "instances", spares=64)
+        self.instances = FileStore(root / "instances", spares=512)
         self.results = FileStore(root / "results")
         self.completion = SeriesCompletion(self.db, config)
         self.handlers = StorageHandlers(

@@ -21,6 +21,10 @@ from pathlib import Path
 UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
 
+#: How long no spare must have been taken before the pool is refilled.
+SPARE_IDLE_SECONDS = 0.5
+
+
 class InvalidUID(ValueError):
     """A UID that is not a valid DICOM UID; the message names which one."""
 
@@ -64,7 +68,11 @@ class FileStore:
             ).start()
 
     def _keep_spares(self, folder: Path, target: int) -> None:
+        """Refill between bursts, not during one: creating files takes the file system's
+        journal, which the receiver's fsyncs are waiting on."""
         while True:
+            while self._spare_wanted.wait(timeout=SPARE_IDLE_SECONDS):
+                self._spare_wanted.clear()  # still taking spares: a transfer is running
             while self._spares.qsize() < target:
                 path = folder / f".{secrets.token_hex(8)}.tmp"
                 try:
@@ -72,8 +80,7 @@ class FileStore:
                 except OSError:  # disk full or gone: store() falls back to creating files
                     break
                 self._spares.put(path)
-            self._spare_wanted.wait(timeout=5.0)
-            self._spare_wanted.clear()
+            self._spare_wanted.wait()
 
     def _temporary(self) -> Path:
         try:

@@ -99,34 +99,28 @@ def _echo(port: int, called: str) -> bool:
 
 
 @contextmanager
-def dcmtk_storescp(work: Path) -> Iterator[tuple[int, str]]:
+def _receiving_process(command: list[str], port: int, name: str) -> Iterator[tuple[int, str]]:
+    proc = subprocess.Popen(
+        command, env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    wait_for(lambda: _echo(port, "STORESCP"), 30, name)
+    yield port, "STORESCP"
+    proc.terminate()
+    proc.wait()
+
+
+def dcmtk_storescp(work: Path) -> AbstractContextManager[tuple[int, str]]:
     port, out = free_port(), work / "storescp"
     out.mkdir(parents=True)
-    proc = subprocess.Popen(
-        ["storescp", "-aet", "STORESCP", "-od", str(out), str(port)],
-        env=DCMTK_ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    wait_for(lambda: _echo(port, "STORESCP"), 20, "storescp")
-    yield port, "STORESCP"
-    proc.terminate()
-    proc.wait()
+    command = ["storescp", "-aet", "STORESCP", "-od", str(out), str(port)]
+    return _receiving_process(command, port, "storescp")
 
 
-@contextmanager
-def pynetdicom_storescp(work: Path) -> Iterator[tuple[int, str]]:
+def pynetdicom_storescp(work: Path) -> AbstractContextManager[tuple[int, str]]:
     port, out = free_port(), work / "pynetdicom"
     out.mkdir(parents=True)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pynetdicom", "storescp", str(port), "-od", str(out), "-q"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    wait_for(lambda: _echo(port, "STORESCP"), 30, "pynetdicom storescp")
-    yield port, "STORESCP"
-    proc.terminate()
-    proc.wait()
+    command = [sys.executable, "-m", "pynetdicom", "storescp", str(port), "-od", str(out), "-q"]
+    return _receiving_process(command, port, "pynetdicom storescp")
 
 
 @contextmanager

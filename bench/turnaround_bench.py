@@ -23,19 +23,11 @@ from pathlib import Path
 import pydicom
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.analyze_bench import DEFAULT_CASE
 from dicom_node.cases import unpacked
 from tests.peers import NodeProcess, Orthanc, free_port, node_config, storescu, wait_for
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
-DEFAULT_CASE = (
-    Path(
-        os.environ.get(
-            "LUNGNODE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"
-        )
-    )
-    / "lidc"
-    / "LIDC-IDRI-0002.tar.xz"
-)
 
 
 def sr_in(pacs: Orthanc, study_uid: str) -> bool:

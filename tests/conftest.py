@@ -3,8 +3,9 @@ from __future__ import annotations
 import os
 import tarfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -68,3 +69,25 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         with admin.begin() as connection:
             connection.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
         admin.dispose()
+
+
+@pytest.fixture
+def start_node(tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """Start nodes in this process, configured by config sections (``workers={...}`` ...); the
+    n-th node's config.yaml is ``tmp_path / f"node{n}" / "config.yaml"``. Stopped afterwards."""
+    from dicom_node.config import load_config
+    from dicom_node.service import Node
+    from tests.peers import free_port, node_config
+
+    nodes: list[Node] = []
+
+    def start(**sections: Any) -> Node:
+        path = node_config(tmp_path / f"node{len(nodes)}", free_port(), **sections)
+        node = Node(load_config(path, environ={}))
+        node.start()
+        nodes.append(node)
+        return node
+
+    yield start
+    for node in nodes:
+        node.stop(grace_seconds=30)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,31 +15,13 @@ from pynetdicom.sop_class import CTImageStorage, MRImageStorage  # type: ignore[
 from sqlalchemy import select
 
 from dicom_node import status
-from dicom_node.config import load_config
 from dicom_node.service import Node
 from dicom_node.worker import AnalysisWorker
 from inference.detector import DEFAULT_WEIGHTS, NoduleDetector
 from storage import queue
 from storage.models import Instance, Result, Series
 from tests.dicom_factory import SeriesSpec, ct_datasets, multiframe_ct, phantom, write_series
-from tests.peers import free_port, node_config, storescu, wait_for
-
-
-@pytest.fixture
-def start_node(tmp_path: Path) -> Iterator[Any]:
-    nodes: list[Node] = []
-
-    def start(**sections: Any) -> Node:
-        port = free_port()
-        path = node_config(tmp_path / f"node{len(nodes)}", port, **sections)
-        node = Node(load_config(path, environ={}))
-        node.start()
-        nodes.append(node)
-        return node
-
-    yield start
-    for node in nodes:
-        node.stop(grace_seconds=30)
+from tests.peers import storescu, wait_for
 
 
 def _series(folder: Path, spec: SeriesSpec | None = None) -> list[Path]:

@@ -17,7 +17,6 @@ from pydicom.dataset import Dataset
 from sqlalchemy import select
 
 from dicom_node.analyze import analyze_paths
-from dicom_node.config import load_config
 from dicom_node.service import Node
 from inference.detector import DEFAULT_WEIGHTS
 from storage.models import Delivery, Job
@@ -104,26 +103,13 @@ def test_lidc_case_round_trip_from_storescu_to_orthanc(
         assert np.linalg.norm(a - b) < 0.5
 
 
-@pytest.fixture
-def start_node(tmp_path: Path) -> Iterator[Any]:
-    nodes: list[Node] = []
-
-    def start(destination: dict[str, Any], **sender: Any) -> Node:
-        port = free_port()
-        path = node_config(
-            tmp_path / "node",
-            port,
-            destinations=[{"name": "pacs", "host": "127.0.0.1", **destination}],
-            sender={"backoff_seconds": 0.5, "max_backoff_seconds": 2, **sender},
-        )
-        node = Node(load_config(path, environ={}))
-        node.start()
-        nodes.append(node)
-        return node
-
-    yield start
-    for node in nodes:
-        node.stop(grace_seconds=30)
+def _with_destination(start_node: Any, destination: dict[str, Any], **sender: Any) -> Node:
+    """A node sending to one destination, retrying fast (0.5 s doubling to 2 s)."""
+    node: Node = start_node(
+        destinations=[{"name": "pacs", "host": "127.0.0.1", **destination}],
+        sender={"backoff_seconds": 0.5, "max_backoff_seconds": 2, **sender},
+    )
+    return node
 
 
 def _send_phantom(node: Node, folder: Path) -> str:
@@ -139,19 +125,12 @@ def _deliver_jobs(node: Node) -> list[Job]:
 
 
 @pytest.mark.slow
-def test_results_reach_a_destination_that_comes_up_late_exactly_once(tmp_path: Path) -> None:
+def test_results_reach_a_destination_that_comes_up_late_exactly_once(
+    tmp_path: Path, start_node: Any
+) -> None:
     pacs = Orthanc(tmp_path / "pacs")  # ports chosen, not yet listening
-    nodes: list[Node] = []
     try:
-        path = node_config(
-            tmp_path / "node",
-            free_port(),
-            destinations=[{"name": "pacs", "ae_title": "ORTHANC", "port": pacs.dicom_port}],
-            sender={"backoff_seconds": 0.5, "max_backoff_seconds": 2},
-        )
-        node = Node(load_config(path, environ={}))
-        node.start()
-        nodes.append(node)
+        node = _with_destination(start_node, {"ae_title": "ORTHANC", "port": pacs.dicom_port})
         study_uid = _send_phantom(node, tmp_path / "ct")
         wait_for(
             lambda: any(j.last_error for j in _deliver_jobs(node)), 120, "a failed delivery attempt"
@@ -166,8 +145,6 @@ def test_results_reach_a_destination_that_comes_up_late_exactly_once(tmp_path: P
         sop_uids = [i["MainDicomTags"]["SOPInstanceUID"] for v in sent.values() for i in v]
         assert len(sop_uids) == len(set(sop_uids))
     finally:
-        for node in nodes:
-            node.stop(grace_seconds=30)
         pacs.stop()
 
 
@@ -175,12 +152,14 @@ def test_results_reach_a_destination_that_comes_up_late_exactly_once(tmp_path: P
 def test_a_refusing_destination_is_dead_lettered_with_the_reason(
     tmp_path: Path, orthanc: Orthanc, start_node: Any
 ) -> None:
-    node = start_node({"ae_title": "NOTORTHANC", "port": orthanc.dicom_port}, max_attempts=2)
+    node = _with_destination(
+        start_node, {"ae_title": "NOTORTHANC", "port": orthanc.dicom_port}, max_attempts=2
+    )
     _send_phantom(node, tmp_path / "ct")
     wait_for(lambda: [j.state for j in _deliver_jobs(node)] == ["failed"], 120, "the dead letter")
     (job,) = _deliver_jobs(node)
     assert job.attempts == 2 and "rejected the association" in job.last_error
-    config = str(tmp_path / "node" / "config.yaml")
+    config = str(tmp_path / "node0" / "config.yaml")
     listed = subprocess.run(
         [sys.executable, "-m", "dicom_node.cli", "jobs", "--state", "failed", "--config", config],
         capture_output=True,
@@ -210,8 +189,8 @@ def test_return_to_sender_then_an_operator_resend_keeps_one_copy(
 ) -> None:
     # The "scanner" here is Orthanc's AE title on this host: results go back where they came
     # from, and only the object types this destination asks for.
-    node = start_node(
-        {"return_to_sender": True, "port": orthanc.dicom_port, "objects": ["sr", "seg"]}
+    node = _with_destination(
+        start_node, {"return_to_sender": True, "port": orthanc.dicom_port, "objects": ["sr", "seg"]}
     )
     spec = SeriesSpec()
     datasets = ct_datasets(spec, phantom(spec, (-40.0, 10.0, -90.0)))
@@ -222,7 +201,7 @@ def test_return_to_sender_then_an_operator_resend_keeps_one_copy(
     before = _result_instances(orthanc, study_uid)
     assert SR_CLASS in before and SEG_CLASS in before and not SC_CLASSES & set(before)
 
-    config = str(tmp_path / "node" / "config.yaml")
+    config = str(tmp_path / "node0" / "config.yaml")
     resent = _cli("resend", str(datasets[0].SeriesInstanceUID), "--config", config)
     assert resent.returncode == 0, resent.stderr
     sent_instances = sum(len(v) for k, v in before.items() if k != CT_CLASS)

@@ -222,11 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     jobs = sub.add_parser("jobs", help="recent jobs, newest first, with their last error")
     jobs.add_argument("--config", type=Path, default=None, help=config_help)
-    jobs.add_argument("--state", choices=["queued", "running", "done", "failed"])
+    jobs.add_argument("--state", choices=["queued", "running", "done", "failed", "cancelled"])
     jobs.add_argument("--limit", type=int, default=50)
     jobs.set_defaults(func=_jobs)
 
-    retry = sub.add_parser("retry", help="queue a failed (dead-lettered) job again")
+    retry = sub.add_parser("retry", help="queue a failed (dead-lettered) or cancelled job again")
     retry.add_argument("job", type=int, help="job id (see `dicom-node jobs`)")
     retry.add_argument("--config", type=Path, default=None, help=config_help)
     retry.set_defaults(func=_retry)

@@ -27,7 +27,7 @@ def status_lines(db: sessionmaker[Session]) -> list[str]:
         by_state = {state: n for (k, state), n in jobs.items() if k == kind}
         shown = ", ".join(
             f"{by_state.get(state, 0)} {state}"
-            for state in (queue.QUEUED, queue.RUNNING, queue.DONE, queue.FAILED)
+            for state in (queue.QUEUED, queue.RUNNING, queue.DONE, queue.FAILED, queue.CANCELLED)
         )
         lines.append(f"{kind} jobs: {shown}")
     return lines

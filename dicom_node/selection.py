@@ -151,14 +151,27 @@ def select(
 def _better_in_study(
     session: Session, candidate: Candidate, rules: SelectionSettings
 ) -> str | None:
+    """Why another series of the study is preferred to this one, or None. A chosen series this
+    one beats is withdrawn if its analysis has not started (a running one is left to finish)."""
     mine = candidate.rank(rules)
+    beaten = []
     for other in index.study_series(session, candidate.series.study_id):
         if other.id == candidate.series.id or other.state not in CHOSEN:
             continue
         theirs = Candidate.of(other, index.instances_of(session, other.id)).rank(rules)
         if theirs >= mine:
-            return (
-                f"series {other.series_uid} of the same study is preferred "
-                "(one series per study: lung kernel, then thinnest)"
-            )
+            return _preferred(other.series_uid)
+        beaten.append(other)
+    for other in beaten:
+        reason = _preferred(candidate.series.series_uid)
+        if queue.cancel_waiting(session, "analyze", other.id, reason):
+            index.set_series_state(session, other.id, "not_selected", reason)
+            log.info("series %s withdrawn: %s", other.series_uid, reason)
     return None
+
+
+def _preferred(series_uid: str) -> str:
+    return (
+        f"series {series_uid} of the same study is preferred "
+        "(one series per study: lung kernel, then thinnest)"
+    )

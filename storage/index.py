@@ -246,10 +246,6 @@ def series_by_uid(session: Session, series_uid: str) -> Series | None:
     ).scalar_one_or_none()
 
 
-def study_of(session: Session, series: Series) -> Study:
-    return session.get_one(Study, series.study_id)
-
-
 # --- results and deliveries ----------------------------------------------------------------
 
 
@@ -346,18 +342,6 @@ def forget_deliveries(session: Session, series_id: int) -> int:
     )
     result = session.execute(delete(Delivery).where(Delivery.result_instance_id.in_(ids)))
     return int(result.rowcount)  # type: ignore[attr-defined]
-
-
-def delivered_count(session: Session, series_id: int, destination: str) -> int:
-    return int(
-        session.execute(
-            select(func.count())
-            .select_from(Delivery)
-            .join(ResultInstance, ResultInstance.id == Delivery.result_instance_id)
-            .join(Result, Result.id == ResultInstance.result_id)
-            .where(Result.series_id == series_id, Delivery.destination == destination)
-        ).scalar_one()
-    )
 
 
 def totals(session: Session) -> dict[str, int]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Literal
 
 from sqlalchemy import and_, case, func, or_, select, update
@@ -25,6 +25,8 @@ from storage.models import Job, utcnow
 
 Kind = Literal["analyze", "deliver"]
 QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
+#: Withdrawn before it ran: its work is no longer wanted (a better series came).
+CANCELLED = "cancelled"
 
 
 class HandedBack(Exception):
@@ -159,16 +161,6 @@ def _owned(job: ClaimedJob) -> object:
     return and_(Job.id == job.id, Job.state == RUNNING, Job.worker == job.worker)
 
 
-def renew(session: Session, job: ClaimedJob, lease_seconds: float) -> bool:
-    now = utcnow()
-    result = session.execute(
-        update(Job)
-        .where(_owned(job))  # type: ignore[arg-type]
-        .values(lease_expires=now + timedelta(seconds=lease_seconds), updated=now)
-    )
-    return bool(result.rowcount)  # type: ignore[attr-defined]
-
-
 def complete(session: Session, job: ClaimedJob) -> bool:
     result = session.execute(
         update(Job)
@@ -236,12 +228,24 @@ def reap(session: Session) -> int:
     return int(result.rowcount)  # type: ignore[attr-defined]
 
 
+def cancel_waiting(session: Session, kind: Kind, series_id: int, reason: str) -> bool:
+    """Withdraw the series' job of ``kind`` if it has not started; a running one is left to
+    finish. Returns whether one was withdrawn."""
+    result = session.execute(
+        update(Job)
+        .where(Job.kind == kind, Job.series_id == series_id, Job.state == QUEUED)
+        .values(state=CANCELLED, last_error=reason[:4000], updated=utcnow())
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
 def retry(session: Session, job_id: int) -> bool:
-    """An operator's retry of a failed or finished job: queued now, attempts counted afresh."""
+    """An operator's retry of a failed, cancelled or finished job: queued now, attempts
+    counted afresh."""
     now = utcnow()
     result = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.state.in_([FAILED, DONE]))
+        .where(Job.id == job_id, Job.state.in_([FAILED, DONE, CANCELLED]))
         .values(state=QUEUED, attempts=0, run_after=now, last_error="", updated=now)
     )
     return bool(result.rowcount)  # type: ignore[attr-defined]
@@ -253,30 +257,8 @@ def counts(session: Session) -> dict[tuple[str, str], int]:
     return {(kind, state): int(n) for kind, state, n in rows}
 
 
-def recent(
-    session: Session, limit: int = 50, state: str | None = None, series_id: int | None = None
-) -> list[Job]:
+def recent(session: Session, limit: int = 50, state: str | None = None) -> list[Job]:
     query = select(Job).order_by(Job.id.desc()).limit(limit)
     if state:
         query = query.where(Job.state == state)
-    if series_id is not None:
-        query = query.where(Job.series_id == series_id)
     return list(session.scalars(query))
-
-
-def pending(session: Session, kind: Kind, series_id: int) -> bool:
-    """Whether a job of ``kind`` for the series is queued or running."""
-    return (
-        session.execute(
-            select(Job.id)
-            .where(Job.kind == kind, Job.series_id == series_id, Job.state.in_([QUEUED, RUNNING]))
-            .limit(1)
-        ).first()
-        is not None
-    )
-
-
-def next_due(session: Session, kind: Kind) -> datetime | None:
-    return session.execute(
-        select(func.min(Job.run_after)).where(Job.kind == kind, Job.state == QUEUED)
-    ).scalar_one_or_none()

@@ -202,29 +202,33 @@ def test_a_stopping_worker_hands_its_job_back_uncounted(start_node: Any, tmp_pat
     assert _state(node) == "queued"
 
 
+def _lung_and_soft_reconstructions() -> tuple[list[Dataset], list[Dataset]]:
+    """Two 1.25 mm reconstructions of one scan, a lung (B70f) and a soft-tissue (B30f) kernel."""
+    lung = ct_datasets(SeriesSpec(), phantom(SeriesSpec(), None))
+    soft = ct_datasets(SeriesSpec(), phantom(SeriesSpec(), None))
+    for datasets, kernel in [(lung, "B70f"), (soft, "B30f")]:
+        for ds in datasets:
+            ds.StudyInstanceUID, ds.FrameOfReferenceUID = (
+                lung[0].StudyInstanceUID,
+                lung[0].FrameOfReferenceUID,
+            )
+            ds.SeriesDescription, ds.ConvolutionKernel = "Thorax 1.25", kernel
+    return lung, soft
+
+
+def _kernel_states(node: Node) -> dict[str, tuple[str, str]]:
+    return {s.convolution_kernel: (s.state, s.reason) for s in _rows(node, Series)}
+
+
 def test_one_series_per_study_among_series_completed_together(
     start_node: Any, tmp_path: Path
 ) -> None:
     node = start_node(workers={"count": 0}, completion={"quiet_seconds": 600})
-    lung = ct_datasets(SeriesSpec(), phantom(SeriesSpec(), None))
-    soft = ct_datasets(SeriesSpec(), phantom(SeriesSpec(), None))
-    for ds in soft:
-        ds.StudyInstanceUID, ds.FrameOfReferenceUID = (
-            lung[0].StudyInstanceUID,
-            lung[0].FrameOfReferenceUID,
-        )
-    for datasets, description, kernel in [
-        (lung, "Thorax 1.25", "B70f"),
-        (soft, "Thorax 1.25", "B30f"),
-    ]:
-        for ds in datasets:
-            ds.SeriesDescription, ds.ConvolutionKernel = description, kernel
-    assert (
-        storescu(node.config.node.port, write_series(tmp_path / "study", [*lung, *soft])).returncode
-        == 0
-    )
+    lung, soft = _lung_and_soft_reconstructions()
+    files = write_series(tmp_path / "study", [*lung, *soft])
+    assert storescu(node.config.node.port, files).returncode == 0
     wait_for(lambda: all(s.state != "receiving" for s in _rows(node, Series)), 10, "selection")
-    states = {s.convolution_kernel: (s.state, s.reason) for s in _rows(node, Series)}
+    states = _kernel_states(node)
     assert states["B70f"][0] == "queued"
     assert states["B30f"][0] == "not_selected"
     assert str(lung[0].SeriesInstanceUID) in states["B30f"][1]
@@ -247,3 +251,22 @@ def test_an_enhanced_ct_sent_over_dicom_is_analyzed(start_node: Any, tmp_path: P
     record = json.loads(result.findings_json)
     sr = pydicom.dcmread(record["files"]["sr"][0])
     assert sr.StudyInstanceUID == multiframe.StudyInstanceUID
+
+
+def test_a_better_series_arriving_later_withdraws_the_queued_one(
+    start_node: Any, tmp_path: Path
+) -> None:
+    node = start_node(workers={"count": 0}, completion={"quiet_seconds": 600})
+    lung, soft = _lung_and_soft_reconstructions()
+    port = node.config.node.port
+    assert storescu(port, write_series(tmp_path / "soft", soft)).returncode == 0
+    wait_for(lambda: _state(node) == "queued", 10, "the first series queued")
+    assert storescu(port, write_series(tmp_path / "lung", lung)).returncode == 0
+    wait_for(lambda: len({s.state for s in _rows(node, Series)}) == 2, 10, "the second decision")
+    states = _kernel_states(node)
+    assert states["B70f"][0] == "queued"
+    assert (
+        states["B30f"][0] == "not_selected" and str(lung[0].SeriesInstanceUID) in states["B30f"][1]
+    )
+    with node.db() as session:
+        assert queue.counts(session) == {("analyze", "queued"): 1, ("analyze", "cancelled"): 1}

@@ -179,3 +179,19 @@ def test_backoff_doubles_up_to_its_cap_with_bounded_jitter() -> None:
     nominal = [5, 10, 20, 40, 60, 60, 60]
     assert all(0.8 * d <= got <= 1.2 * d for got, d in zip(delays, nominal, strict=True))
     assert len({round(backoff.delay(3, rng), 6) for _ in range(5)}) > 1
+
+
+def test_only_a_job_that_has_not_started_can_be_withdrawn(db: sessionmaker[Session]) -> None:
+    waiting, running = _series(db, "1.2.7"), _series(db, "1.2.8")
+    with db.begin() as session:
+        queue.enqueue(session, "analyze", running)
+    with db.begin() as session:
+        assert queue.claim(session, "analyze", "w", 60) is not None
+        queue.enqueue(session, "analyze", waiting)
+    with db.begin() as session:
+        assert queue.cancel_waiting(session, "analyze", waiting, "superseded")
+        assert not queue.cancel_waiting(session, "analyze", running, "superseded")
+        assert queue.counts(session) == {("analyze", "cancelled"): 1, ("analyze", "running"): 1}
+        (cancelled,) = queue.recent(session, state=queue.CANCELLED)
+        assert cancelled.last_error == "superseded"
+        assert queue.retry(session, cancelled.id)

@@ -1,8 +1,9 @@
 """One received instance: check its header, store it durably, index it, then say so.
 
-The order is the contract with the sender: file fsynced and renamed, index committed, and only
-then a success status. A crash anywhere before leaves nothing acknowledged; the sender resends
-and the same SOP Instance UID lands on the same file and index row (stored once).
+The contract with the sender: a success status only once the file is fsynced, renamed and its
+name fsynced, and the index row committed (the two proceed side by side). A crash anywhere
+before leaves nothing acknowledged; the sender resends and the same SOP Instance UID lands on
+the same file and index row (stored once).
 """
 
 from __future__ import annotations
@@ -183,27 +184,15 @@ class Receiver:
         except InstanceRefused:
             writing.add_done_callback(_discard(self.files))
             raise
+        # The writer thread goes on to rename the file into place and fsync its name, while
+        # this thread hashes and commits the index row; success waits for both.
+        placing = self._writer.submit(self._place, writing, record)
         # Parsing and hashing together take less than the write and its fsync: hashing here
         # costs no time on the critical path, and no hand-over between threads.
         digest = hashlib.sha256(encoded).hexdigest()
-        placed: list[StoredFile] = []
-
-        def place() -> StoredFile:
-            if not placed:
-                placed.append(
-                    self.files.place(
-                        writing.result(),
-                        record.study_uid,
-                        record.series_uid,
-                        record.sop_uid,
-                        sync_name=False,
-                    )
-                )
-            return placed[0]
-
         for attempt in (1, 2):
             try:
-                return self._index(record, len(encoded), digest, place, calling_ae, peer_host)
+                return self._index(record, len(encoded), digest, placing, calling_ae, peer_host)
             except OSError as exc:
                 log.error("cannot write instance %s: %s", record.sop_uid, exc)
                 raise InstanceRefused(
@@ -224,6 +213,11 @@ class Receiver:
                     status.OUT_OF_RESOURCES, "index database unavailable"
                 ) from exc
         raise AssertionError("unreachable")
+
+    def _place(self, writing: Future[Path], record: index.InstanceRecord) -> StoredFile:
+        return self.files.place(
+            writing.result(), record.study_uid, record.series_uid, record.sop_uid
+        )
 
     @staticmethod
     def _header(encoded: bytes, expected_sop_uid: str | None) -> index.InstanceRecord:
@@ -246,7 +240,7 @@ class Receiver:
         record: index.InstanceRecord,
         size: int,
         digest: str,
-        place: Callable[[], StoredFile],
+        placing: Future[StoredFile],
         calling_ae: str,
         peer_host: str,
     ) -> Ingested:
@@ -256,20 +250,18 @@ class Receiver:
             with self.db.begin() as session:
                 series_id = index.series_for(session, record, calling_ae, peer_host)
         # Then a bare connection: an ORM session per instance costs more than its statements.
-        stored = place()  # the data is durable and renamed before the index names it
-        # The new name is fsynced alongside the commit (one journal flush can serve both);
-        # success is answered only when both are done. A power cut between them can leave an
-        # index row for an instance never acknowledged; its resend restores the file. The
-        # transaction opens only now: SQLite's write lock is not held while the disk works, so
-        # concurrent associations do not queue behind each other's fsyncs.
-        naming = self._writer.submit(self.files.sync_folder, path.parent)
+        # The row is committed while the file is still being made durable and named: a crash
+        # before both are done can leave a row naming a file that is not there, for an
+        # instance never acknowledged; its resend restores the file, and the start-up check
+        # (Receiver.reconcile) removes the rows of instances that never came back.
         with self.engine.begin() as connection:
             recorded = index.record_instance(connection, record, path, size, digest, series_id)
-            if not recorded.new and not stored.already_present:
-                # Indexed, yet its file was missing: the power cut above. The resend restored
-                # it; the series completes again so that its analysis sees the slice.
+        stored = placing.result()
+        if not recorded.new and not stored.already_present:
+            # Indexed, yet its file was missing: a crash as above. The resend restored it;
+            # the series completes again so that its analysis sees the slice.
+            with self.engine.begin() as connection:
                 index.count_arrival(connection, recorded.series_id)
-        naming.result()
         if stored.already_present and stored.size != size:
             log.warning(
                 "instance %s received again with different content; the first copy is kept",

@@ -31,14 +31,15 @@ log = logging.getLogger(__name__)
 ANALYSIS_BACKOFF = queue.Backoff(base_seconds=15.0, max_seconds=600.0)
 
 
-def _read_stored(paths: list[Path], series_uid: str) -> SeriesFiles:
-    files = SeriesFiles(series_uid)
+def _read_stored(paths: list[Path], series_uid: str) -> tuple[SeriesFiles, list[Path]]:
+    """The series' files, and the indexed paths that have no file."""
+    files, missing = SeriesFiles(series_uid), []
     for path in paths:
         try:
             files.datasets.append((path, pydicom.dcmread(path, defer_size="1 KB")))
-        except FileNotFoundError as exc:
-            raise RuntimeError(f"stored instance {path.name} is missing from the store") from exc
-    return files
+        except FileNotFoundError:
+            missing.append(path)
+    return files, missing
 
 
 def _amendment(result: Result | None) -> Amendment | None:
@@ -109,10 +110,18 @@ class AnalysisWorker:
             series_row = session.get_one(Series, job.series_id)
             paths = [Path(i.path) for i in index.instances_of(session, job.series_id)]
             amends = _amendment(index.current_result(session, job.series_id))
-        try:
-            series = load_series(
-                _read_stored(paths, series_row.series_uid), self.config.eligibility
+        stored, missing = _read_stored(paths, series_row.series_uid)
+        if missing:
+            with self.db.begin() as session:
+                index.forget_instances(session, job.series_id, missing)
+            log.warning(
+                "series %s: %d indexed instance(s) had no file (a crash before their "
+                "acknowledgement); removed from the index, analyzing the rest",
+                series_row.series_uid,
+                len(missing),
             )
+        try:
+            series = load_series(stored, self.config.eligibility)
         except SeriesRejected as exc:
             log.info("series %s rejected: %s", series_row.series_uid, exc)
             with self.db.begin() as session:

@@ -214,6 +214,20 @@ def instances_of(session: Session, series_id: int) -> list[Instance]:
     )
 
 
+def forget_instances(session: Session, series_id: int, paths: Iterable[Path]) -> int:
+    """Remove the rows of instances of ``series_id`` whose files are not in the store.
+
+    The receiver commits a row while its file is still being made durable; a crash in between
+    leaves a row for an instance never acknowledged, which its sender resends or never does."""
+    names = [str(p) for p in paths]
+    if not names:
+        return 0
+    removed = session.execute(
+        delete(Instance).where(Instance.series_id == series_id, Instance.path.in_(names))
+    )
+    return int(removed.rowcount)  # type: ignore[attr-defined]
+
+
 def study_series(session: Session, study_id: int) -> list[Series]:
     return list(session.scalars(select(Series).where(Series.study_id == study_id)))
 

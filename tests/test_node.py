@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from pynetdicom.sop_class import CTImageStorage, MRImageStorage  # type: ignore[
 from sqlalchemy import select
 
 from dicom_node import status
+from dicom_node.handlers import receive_exactly
 from dicom_node.service import Node
 from dicom_node.worker import AnalysisWorker
 from inference.detector import DEFAULT_WEIGHTS, NoduleDetector
@@ -270,3 +272,42 @@ def test_a_better_series_arriving_later_withdraws_the_queued_one(
     )
     with node.db() as session:
         assert queue.counts(session) == {("analyze", "queued"): 1, ("analyze", "cancelled"): 1}
+
+
+def test_socket_reads_return_the_whole_pdu_or_what_came_before_the_peer_closed() -> None:
+    sender, receiver = socket.socketpair()
+    payload = bytes(range(256)) * 4096  # 1 MiB: more than one socket buffer
+    writer = threading.Thread(target=lambda: (sender.sendall(payload), sender.close()))
+    writer.start()
+    try:
+        assert receive_exactly(receiver, len(payload) - 10) == payload[:-10]
+        assert receive_exactly(receiver, 100) == payload[-10:]
+    finally:
+        writer.join()
+        receiver.close()
+
+
+@pytest.mark.slow
+def test_an_indexed_instance_without_its_file_is_dropped_and_the_rest_analyzed(
+    start_node: Any, tmp_path: Path
+) -> None:
+    """The receiver commits a row while the file is still being written; a crash between the
+    two leaves a row for an unacknowledged instance, which must not stop the analysis."""
+    node = start_node(workers={"count": 0}, completion={"quiet_seconds": 600})
+    files = _series(tmp_path / "ct")
+    assert storescu(node.config.node.port, files).returncode == 0
+    wait_for(lambda: _state(node) == "queued", 10, "completion on release")
+    last = max(_rows(node, Instance), key=lambda i: i.position_mm)
+    Path(last.path).unlink()
+    worker = AnalysisWorker(
+        node.db,
+        node.config,
+        NoduleDetector.from_weights(DEFAULT_WEIGHTS, "cpu"),
+        node.results,
+        "test-worker",
+        threading.Event(),
+    )
+    assert worker.run_once()
+    assert _state(node) == "analyzed"
+    assert last.sop_uid not in {i.sop_uid for i in _rows(node, Instance)}
+    assert len(_rows(node, Instance)) == len(files) - 1

@@ -135,6 +135,13 @@ def _jobs(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _audit(args: argparse.Namespace) -> int:
+    from dicom_node.operations import audit_lines
+
+    print("\n".join(audit_lines(_database(args), args.limit)))
+    return EXIT_OK
+
+
 def _retry(args: argparse.Namespace) -> int:
     from dicom_node.operations import retry_job
 
@@ -225,6 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("--state", choices=["queued", "running", "done", "failed", "cancelled"])
     jobs.add_argument("--limit", type=int, default=50)
     jobs.set_defaults(func=_jobs)
+
+    audit = sub.add_parser(
+        "audit", help="recent audit events: associations, stored batches, deliveries"
+    )
+    audit.add_argument("--config", type=Path, default=None, help=config_help)
+    audit.add_argument("--limit", type=int, default=50)
+    audit.set_defaults(func=_audit)
 
     retry = sub.add_parser("retry", help="queue a failed (dead-lettered) or cancelled job again")
     retry.add_argument("job", type=int, help="job id (see `dicom-node jobs`)")

@@ -9,6 +9,7 @@ list items are addressed by index (``DICOM_NODE__DESTINATIONS__0__HOST``).
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -25,6 +26,10 @@ ENV_PREFIX = "DICOM_NODE__"
 #: PS3.5 6.2: AE titles are at most 16 characters of the default repertoire, no backslash,
 #: and not all spaces.
 AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
+
+HOST_NAME = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*$"
+)
 
 ObjectKind = Literal["sr", "seg", "key_images"]
 Port = Annotated[int, Field(ge=1, le=65535)]
@@ -156,6 +161,58 @@ class Destination(_Section):
     _check_ae = field_validator("ae_title")(_ae_title)
 
 
+class Peer(_Section):
+    """A calling AE title allowed to open associations, and the hosts it may come from."""
+
+    ae_title: str
+    #: IP addresses or networks (``10.1.2.0/24``); a host name is resolved at start-up.
+    hosts: list[str]
+
+    _check_ae = field_validator("ae_title")(_ae_title)
+
+    @field_validator("hosts")
+    @classmethod
+    def _hosts(cls, hosts: list[str]) -> list[str]:
+        if not hosts:
+            raise ValueError("expected at least one IP address, network or host name")
+        for host in hosts:
+            try:
+                ipaddress.ip_network(host, strict=False)
+            except ValueError:
+                if not HOST_NAME.match(host):
+                    raise ValueError(
+                        f"{host!r} is not an IP address, network or host name"
+                    ) from None
+        return hosts
+
+
+class AuditSyslog(_Section):
+    """RFC 5424 audit lines (one per association, stored batch and delivery) to a collector."""
+
+    host: str
+    port: Port = 514
+    protocol: Literal["udp", "tcp"] = "udp"
+    app_name: str = "dicom-node"
+
+
+class SecuritySettings(_Section):
+    """Who may send, and how much."""
+
+    #: The calling AE titles allowed in, each bound to where it may come from. Empty: any AE
+    #: title, from this machine only (loopback), so that a fresh install takes nothing from
+    #: the network until it is told whom to trust.
+    peers: list[Peer] = []
+    #: New associations per host per minute; past that, A-ASSOCIATE-RJ (transient).
+    associations_per_minute: Annotated[int, Field(ge=1)] = 600
+    #: A series stops taking instances past this many (0xA700, logged).
+    max_instances_per_series: Annotated[int, Field(ge=1)] = 5000
+    #: One instance larger than this is refused (0xA700); past twice this much in transit the
+    #: association is aborted before the data set is held in memory.
+    max_instance_bytes: Annotated[int, Field(ge=1024)] = 1_073_741_824
+    #: Audit events go to the database always, and to syslog when this is set.
+    audit_syslog: AuditSyslog | None = None
+
+
 class NodeConfig(_Section):
     node: NodeSettings = NodeSettings()
     storage: StorageSettings = StorageSettings()
@@ -164,6 +221,7 @@ class NodeConfig(_Section):
     selection: SelectionSettings = SelectionSettings()
     eligibility: EligibilityRules = EligibilityRules()
     sender: SenderSettings = SenderSettings()
+    security: SecuritySettings = SecuritySettings()
     destinations: list[Destination] = []
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

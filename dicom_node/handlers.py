@@ -9,18 +9,29 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+from collections import Counter
+from dataclasses import dataclass, field
 
 from pydicom.dataset import Dataset
 from pynetdicom import evt
 from pynetdicom.events import Event
 
 from dicom_node import status
+from dicom_node.access import AccessPolicy, GatedAE, Verdict
+from dicom_node.audit import AuditRecord, AuditTrail
 from dicom_node.completion import SeriesCompletion
 from dicom_node.ingest import InstanceRefused, Receiver, file_meta_header
 
 log = logging.getLogger(__name__)
 
 DUL_LOOP_DELAY_SECONDS = 0.0002
+#: Room for a PDU other than P-DATA (an A-ASSOCIATE-RQ with many contexts) when the largest
+#: P-DATA PDU the node accepts is small.
+NEGOTIATION_PDU_BYTES = 1 << 20
+
+
+class TransferTooLarge(OSError):
+    """Raised from the socket reader: pynetdicom then closes the association's transport."""
 
 
 def receive_exactly(connection: socket.socket, count: int) -> bytearray:
@@ -40,14 +51,64 @@ def receive_exactly(connection: socket.socket, count: int) -> bytearray:
     return buffer
 
 
+class BoundedReader:
+    """The association's socket reads, bounded: a PDU header may declare any length up to
+    4 GiB, and pynetdicom holds a whole message in memory before the C-STORE handler sees it,
+    so a PDU longer than negotiated or a message past ``security.max_instance_bytes`` closes
+    the connection before the memory is taken."""
+
+    def __init__(self, connection: socket.socket, max_pdu: int, max_message: int) -> None:
+        self.connection = connection
+        self.max_pdu = max(max_pdu, NEGOTIATION_PDU_BYTES) if max_pdu else max_message
+        self.max_message = max_message
+        self.in_message = 0
+        self.refused = ""
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        if nr_bytes > self.max_pdu:
+            self.refused = f"a PDU of {nr_bytes} bytes (at most {self.max_pdu} accepted)"
+            raise TransferTooLarge(self.refused)
+        self.in_message += nr_bytes
+        if self.in_message > self.max_message:
+            self.refused = f"a message over {self.max_message} bytes (security.max_instance_bytes)"
+            raise TransferTooLarge(self.refused)
+        return receive_exactly(self.connection, nr_bytes)
+
+    def message_done(self) -> None:
+        self.in_message = 0
+
+
+@dataclass
+class Transfer:
+    """One association as the node sees it, for its end: what it stored, and for whom."""
+
+    verdict: Verdict
+    reader: BoundedReader | None = None
+    series: set[int] = field(default_factory=set)
+    #: Study Instance UID -> instances stored (new or resent) on this association.
+    stored: Counter[str] = field(default_factory=Counter)
+    refused: int = 0
+
+
 class StorageHandlers:
     def __init__(
-        self, receiver: Receiver, completion: SeriesCompletion, complete_on_release: bool
+        self,
+        receiver: Receiver,
+        completion: SeriesCompletion,
+        complete_on_release: bool,
+        access: AccessPolicy,
+        audit: AuditTrail,
+        max_pdu: int = 0,
+        max_instance_bytes: int = 1 << 30,
     ) -> None:
         self.receiver = receiver
         self.completion = completion
         self.complete_on_release = complete_on_release
-        self._series_by_association: dict[int, set[int]] = {}
+        self.access = access
+        self.audit = audit
+        self.max_pdu = max_pdu
+        self.max_instance_bytes = max_instance_bytes
+        self._transfers: dict[int, Transfer] = {}
         self._lock = threading.Lock()
         #: Instances acknowledged with success since start (for status and benchmarks).
         self.stored = 0
@@ -55,6 +116,8 @@ class StorageHandlers:
     def bindings(self) -> list[tuple[evt.EventType, object]]:
         return [
             (evt.EVT_CONN_OPEN, self.on_open),
+            (evt.EVT_ESTABLISHED, self.on_established),
+            (evt.EVT_REJECTED, self.on_rejected),
             (evt.EVT_C_ECHO, self.on_echo),
             (evt.EVT_C_STORE, self.on_store),
             (evt.EVT_RELEASED, self.on_released),
@@ -63,21 +126,72 @@ class StorageHandlers:
         ]
 
     def on_open(self, event: Event) -> None:
-        """pynetdicom's transport loop sleeps 1 ms whenever its queue is empty, which costs
-        several ms per instance in a CT stream; 0.2 ms keeps it responsive (pydicom/pynetdicom
-        issue 650) at a small CPU cost, only while an association is open. Its socket reads
-        go through :func:`receive_exactly`."""
-        event.assoc.dul._run_loop_delay = DUL_LOOP_DELAY_SECONDS
-        transport = event.assoc.dul.socket
+        """Before pynetdicom negotiates: the caller's allowlist and rate (:mod:`access`), and
+        the bounded socket reader. pynetdicom's transport loop sleeps 1 ms whenever its queue
+        is empty, which costs several ms per instance in a CT stream; 0.2 ms keeps it
+        responsive (pydicom/pynetdicom issue 650) at a small CPU cost, only while an
+        association is open."""
+        assoc = event.assoc
+        host = str(getattr(event, "address", ("",))[0])
+        try:
+            verdict = self.access.judge(host)
+        except Exception:  # pynetdicom would swallow it and let the caller in: fail closed
+            log.exception("access check for %s failed; rejecting", host)
+            verdict = Verdict(host, (), over_rate=False)
+        assoc._ae = GatedAE(assoc.ae, verdict)  # type: ignore[assignment]
+        transfer = Transfer(verdict)
+        assoc.dul._run_loop_delay = DUL_LOOP_DELAY_SECONDS
+        transport = assoc.dul.socket
         if transport is not None and transport.socket is not None:
-            connection = transport.socket
-            transport.recv = lambda nr_bytes: receive_exactly(connection, nr_bytes)  # type: ignore[method-assign]
+            transfer.reader = BoundedReader(transport.socket, self.max_pdu, self.max_instance_bytes)
+            transport.recv = transfer.reader.recv  # type: ignore[method-assign]
+        with self._lock:
+            self._transfers[id(assoc)] = transfer
+
+    def _transfer(self, event: Event) -> Transfer | None:
+        with self._lock:
+            return self._transfers.get(id(event.assoc))
+
+    def _end(self, event: Event) -> Transfer | None:
+        with self._lock:
+            return self._transfers.pop(id(event.assoc), None)
+
+    def _record(self, event: Event, kind: str, outcome: str, **fields: str) -> None:
+        self.audit.record(
+            AuditRecord(
+                kind,
+                outcome,
+                calling_ae=str(event.assoc.requestor.ae_title).strip(),
+                called_ae=str(event.assoc.acceptor.ae_title).strip(),
+                host=str(event.assoc.requestor.address),
+                **fields,
+            )
+        )
+
+    def on_established(self, event: Event) -> None:
+        self._record(event, "association", "success")
+
+    def on_rejected(self, event: Event) -> None:
+        transfer = self._end(event)
+        calling = str(event.assoc.requestor.ae_title).strip()
+        request = event.assoc.requestor.primitive
+        called = str(request.called_ae_title).strip() if request is not None else ""
+        reason = transfer.verdict.refusal(calling) if transfer else ""
+        if not reason and called != str(event.assoc.acceptor.ae_title).strip():
+            reason = f"called AE title {called!r} is not this node's"
+        reason = reason or "too many simultaneous associations"
+        host = event.assoc.requestor.address
+        log.warning("association from %s (%s) rejected: %s", calling, host, reason)
+        self._record(event, "association", "refused", detail=reason)
 
     def on_echo(self, event: Event) -> int:
         return status.SUCCESS
 
     def on_store(self, event: Event) -> int | Dataset:
         requestor = event.assoc.requestor
+        transfer = self._transfer(event)
+        if transfer is not None and transfer.reader is not None:
+            transfer.reader.message_done()
         try:
             request = event.request
             encoded = file_meta_header(
@@ -97,27 +211,48 @@ class StorageHandlers:
             log.warning(
                 "C-STORE from %s refused with 0x%04X: %s", requestor.ae_title, exc.status, exc
             )
+            if transfer is not None:
+                transfer.refused += 1
             return status.with_comment(exc.status, str(exc))
         except Exception:  # the node keeps serving; the sender may retry this one
             log.exception("C-STORE from %s failed", requestor.ae_title)
+            if transfer is not None:
+                transfer.refused += 1
             return status.with_comment(status.OUT_OF_RESOURCES, "internal error; see node log")
         with self._lock:
-            self._series_by_association.setdefault(id(event.assoc), set()).add(done.series_id)
+            if transfer is not None:
+                transfer.series.add(done.series_id)
+                transfer.stored[done.study_uid] += 1
             self.stored += 1
         return status.SUCCESS
 
-    def _series_of(self, event: Event) -> set[int]:
-        with self._lock:
-            return self._series_by_association.pop(id(event.assoc), set())
+    def _audit_stored(self, event: Event, transfer: Transfer, ended: str) -> None:
+        """One audit event per study an association stored into (the ATNA "DICOM Instances
+        Transferred" granularity); the instances themselves are rows of the index."""
+        for study_uid, count in sorted(transfer.stored.items()):
+            detail = f"{count} instance(s) stored; association {ended}"
+            self._record(event, "instances-stored", "success", study_uid=study_uid, detail=detail)
+        if transfer.refused:
+            detail = f"{transfer.refused} instance(s) refused; association {ended}"
+            self._record(event, "instances-stored", "refused", detail=detail)
+        if transfer.reader is not None and transfer.reader.refused:
+            detail = f"connection closed: {transfer.reader.refused}"
+            log.warning("association from %s: %s", event.assoc.requestor.address, detail)
+            self._record(event, "instances-stored", "refused", detail=detail)
 
     def on_released(self, event: Event) -> None:
-        series = self._series_of(event)
-        if series and self.complete_on_release:
+        transfer = self._end(event)
+        if transfer is None:
+            return
+        self._audit_stored(event, transfer, "released")
+        if transfer.series and self.complete_on_release:
             try:
-                self.completion.on_release(series)
+                self.completion.on_release(transfer.series)
             except Exception:  # the quiet period completes them instead
-                log.exception("early completion of %d series failed", len(series))
+                log.exception("early completion of %d series failed", len(transfer.series))
 
     def on_aborted(self, event: Event) -> None:
         """An aborted or dropped association: its series wait for the quiet period."""
-        self._series_of(event)
+        transfer = self._end(event)
+        if transfer is not None:
+            self._audit_stored(event, transfer, "aborted")

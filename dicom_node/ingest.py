@@ -78,6 +78,7 @@ class InstanceRefused(Exception):
 class Ingested:
     series_id: int
     new: bool
+    study_uid: str
 
 
 def _text(ds: Dataset, keyword: str, limit: int = 64) -> str:
@@ -150,6 +151,10 @@ def read_record(ds: Dataset, transfer_syntax: str) -> index.InstanceRecord:
     )
 
 
+class _SeriesFull(Exception):
+    """Rolls back the index row of an instance past ``security.max_instances_per_series``."""
+
+
 class Receiver:
     """Stores and indexes instances for the SCP; one per node, shared by its associations.
 
@@ -157,8 +162,11 @@ class Receiver:
     one UPDATE in a single commit: the ingest rate is bound by fsync, not by the ORM.
     """
 
-    def __init__(self, files: FileStore, db: sessionmaker[Session]) -> None:
+    def __init__(
+        self, files: FileStore, db: sessionmaker[Session], max_instances_per_series: int = 5000
+    ) -> None:
         self.files = files
+        self.max_instances_per_series = max_instances_per_series
         self.db = db
         self.engine: Engine = db.kw["bind"]
         self._series_ids: dict[str, int] = {}
@@ -254,8 +262,18 @@ class Receiver:
         # before both are done can leave a row naming a file that is not there, for an
         # instance never acknowledged; its resend restores the file, and the start-up check
         # (Receiver.reconcile) removes the rows of instances that never came back.
-        with self.engine.begin() as connection:
-            recorded = index.record_instance(connection, record, path, size, digest, series_id)
+        try:
+            with self.engine.begin() as connection:
+                recorded = index.record_instance(connection, record, path, size, digest, series_id)
+                if recorded.arrivals > self.max_instances_per_series:
+                    raise _SeriesFull
+        except _SeriesFull:
+            if not placing.result().already_present:
+                self.files.discard(path)
+            raise InstanceRefused(
+                status.OUT_OF_RESOURCES,
+                f"series holds {self.max_instances_per_series} instances, the node's limit",
+            ) from None
         stored = placing.result()
         if not recorded.new and not stored.already_present:
             # Indexed, yet its file was missing: a crash as above. The resend restored it;
@@ -271,7 +289,7 @@ class Receiver:
             self._series_ids[record.series_uid] = series_id
             if len(self._series_ids) > 10_000:  # a long-running node sees many series
                 self._series_ids.pop(next(iter(self._series_ids)))
-        return Ingested(recorded.series_id, recorded.new)
+        return Ingested(recorded.series_id, recorded.new, record.study_uid)
 
 
 def _discard(files: FileStore) -> Callable[[Future[Path]], None]:

@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import NodeConfig
 from storage import index, queue
+from storage.audit import recent_events
 from storage.models import Series
 
 
@@ -54,6 +55,21 @@ def job_lines(db: sessionmaker[Session], state: str | None, limit: int) -> list[
         )
         if job.last_error:
             lines.append(f"{'':>6} last error: {job.last_error}")
+    return lines
+
+
+def audit_lines(db: sessionmaker[Session], limit: int) -> list[str]:
+    with db() as session:
+        events = recent_events(session, limit)
+    lines = [
+        f"{'at (UTC)':<19} {'event':<16} {'outcome':<8} calling -> called @ host  study  detail"
+    ]
+    for e in events:
+        study = f" {e.study_uid}" if e.study_uid else ""
+        lines.append(
+            f"{e.at:%Y-%m-%d %H:%M:%S} {e.event:<16} {e.outcome:<8} "
+            f"{e.calling_ae or '-'} -> {e.called_ae or '-'} @ {e.host or '-'}{study}  {e.detail}"
+        )
     return lines
 
 

@@ -19,9 +19,10 @@ from pynetdicom import AE
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import status
+from dicom_node.audit import AuditRecord, AuditTrail
 from dicom_node.config import Destination, NodeConfig
 from storage import index, queue
-from storage.models import ResultInstance, Series
+from storage.models import ResultInstance, Series, Study
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +97,10 @@ class Sender:
         config: NodeConfig,
         name: str,
         stopping: threading.Event,
+        audit: AuditTrail | None = None,
     ) -> None:
         self.db = db
+        self.audit = audit
         self.config = config
         self.name = name
         self.stopping = stopping
@@ -121,6 +124,7 @@ class Sender:
             reason = str(exc)
             with self.db.begin() as session:
                 state = queue.fail(session, job, reason, self.backoff)
+            self._audit(job, "failed", reason)
             log.warning(
                 "delivery job %d to %s, attempt %d/%d: %s%s",
                 job.id,
@@ -135,6 +139,29 @@ class Sender:
             with self.db.begin() as session:
                 queue.fail(session, job, f"{exc.__class__.__name__}: {exc}", self.backoff)
         return True
+
+    def _audit(self, job: queue.ClaimedJob, outcome: str, detail: str) -> None:
+        if self.audit is None:
+            return
+        try:
+            destination = self.config.destination(job.destination)
+            with self.db() as session:
+                series = session.get_one(Series, job.series_id)
+                study_uid = session.get_one(Study, series.study_id).study_uid
+                peer = peer_for(destination, series)
+        except (KeyError, DeliveryFailed):
+            peer, study_uid = Peer(job.destination, "", 0), ""
+        self.audit.record(
+            AuditRecord(
+                "delivery",
+                outcome,
+                calling_ae=self.config.node.ae_title,
+                called_ae=peer.ae_title,
+                host=peer.host,
+                study_uid=study_uid,
+                detail=f"{job.destination}: {detail}",
+            )
+        )
 
     def _deliver(self, job: queue.ClaimedJob) -> None:
         destination = self.config.destination(job.destination)
@@ -163,5 +190,6 @@ class Sender:
                 destination.name,
                 peer,
             )
+            self._audit(job, "success", f"{len(due)} result instance(s) to {peer}")
         with self.db.begin() as session:
             queue.complete(session, job)

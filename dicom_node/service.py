@@ -18,6 +18,8 @@ from types import FrameType
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.access import AccessPolicy
+from dicom_node.audit import AuditTrail
 from dicom_node.completion import SeriesCompletion
 from dicom_node.config import NodeConfig
 from dicom_node.handlers import StorageHandlers
@@ -47,8 +49,15 @@ class Node:
         self.instances = FileStore(root / "instances", spares=512)
         self.results = FileStore(root / "results")
         self.completion = SeriesCompletion(self.db, config)
+        self.audit = AuditTrail(self.db, config.security.audit_syslog)
         self.handlers = StorageHandlers(
-            Receiver(self.instances, self.db), self.completion, config.completion.on_release
+            Receiver(self.instances, self.db, config.security.max_instances_per_series),
+            self.completion,
+            config.completion.on_release,
+            AccessPolicy(config.security),
+            self.audit,
+            max_pdu=config.node.max_pdu,
+            max_instance_bytes=config.security.max_instance_bytes,
         )
         self.server: object | None = None
 
@@ -64,7 +73,7 @@ class Node:
                 self.db, self.config, detector, self.results, f"{identity}/worker{n}", self.stopping
             )
             self._spawn(f"worker{n}", worker.run_once)
-        sender = Sender(self.db, self.config, f"{identity}/sender", self.stopping)
+        sender = Sender(self.db, self.config, f"{identity}/sender", self.stopping, self.audit)
         self._spawn("sender", sender.run_once)
         self._spawn("housekeeping", self._housekeeping, idle=1.0)
         self.server = start_scp(self.config.node, self.handlers)

@@ -62,6 +62,8 @@ class InstanceRecord:
 class Recorded:
     series_id: int
     new: bool  # False when the SOP instance was already indexed (a resend)
+    #: The series' arrivals so far, this one included (its version): 0 for a resend.
+    arrivals: int = 0
 
 
 def _get_or_create(session: Session, model: Any, where: dict[str, Any], **values: Any) -> Any:
@@ -102,6 +104,7 @@ _COUNT_INSTANCE = (
         state="receiving",
         reason="",
     )
+    .returning(Series.version)
 )
 
 
@@ -177,13 +180,15 @@ def record_instance(
             select(Instance.series_id).where(Instance.sop_uid == record.sop_uid)
         ).scalar_one()
         return Recorded(int(existing), new=False)
-    count_arrival(connection, series_id)
-    return Recorded(series_id, new=True)
+    return Recorded(series_id, new=True, arrivals=count_arrival(connection, series_id))
 
 
-def count_arrival(connection: Connection, series_id: int) -> None:
-    """The series received something new: it is receiving again and will complete anew."""
-    connection.execute(_COUNT_INSTANCE, {"series": series_id, "now": utcnow()})
+def count_arrival(connection: Connection, series_id: int) -> int:
+    """The series received something new: it is receiving again and will complete anew.
+    Returns its arrivals so far."""
+    return int(
+        connection.execute(_COUNT_INSTANCE, {"series": series_id, "now": utcnow()}).scalar_one()
+    )
 
 
 # --- completion and selection --------------------------------------------------------------

@@ -169,3 +169,22 @@ class Delivery(Base):
     destination: Mapped[str] = mapped_column(String(64))
     status: Mapped[int] = mapped_column(Integer)
     delivered: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class AuditEvent(Base):
+    """Who did what with patient data, in the IHE ATNA spirit: every association (accepted or
+    not), what each one stored, every delivery. UIDs and counts only, never names or IDs."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    #: association, instances-stored, delivery.
+    event: Mapped[str] = mapped_column(String(32))
+    #: success, refused, failed.
+    outcome: Mapped[str] = mapped_column(String(16))
+    calling_ae: Mapped[str] = mapped_column(String(16), default="")
+    called_ae: Mapped[str] = mapped_column(String(16), default="")
+    host: Mapped[str] = mapped_column(String(64), default="")
+    study_uid: Mapped[str] = mapped_column(UID, default="")
+    detail: Mapped[str] = mapped_column(Text, default="")

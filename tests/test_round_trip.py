@@ -19,7 +19,7 @@ from sqlalchemy import select
 from dicom_node.analyze import analyze_paths
 from dicom_node.service import Node
 from inference.detector import DEFAULT_WEIGHTS
-from storage.models import Delivery, Job
+from storage.models import AuditEvent, Delivery, Job
 from tests.dicom_factory import SeriesSpec, ct_datasets, phantom, write_series
 from tests.peers import NodeProcess, Orthanc, free_port, node_config, storescu, wait_for
 
@@ -88,6 +88,14 @@ def test_lidc_case_round_trip_from_storescu_to_orthanc(
         exit_code = node.stop()
     assert exit_code == 0, node.log.read_text()[-2000:]
     assert SC_CLASSES & set(results), "key images missing"
+    # No PHI in the log at the default level: UIDs and counts, not names, IDs or birth dates.
+    header = pydicom.dcmread(next(case.rglob("*.dcm")), stop_before_pixels=True)
+    log_text = node.log.read_text()
+    assert "analyzed" in log_text
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber"):
+        value = str(header.get(keyword, "") or "").strip()
+        if len(value) >= 4:
+            assert value not in log_text, f"{keyword} appears in the node's log"
     (sr_instance,) = results[SR_CLASS]
     sr = pydicom.dcmread(io.BytesIO(orthanc.get(f"/instances/{sr_instance['ID']}/file")))
     assert sr.StudyInstanceUID == study_uid
@@ -144,6 +152,12 @@ def test_results_reach_a_destination_that_comes_up_late_exactly_once(
         assert all(len(v) == 1 for k, v in sent.items() if k in {SR_CLASS, SEG_CLASS})
         sop_uids = [i["MainDicomTags"]["SOPInstanceUID"] for v in sent.values() for i in v]
         assert len(sop_uids) == len(set(sop_uids))
+        with node.db() as session:
+            deliveries = [
+                (e.outcome, e.called_ae, e.study_uid)
+                for e in session.scalars(select(AuditEvent).where(AuditEvent.event == "delivery"))
+            ]
+        assert deliveries[0][0] == "failed" and deliveries[-1] == ("success", "ORTHANC", study_uid)
     finally:
         pacs.stop()
 

@@ -1,0 +1,209 @@
+"""Who gets in, how much they may send, and what the audit trail keeps of it."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from pynetdicom import AE
+from pynetdicom.association import Association
+from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
+from sqlalchemy import select
+
+from dicom_node import status
+from dicom_node.access import AccessPolicy
+from dicom_node.audit import AuditRecord, rfc5424_line
+from dicom_node.config import ConfigError, NodeConfig, Peer, SecuritySettings
+from storage.models import AuditEvent, Instance
+from tests.dicom_factory import SeriesSpec, ct_datasets, phantom, write_series
+from tests.peers import storescu, wait_for
+
+
+def _associate(port: int, calling: str = "SCANNER", called: str = "RESMTNET") -> Association:
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(Verification)
+    ae.add_requested_context(CTImageStorage)
+    return ae.associate("127.0.0.1", port, ae_title=called)
+
+
+def _echo(port: int, calling: str = "SCANNER") -> tuple[bool, int | None]:
+    """(accepted, A-ASSOCIATE-RJ result) of an association that sends one C-ECHO."""
+    assoc = _associate(port, calling)
+    if not assoc.is_established:
+        primitive = assoc.acceptor.primitive
+        return False, (primitive.result if primitive is not None else None)
+    answer = assoc.send_c_echo()
+    assoc.release()
+    return int(answer.Status) == status.SUCCESS, None
+
+
+def _audit(node: Any) -> list[AuditEvent]:
+    with node.db() as session:
+        return list(session.scalars(select(AuditEvent).order_by(AuditEvent.id)))
+
+
+def test_policy_binds_each_calling_ae_title_to_its_hosts() -> None:
+    policy = AccessPolicy(
+        SecuritySettings(
+            peers=[
+                Peer(ae_title="CT1", hosts=["10.1.2.3"]),
+                Peer(ae_title="PACS", hosts=["10.9.0.0/16", "127.0.0.1"]),
+            ]
+        )
+    )
+    assert policy.titles_for("10.1.2.3") == ("CT1",)
+    assert policy.titles_for("10.9.44.1") == ("PACS",)
+    assert policy.titles_for("::ffff:10.9.44.1") == ("PACS",)
+    assert policy.titles_for("10.1.2.4") == ()
+    assert policy.judge("10.1.2.3").refusal("PACS") == (
+        "calling AE title 'PACS' not allowed from 10.1.2.3"
+    )
+
+
+def test_with_no_peers_listed_only_this_machine_gets_in() -> None:
+    policy = AccessPolicy(SecuritySettings())
+    assert policy.titles_for("127.0.0.1") is None and policy.titles_for("::1") is None
+    assert policy.titles_for("192.168.1.20") == ()
+
+
+def test_association_rate_is_counted_per_host_over_a_minute() -> None:
+    now = [0.0]
+    policy = AccessPolicy(SecuritySettings(associations_per_minute=2), clock=lambda: now[0])
+    assert [policy.judge("10.0.0.1").over_rate for _ in range(3)] == [False, False, True]
+    assert not policy.judge("10.0.0.2").over_rate
+    now[0] = 61.0
+    assert not policy.judge("10.0.0.1").over_rate
+
+
+def test_a_peer_host_that_is_neither_address_nor_name_stops_the_config() -> None:
+    with pytest.raises(ConfigError, match=r"security\.peers\.0\.hosts: .*'10\.0\.0\.0/33'"):
+        from dicom_node.config import load_config
+
+        load_config(
+            None, environ={"DICOM_NODE__SECURITY__PEERS": "[{ae_title: A, hosts: [10.0.0.0/33]}]"}
+        )
+
+
+def test_unknown_callers_are_rejected_at_association_and_audited(
+    start_node: Any, tmp_path: Path
+) -> None:
+    config_path = tmp_path / "node0" / "config.yaml"
+    node = start_node(
+        workers={"count": 0},
+        security={
+            "peers": [
+                {"ae_title": "SCANNER", "hosts": ["127.0.0.1"]},
+                {"ae_title": "FARAWAY", "hosts": ["10.20.30.40"]},
+            ]
+        },
+    )
+    port = node.config.node.port
+    assert _echo(port, "SCANNER") == (True, None)
+    # Not listed at all, and listed but bound to another host: rejected-permanent (1).
+    assert _echo(port, "INTRUDER") == (False, 1)
+    assert _echo(port, "FARAWAY") == (False, 1)
+    # The rejection is sent before its audit event is written.
+    wait_for(lambda: len(_audit(node)) == 3, 10, "the audit events")
+    events = [(e.event, e.outcome, e.calling_ae, e.host) for e in _audit(node)]
+    assert events == [
+        ("association", "success", "SCANNER", "127.0.0.1"),
+        ("association", "refused", "INTRUDER", "127.0.0.1"),
+        ("association", "refused", "FARAWAY", "127.0.0.1"),
+    ]
+    assert _audit(node)[2].detail == "calling AE title 'FARAWAY' not allowed from 127.0.0.1"
+    listed = subprocess.run(
+        [sys.executable, "-m", "dicom_node.cli", "audit", "--config", str(config_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "association      refused  FARAWAY -> RESMTNET @ 127.0.0.1" in listed.stdout
+
+
+def test_a_host_over_its_association_rate_is_turned_away_transiently(start_node: Any) -> None:
+    node = start_node(workers={"count": 0}, security={"associations_per_minute": 2})
+    port = node.config.node.port
+    results = [_echo(port) for _ in range(3)]
+    assert results == [(True, None), (True, None), (False, 2)]  # 2: rejected-transient
+    wait_for(lambda: len(_audit(node)) == 3, 10, "the audit events")
+    assert "associations per minute" in _audit(node)[-1].detail
+
+
+def _series(folder: Path, slices: int) -> list[Path]:
+    spec = SeriesSpec(slices=slices)
+    return write_series(folder, ct_datasets(spec, phantom(spec, None)))
+
+
+def test_a_series_past_its_instance_limit_is_refused_and_nothing_of_it_kept(
+    start_node: Any, tmp_path: Path
+) -> None:
+    node = start_node(workers={"count": 0}, security={"max_instances_per_series": 4})
+    files = _series(tmp_path / "ct", 6)
+    datasets = [pydicom.dcmread(f) for f in files]
+    assoc = _associate(node.config.node.port)
+    codes = [int(assoc.send_c_store(ds).Status) for ds in datasets]
+    assoc.release()
+    assert codes == [0, 0, 0, 0, status.OUT_OF_RESOURCES, status.OUT_OF_RESOURCES]
+    with node.db() as session:
+        assert len(list(session.scalars(select(Instance)))) == 4
+    assert len(list(Path(node.config.storage.path, "instances").rglob("*.dcm"))) == 4
+    wait_for(lambda: len(_audit(node)) == 3, 10, "the association's audit events")
+    stored, refused = _audit(node)[1:]
+    assert (stored.event, stored.outcome, stored.study_uid) == (
+        "instances-stored",
+        "success",
+        datasets[0].StudyInstanceUID,
+    )
+    assert stored.detail.startswith("4 instance(s) stored")
+    assert refused.detail.startswith("2 instance(s) refused")
+
+
+def test_an_instance_past_the_byte_limit_closes_its_association_only(
+    start_node: Any, tmp_path: Path
+) -> None:
+    node = start_node(workers={"count": 0}, security={"max_instance_bytes": 16384})
+    big = _series(tmp_path / "ct", 1)  # 128 x 128 x 2 bytes: 32 KiB of pixels
+    assoc = _associate(node.config.node.port)
+    answer = assoc.send_c_store(pydicom.dcmread(big[0]))
+    assert not answer  # no status: the node closed the connection
+    assert _echo(node.config.node.port) == (True, None)
+    wait_for(lambda: any("max_instance_bytes" in e.detail for e in _audit(node)), 10, "audit")
+    with node.db() as session:
+        assert not list(session.scalars(select(Instance)))
+
+
+def test_audit_lines_follow_rfc5424_and_reach_a_syslog_collector(
+    start_node: Any, tmp_path: Path
+) -> None:
+    collector = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    collector.bind(("127.0.0.1", 0))
+    collector.settimeout(10)
+    node = start_node(
+        workers={"count": 0},
+        security={"audit_syslog": {"host": "127.0.0.1", "port": collector.getsockname()[1]}},
+    )
+    files = _series(tmp_path / "ct", 3)
+    assert storescu(node.config.node.port, files).returncode == 0
+    lines = [collector.recv(65536).decode() for _ in range(2)]
+    collector.close()
+    accepted, stored = lines
+    assert accepted.startswith("<85>1 ") and " association [audit@32473 " in accepted
+    assert 'outcome="success" callingAE="SCANNER" calledAE="RESMTNET" host="127.0.0.1"' in accepted
+    study = pydicom.dcmread(files[0]).StudyInstanceUID
+    assert f'studyUID="{study}"' in stored and stored.endswith(
+        "3 instance(s) stored; association released"
+    )
+
+
+def test_structured_data_values_are_escaped() -> None:
+    line = rfc5424_line(AuditRecord("association", "refused", calling_ae='A"]\\'), "node")
+    assert b'callingAE="A\\"\\]\\\\"' in line and line.startswith(b"<84>1 ")
+
+
+def test_the_default_config_lets_in_only_this_machine() -> None:
+    assert NodeConfig().security.peers == []

@@ -70,6 +70,13 @@ class NodeSettings(_Section):
 class StorageSettings(_Section):
     path: Path = Path("./var/storage")
     database_url: str = "sqlite:///./var/node.db"
+    #: Below this much free space on the storage's file system, new instances are refused
+    #: with Out of Resources (0xA700) until space returns.
+    min_free_mb: Annotated[int, Field(ge=0)] = 1024
+    #: Received images are deleted this many days after their series last received an
+    #: instance, once its results are delivered everywhere; never while work is pending or
+    #: dead-lettered. Results and the index are kept. None: keep images forever.
+    retention_days: Annotated[float, Field(gt=0)] | None = 14.0
 
 
 class CompletionSettings(_Section):

@@ -13,6 +13,7 @@ import io
 import logging
 import struct
 import threading
+import zlib
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import __version__, status
 from storage import index
-from storage.files import FileStore, InvalidUID, StoredFile, check_uid
+from storage.files import FileStore, FreeSpace, InvalidUID, StoredFile, check_uid
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +152,57 @@ def read_record(ds: Dataset, transfer_syntax: str) -> index.InstanceRecord:
     )
 
 
+#: Deflated Explicit VR Little Endian (PS3.5 A.5): the data set after the file meta is a raw
+#: deflate stream, which pydicom inflates whole before parsing anything.
+DEFLATED = "1.2.840.10008.1.2.1.99"
+INFLATE_CHUNK = 1 << 24
+
+
+def _meta_syntax(encoded: bytes) -> tuple[str, int]:
+    """The Transfer Syntax UID in a file's meta group (always explicit VR little endian) and
+    where the data set starts; ("", 0) when the bytes are not a DICOM file."""
+    if encoded[128:132] != b"DICM":
+        return "", 0
+    offset, syntax = 132, ""
+    while offset + 8 <= len(encoded):
+        group, element = struct.unpack_from("<HH", encoded, offset)
+        if group != 0x0002:
+            break
+        if encoded[offset + 4 : offset + 6] in (b"OB", b"OW", b"UN", b"SQ", b"UT", b"UC"):
+            (length,) = struct.unpack_from("<I", encoded, offset + 8)
+            value_at = offset + 12
+        else:
+            (length,) = struct.unpack_from("<H", encoded, offset + 6)
+            value_at = offset + 8
+        if element == 0x0010:
+            syntax = encoded[value_at : value_at + length].rstrip(b"\0 ").decode("ascii", "replace")
+        offset = value_at + length
+    return syntax, offset
+
+
+def check_inflated_size(encoded: bytes, limit: int) -> None:
+    """Refuse a deflated data set that inflates past ``limit`` (a deflate bomb: a few MB that
+    become many GB), counting in bounded chunks before pydicom inflates it in one piece."""
+    syntax, body_at = _meta_syntax(encoded)
+    if syntax != DEFLATED:
+        return
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    pending, total = encoded[body_at:], 0
+    try:
+        while pending and total <= limit:
+            total += len(inflater.decompress(pending, INFLATE_CHUNK))
+            pending = inflater.unconsumed_tail
+    except zlib.error as exc:
+        raise InstanceRefused(
+            status.CANNOT_UNDERSTAND, f"deflated data set is corrupt ({exc})"
+        ) from None
+    if total > limit:
+        raise InstanceRefused(
+            status.OUT_OF_RESOURCES,
+            f"deflated data set inflates to more than {limit} bytes (security.max_instance_bytes)",
+        )
+
+
 class _SeriesFull(Exception):
     """Rolls back the index row of an instance past ``security.max_instances_per_series``."""
 
@@ -163,9 +215,16 @@ class Receiver:
     """
 
     def __init__(
-        self, files: FileStore, db: sessionmaker[Session], max_instances_per_series: int = 5000
+        self,
+        files: FileStore,
+        db: sessionmaker[Session],
+        max_instances_per_series: int = 5000,
+        free_space: FreeSpace | None = None,
+        max_inflated_bytes: int = 1 << 30,
     ) -> None:
         self.files = files
+        self.max_inflated_bytes = max_inflated_bytes
+        self.free_space = free_space
         self.max_instances_per_series = max_instances_per_series
         self.db = db
         self.engine: Engine = db.kw["bind"]
@@ -186,6 +245,11 @@ class Receiver:
         thread parses the header and hashes; then the file is renamed into place, and
         the index row committed while the new name is fsynced. Success is answered after all
         of it."""
+        if self.free_space is not None and not self.free_space.room_for(len(encoded)):
+            raise InstanceRefused(
+                status.OUT_OF_RESOURCES, "storage below its free-space watermark; retry later"
+            )
+        check_inflated_size(encoded, self.max_inflated_bytes)
         writing = self._writer.submit(self.files.write_temporary, encoded)
         try:
             record = self._header(encoded, expected_sop_uid)
@@ -227,15 +291,17 @@ class Receiver:
             writing.result(), record.study_uid, record.series_uid, record.sop_uid
         )
 
-    @staticmethod
-    def _header(encoded: bytes, expected_sop_uid: str | None) -> index.InstanceRecord:
+    def _header(self, encoded: bytes, expected_sop_uid: str | None) -> index.InstanceRecord:
         try:
-            ds = pydicom.dcmread(io.BytesIO(encoded), stop_before_pixels=True)
+            ds = pydicom.dcmread(io.BytesIO(encoded), stop_before_pixels=True, force=False)
+            syntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
+            record = read_record(ds, syntax)
+        except InstanceRefused:
+            raise
         except Exception as exc:  # pydicom raises many types on malformed input
             raise InstanceRefused(
                 status.CANNOT_UNDERSTAND, f"dataset cannot be parsed ({exc.__class__.__name__})"
             ) from exc
-        record = read_record(ds, str(ds.file_meta.get("TransferSyntaxUID", "")))
         if expected_sop_uid and record.sop_uid != expected_sop_uid:
             raise InstanceRefused(
                 status.MISSING_ATTRIBUTE,

@@ -13,6 +13,7 @@ import signal
 import socket
 import threading
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from types import FrameType
 
@@ -28,9 +29,10 @@ from dicom_node.scp import start_scp
 from dicom_node.sender import Sender
 from dicom_node.worker import AnalysisWorker
 from inference.detector import DEFAULT_WEIGHTS, NoduleDetector
-from storage import queue
+from storage import index, queue
 from storage.database import open_database
-from storage.files import FileStore
+from storage.files import FileStore, FreeSpace
+from storage.models import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +53,13 @@ class Node:
         self.completion = SeriesCompletion(self.db, config)
         self.audit = AuditTrail(self.db, config.security.audit_syslog)
         self.handlers = StorageHandlers(
-            Receiver(self.instances, self.db, config.security.max_instances_per_series),
+            Receiver(
+                self.instances,
+                self.db,
+                config.security.max_instances_per_series,
+                FreeSpace(self.instances.root, config.storage.min_free_mb * 2**20),
+                config.security.max_instance_bytes,
+            ),
             self.completion,
             config.completion.on_release,
             AccessPolicy(config.security),
@@ -97,7 +105,23 @@ class Node:
             reaped = queue.reap(session)
         if reaped:
             log.warning("%d job(s) dead-lettered: their worker died on every attempt", reaped)
+        self._purge()
         return False
+
+    def _purge(self) -> None:
+        """Retention: received images go once their series' results are delivered everywhere
+        and ``storage.retention_days`` have passed; results and the index stay."""
+        days = self.config.storage.retention_days
+        if days is None:
+            return
+        before = utcnow() - timedelta(days=days)
+        with self.db() as session:
+            due = index.purgeable_series(session, before)
+        for series_id in due:
+            with self.db.begin() as session:
+                paths = index.purge_series_images(session, series_id)
+            self.instances.delete(paths)
+            log.info("series %d: %d image(s) deleted after retention", series_id, len(paths))
 
     def _spawn(self, name: str, step: Callable[[], bool], idle: float = POLL_SECONDS) -> None:
         def loop() -> None:

@@ -8,11 +8,14 @@ so the same instance sent twice lands on the same path and is stored once.
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import re
 import secrets
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +23,8 @@ from pathlib import Path
 #: (PS3.5 9.1). Anything else could escape the store's folders when used as a path.
 UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
+
+log = logging.getLogger(__name__)
 
 #: How long no spare must have been taken before the pool is refilled.
 SPARE_IDLE_SECONDS = 0.5
@@ -40,6 +45,50 @@ def check_uid(name: str, value: str) -> str:
     if len(value) > 64 or not UID_PATTERN.match(value):
         raise InvalidUID(f"{name} {value!r} is not a valid DICOM UID (PS3.5 9.1)")
     return value
+
+
+class FreeSpace:
+    """The free space of a file system against a watermark, read at most once a second (a
+    CT arrives at hundreds of instances a second). Below it the node refuses new work before a
+    write could fail half-way; it says so once, and again when space has returned."""
+
+    def __init__(
+        self,
+        folder: Path,
+        min_free_bytes: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.folder = folder
+        self.min_free_bytes = min_free_bytes
+        self.clock = clock
+        self._read_at = -1.0
+        self._free = 0
+        self._low = False
+        self._lock = threading.Lock()
+
+    def free_bytes(self) -> int:
+        with self._lock:
+            now = self.clock()
+            if now - self._read_at >= 1.0:
+                stat = os.statvfs(self.folder)
+                self._free, self._read_at = stat.f_bavail * stat.f_frsize, now
+            return self._free
+
+    def room_for(self, size: int = 0) -> bool:
+        room = self.free_bytes() - size >= self.min_free_bytes
+        with self._lock:
+            if room == self._low:  # a transition: say it once
+                self._low = not room
+                if room:
+                    log.warning("storage free space back above the watermark: accepting again")
+                else:
+                    log.error(
+                        "storage has %d MB free, below its watermark of %d MB "
+                        "(storage.min_free_mb): refusing new instances",
+                        self._free // 2**20,
+                        self.min_free_bytes // 2**20,
+                    )
+        return room
 
 
 class FileStore:
@@ -161,6 +210,20 @@ class FileStore:
         for new in reversed(missing):
             new.mkdir(mode=0o700, exist_ok=True)
             _fsync_dir(new.parent)
+
+    def delete(self, paths: list[Path]) -> None:
+        """Delete stored files and the folders they leave empty."""
+        folders = set()
+        for path in paths:
+            path.unlink(missing_ok=True)
+            folders.add(path.parent)
+        for folder in sorted(folders, key=lambda f: len(f.parts), reverse=True):
+            for empty in (folder, folder.parent):
+                if empty != self.root and empty.is_relative_to(self.root):
+                    try:
+                        empty.rmdir()
+                    except OSError:  # not empty: other series of the study remain
+                        break
 
     def remove_stale_temporaries(self) -> int:
         """Delete half-written files a crash left behind (never acknowledged); return how many."""

@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 from storage.models import (
     Delivery,
     Instance,
+    Job,
     Patient,
     Result,
     ResultInstance,
@@ -379,3 +380,45 @@ def totals(session: Session) -> dict[str, int]:
 def series_states(session: Session) -> dict[str, int]:
     rows = session.execute(select(Series.state, func.count()).group_by(Series.state))
     return {state: int(n) for state, n in rows}
+
+
+# --- retention ------------------------------------------------------------------------------
+
+#: Series states after which a series' images are no longer needed once its results are out.
+SETTLED = ("analyzed", "not_selected", "rejected")
+
+
+def purgeable_series(session: Session, received_before: datetime, limit: int = 20) -> list[int]:
+    """Series whose images may go: settled, quiet since ``received_before``, nothing received
+    since their state was set, and no delivery of theirs pending or dead-lettered."""
+    unfinished = select(Job.series_id).where(
+        Job.kind == "deliver", Job.state.in_(("queued", "running", "failed"))
+    )
+    rows = session.scalars(
+        select(Series.id)
+        .where(
+            Series.state.in_(SETTLED),
+            Series.last_received < received_before,
+            Series.version == Series.state_version,
+            Series.id.not_in(unfinished),
+        )
+        .order_by(Series.id)
+        .limit(limit)
+    )
+    return [int(r) for r in rows]
+
+
+def purge_series_images(session: Session, series_id: int) -> list[Path]:
+    """Mark the series ``purged`` and drop its instance rows; return the files to delete (the
+    caller deletes them after the commit: a crash between leaves files, never dangling rows)."""
+    paths = [
+        Path(p)
+        for p in session.scalars(select(Instance.path).where(Instance.series_id == series_id))
+    ]
+    session.execute(delete(Instance).where(Instance.series_id == series_id))
+    session.execute(
+        update(Series)
+        .where(Series.id == series_id)
+        .values(state="purged", reason="images deleted after retention")
+    )
+    return paths

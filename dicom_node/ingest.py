@@ -203,6 +203,89 @@ def check_inflated_size(encoded: bytes, limit: int) -> None:
         )
 
 
+#: Explicit VRs with a 4-byte length (PS3.5 7.1.2); the others have 2 bytes.
+LONG_VRS = frozenset(
+    (b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV")
+)
+UNDEFINED_LENGTH = 0xFFFFFFFF
+ITEM, ITEM_END, SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+
+
+def _unreadable(message: str) -> InstanceRefused:
+    return InstanceRefused(status.CANNOT_UNDERSTAND, message)
+
+
+def check_encoding(encoded: bytes) -> None:
+    """Walk the data set's element headers, skipping their values, and refuse one that is cut
+    short, whose sequences never end, or that is not in the transfer syntax it declares.
+
+    pydicom reads leniently: it stops quietly at a truncated end and switches to implicit VR
+    when explicit was declared, so such an instance would be stored with a file meta that
+    lies about it. The walk keeps its own stack, so no nesting depth can exhaust Python's."""
+    syntax, at = _meta_syntax(encoded)
+    if not at or syntax == DEFLATED:  # not a file (the parse reports it), or not walkable raw
+        return
+    end = len(encoded)
+    # Undefined-length "sequence"s and "item"s still open, each with whether its content is
+    # implicit VR (the data set's syntax, or implicit inside an undefined-length UN: PS3.5 6.2.2).
+    containers: list[tuple[str, bool]] = []
+    implicit = syntax == "1.2.840.10008.1.2"
+    while at < end:
+        if at + 8 > end:
+            raise _unreadable(f"data set truncated: {end - at} byte(s) where an element starts")
+        group, element = struct.unpack_from("<HH", encoded, at)
+        tag, where = (group << 16) | element, f"({group:04X},{element:04X})"
+        inside, implicit_here = containers[-1] if containers else ("", implicit)
+        if group == 0xFFFE:
+            (length,) = struct.unpack_from("<I", encoded, at + 4)
+            at += 8
+            if tag == ITEM and inside == "sequence":
+                if length == UNDEFINED_LENGTH:
+                    containers.append(("item", implicit_here))
+                elif at + length > end:
+                    raise _unreadable(f"data set truncated inside an item of {length} bytes")
+                else:
+                    at += length
+            elif (tag, inside) in ((ITEM_END, "item"), (SEQUENCE_END, "sequence")):
+                containers.pop()
+            else:
+                raise _unreadable(f"misplaced item or delimiter {where}")
+            continue
+        if inside == "sequence":
+            raise _unreadable(f"element {where} inside a sequence, where an item was expected")
+        content_implicit = implicit_here
+        if implicit_here:
+            (length,) = struct.unpack_from("<I", encoded, at + 4)
+            at += 8
+        else:
+            vr = encoded[at + 4 : at + 6]
+            if not (vr.isalpha() and vr.isupper()):
+                raise _unreadable(
+                    f"element {where} has no explicit VR ({vr!r}): not encoded in {syntax}"
+                )
+            if vr in LONG_VRS:
+                if at + 12 > end:
+                    raise _unreadable(f"data set truncated in the header of {where}")
+                (length,) = struct.unpack_from("<I", encoded, at + 8)
+                at += 12
+                content_implicit = vr == b"UN"
+            else:
+                (length,) = struct.unpack_from("<H", encoded, at + 6)
+                at += 8
+        if length == UNDEFINED_LENGTH:
+            containers.append(("sequence", content_implicit))
+        elif at + length > end:
+            raise _unreadable(
+                f"data set truncated: {where} declares {length} bytes, {end - at} remain"
+            )
+        else:
+            at += length
+    if containers:
+        raise _unreadable(
+            f"data set ends inside {len(containers)} unterminated sequence(s)/item(s)"
+        )
+
+
 class _SeriesFull(Exception):
     """Rolls back the index row of an instance past ``security.max_instances_per_series``."""
 
@@ -292,9 +375,11 @@ class Receiver:
         )
 
     def _header(self, encoded: bytes, expected_sop_uid: str | None) -> index.InstanceRecord:
+        check_encoding(encoded)
         try:
             ds = pydicom.dcmread(io.BytesIO(encoded), stop_before_pixels=True, force=False)
             syntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
+            requested_class = str(ds.file_meta.get("MediaStorageSOPClassUID", ""))
             record = read_record(ds, syntax)
         except InstanceRefused:
             raise
@@ -306,6 +391,12 @@ class Receiver:
             raise InstanceRefused(
                 status.MISSING_ATTRIBUTE,
                 f"SOPInstanceUID {record.sop_uid} differs from the request's {expected_sop_uid}",
+            )
+        if requested_class and record.sop_class_uid != requested_class:
+            # The file meta carries the request's Affected SOP Class UID (the context's).
+            raise InstanceRefused(
+                status.MISSING_ATTRIBUTE,
+                f"SOPClassUID {record.sop_class_uid} differs from the request's {requested_class}",
             )
         return record
 

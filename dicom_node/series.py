@@ -144,6 +144,8 @@ def _float_list(ds: Dataset, keyword: str, count: int, path: Path) -> np.ndarray
         )
     except (TypeError, ValueError) as exc:
         raise SeriesRejected(f"{where} is not numeric: {value!r}") from exc
+    if not np.isfinite(values).all():
+        raise SeriesRejected(f"{where} is not a finite number: {value!r}")
     if values.size != count:
         raise SeriesRejected(f"{where} has {values.size} values, expected {count}")
     return values
@@ -169,6 +171,7 @@ def load_series(files: SeriesFiles, rules: EligibilityRules) -> CTSeries:
     frames: dict[int, int] = {}
     multiframe = None
     for path, ds in files.datasets:
+        _check_matrix(path, ds)
         sop_class = str(ds.get("SOPClassUID", ""))
         if sop_class in MULTI_FRAME_CT:
             if len(files.datasets) > 1:
@@ -199,6 +202,29 @@ def load_series(files: SeriesFiles, rules: EligibilityRules) -> CTSeries:
     del multiframe.PixelData
     numbers = tuple(frames[id(ds)] for ds in series.slices)
     return CTSeries(series.volume, series.slices, numbers, multiframe)
+
+
+#: Largest Rows or Columns read (CT is 512, some scanners 1024), and largest pixel count of one
+#: instance: declared dimensions are checked before any decoder allocates for them.
+MAX_MATRIX = 4096
+MAX_PIXELS_PER_INSTANCE = 1 << 30
+
+
+def _check_matrix(path: Path, ds: Dataset) -> None:
+    try:
+        rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError) as exc:
+        raise SeriesRejected(f"{path.name}: Rows, Columns or NumberOfFrames unreadable") from exc
+    if not (0 < rows <= MAX_MATRIX and 0 < columns <= MAX_MATRIX):
+        raise SeriesRejected(
+            f"{path.name}: Rows x Columns {rows} x {columns}; 1 to {MAX_MATRIX} each expected"
+        )
+    if not 0 < frames * rows * columns <= MAX_PIXELS_PER_INSTANCE:
+        raise SeriesRejected(
+            f"{path.name}: {frames} frames of {rows} x {columns} exceed "
+            f"{MAX_PIXELS_PER_INSTANCE} pixels per instance"
+        )
 
 
 def _frame_group(ds: Dataset, index: int, name: str, where: str) -> Dataset:
@@ -271,6 +297,10 @@ def _build_volume(images: list[tuple[Path, Dataset]], rules: EligibilityRules) -
         )
     shape0 = (int(ds0.Rows), int(ds0.Columns))
     spacing0 = _float_list(ds0, "PixelSpacing", 2, path0)
+    if (spacing0 <= 0).any():
+        raise SeriesRejected(
+            f"{path0.name}: PixelSpacing (0028,0030) {spacing0.tolist()} is not positive"
+        )
     positions = []
     for path, ds in images:
         if (int(ds.Rows), int(ds.Columns)) != shape0:

@@ -107,6 +107,19 @@ def _serve(args: argparse.Namespace) -> int:
     from dicom_node.service import Node
 
     config = _node_config(args)
+    if args.roles:
+        everything = ["receiver", "worker", "sender"]
+        named = [r.strip() for r in args.roles.split(",") if r.strip()]
+        roles = everything if named == ["all"] else named
+        unknown = sorted(set(roles) - set(everything))
+        if unknown or not roles:
+            print(
+                f"--roles: {', '.join(unknown) or 'none given'}; expected all, or receiver, "
+                "worker, sender separated by commas",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
+        config = config.model_copy(update={"node": config.node.model_copy(update={"roles": roles})})
     logging.getLogger().setLevel(logging.DEBUG if args.verbose else config.log_level)
     if not args.verbose:  # their INFO is one line per PDU or copied module: noise to an operator
         for chatty in ("pynetdicom", "highdicom", "alembic"):
@@ -221,6 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the DICOM node: receive, analyze, send")
     serve.add_argument("--config", type=Path, default=None, help=config_help)
     serve.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
+    serve.add_argument(
+        "--roles",
+        default="",
+        help="what this process does: all, or e.g. 'worker', 'receiver,sender' "
+        "(default: node.roles in the config, all three)",
+    )
     serve.set_defaults(func=_serve)
 
     status = sub.add_parser("status", help="what the node holds and what its queue is doing")

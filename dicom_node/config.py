@@ -32,6 +32,7 @@ HOST_NAME = re.compile(
 )
 
 ObjectKind = Literal["sr", "seg", "key_images"]
+Role = Literal["receiver", "worker", "sender"]
 Port = Annotated[int, Field(ge=1, le=65535)]
 Seconds = Annotated[float, Field(gt=0)]
 
@@ -63,6 +64,17 @@ class NodeSettings(_Section):
     #: SOP classes other than CT and Enhanced CT: refuse them at association, or store them
     #: (kept, indexed, never analyzed).
     other_sop_classes: Literal["refuse", "store"] = "refuse"
+    #: What this process does: receive (the SCP and series completion), analyze (workers),
+    #: send (deliveries). Several processes on several machines may share one PostgreSQL
+    #: database and one storage path, each with its own roles.
+    roles: list[Role] = ["receiver", "worker", "sender"]
+
+    @field_validator("roles")
+    @classmethod
+    def _some_role(cls, roles: list[str]) -> list[str]:
+        if not roles:
+            raise ValueError("expected at least one of receiver, worker, sender")
+        return roles
 
     _check_ae = field_validator("ae_title")(_ae_title)
 

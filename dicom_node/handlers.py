@@ -244,12 +244,12 @@ class StorageHandlers:
         transfer = self._end(event)
         if transfer is None:
             return
-        self._audit_stored(event, transfer, "released")
         if transfer.series and self.complete_on_release:
             try:
                 self.completion.on_release(transfer.series)
             except Exception:  # the quiet period completes them instead
                 log.exception("early completion of %d series failed", len(transfer.series))
+        self._audit_stored(event, transfer, "released")
 
     def on_aborted(self, event: Event) -> None:
         """An aborted or dropped association: its series wait for the quiet period."""

@@ -70,37 +70,46 @@ class Node:
         self.server: object | None = None
 
     def start(self) -> None:
+        roles = set(self.config.node.roles)
         swept = self.instances.remove_stale_temporaries() + self.results.remove_stale_temporaries()
         if swept:
             log.info("removed %d unacknowledged partial file(s) left by a crash", swept)
         identity = f"{socket.gethostname()}:{os.getpid()}"
-        for n in range(self.config.workers.count):
+        workers = self.config.workers.count if "worker" in roles else 0
+        for n in range(workers):
             # Each worker loads the model once and keeps it for every series it analyzes.
             detector = NoduleDetector.from_weights(self.weights, self.config.workers.device)
             worker = AnalysisWorker(
                 self.db, self.config, detector, self.results, f"{identity}/worker{n}", self.stopping
             )
             self._spawn(f"worker{n}", worker.run_once)
-        sender = Sender(self.db, self.config, f"{identity}/sender", self.stopping, self.audit)
-        self._spawn("sender", sender.run_once)
+        if "sender" in roles:
+            sender = Sender(self.db, self.config, f"{identity}/sender", self.stopping, self.audit)
+            self._spawn("sender", sender.run_once)
         self._spawn("housekeeping", self._housekeeping, idle=1.0)
-        self.server = start_scp(self.config.node, self.handlers)
+        if "receiver" in roles:
+            self.server = start_scp(self.config.node, self.handlers)
+            log.info(
+                "listening as %s on %s:%d",
+                self.config.node.ae_title,
+                self.config.node.host,
+                self.config.node.port,
+            )
         log.info(
-            "listening as %s on %s:%d; %d worker(s), %d destination(s)",
-            self.config.node.ae_title,
-            self.config.node.host,
-            self.config.node.port,
-            self.config.workers.count,
+            "roles: %s; %d worker(s), %d destination(s)",
+            ", ".join(r for r in ("receiver", "worker", "sender") if r in roles),
+            workers,
             len(self.config.destinations),
         )
-        if not self.config.destinations:
+        if "sender" in roles and not self.config.destinations:
             log.warning(
                 "no destinations configured: results stay in %s (config.yaml: destinations)",
                 self.results.root,
             )
 
     def _housekeeping(self) -> bool:
-        self.completion.sweep()
+        if "receiver" in self.config.node.roles:  # series complete where they are received
+            self.completion.sweep()
         with self.db.begin() as session:
             reaped = queue.reap(session)
         if reaped:

@@ -225,12 +225,25 @@ class FileStore:
                     except OSError:  # not empty: other series of the study remain
                         break
 
-    def remove_stale_temporaries(self) -> int:
-        """Delete half-written files a crash left behind (never acknowledged); return how many."""
-        stale = [p for p in self.root.rglob(".*.tmp") if p.parent.name != ".spare"]
+    def remove_stale_temporaries(self, older_than_seconds: float = 600.0) -> int:
+        """Delete half-written files a crash left behind (never acknowledged); return how many.
+        Only old ones: other processes sharing the store may be writing theirs right now."""
+        cutoff = time.time() - older_than_seconds
+        stale = [
+            p
+            for p in self.root.rglob(".*.tmp")
+            if p.parent.name != ".spare" and _modified(p) < cutoff
+        ]
         for path in stale:
             path.unlink(missing_ok=True)
         return len(stale)
+
+
+def _modified(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:  # renamed or removed meanwhile
+        return float("inf")
 
 
 def _fsync_dir(folder: Path) -> None:

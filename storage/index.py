@@ -209,7 +209,12 @@ def series_awaiting_completion(
         pending = pending.where((Series.last_received < quiet_before) | Series.id.in_(ids))
     else:
         pending = pending.where(Series.last_received < quiet_before)
-    return list(session.scalars(pending.order_by(Series.id)))
+    # Row locks, skipping rows another process holds: receivers on several machines may sweep
+    # at once, and each series must complete (and be queued) once (PostgreSQL; SQLite's
+    # transactions are serial anyway).
+    return list(
+        session.scalars(pending.order_by(Series.id).with_for_update(skip_locked=True, of=Series))
+    )
 
 
 def instances_of(session: Session, series_id: int) -> list[Instance]:

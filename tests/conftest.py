@@ -4,6 +4,7 @@ import os
 import tarfile
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -46,12 +47,9 @@ POSTGRES_URL = os.environ.get(
 )
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """The same tests on the embedded default and on PostgreSQL (a fresh schema each)."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'node.db'}"
-        return
+@contextmanager
+def _postgres_schema() -> Iterator[str]:
+    """A fresh schema on the PostgreSQL server, dropped afterwards; its URL."""
     import sqlalchemy
 
     schema = f"t_{uuid.uuid4().hex[:12]}"
@@ -69,6 +67,22 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         with admin.begin() as connection:
             connection.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
         admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The same tests on the embedded default and on PostgreSQL (a fresh schema each)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'node.db'}"
+        return
+    with _postgres_schema() as url:
+        yield url
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    with _postgres_schema() as url:
+        yield url
 
 
 @pytest.fixture

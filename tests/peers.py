@@ -176,20 +176,30 @@ class NodeProcess:
         self.log = config.with_name("node.log")
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, port: int) -> NodeProcess:
+    def start(self, port: int | None, roles: str = "") -> NodeProcess:
+        """Start and wait until it answers C-ECHO on ``port`` (None: a process without the
+        receiver role, waited for until it logs its roles)."""
+        command = [sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(self.config)]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(self.config)],
-            stdout=self.log.open("wb"),
+            command + (["--roles", roles] if roles else []),
+            stdout=self.log.open("ab"),
             stderr=subprocess.STDOUT,
             cwd=REPO,
         )
-        wait_for(lambda: self._echo(port), 60, "the node's C-ECHO")
+        if port is None:
+            wait_for(lambda: self._alive() and "roles:" in self.log.read_text(), 60, "start")
+        else:
+            wait_for(lambda: self._echo(port), 60, "the node's C-ECHO")
         return self
 
-    def _echo(self, port: int) -> bool:
+    def _alive(self) -> bool:
         assert self.process is not None
         if self.process.poll() is not None:
             raise AssertionError(f"node exited early:\n{self.log.read_text()}")
+        return True
+
+    def _echo(self, port: int) -> bool:
+        self._alive()
         result = subprocess.run(
             [require("echoscu"), "-aec", "RESMTNET", "127.0.0.1", str(port)],
             capture_output=True,

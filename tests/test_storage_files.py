@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import stat
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -46,13 +48,18 @@ def test_invalid_uid_cannot_become_a_path(tmp_path: Path, bad: str) -> None:
     assert not any(p.is_file() for p in tmp_path.rglob("*"))
 
 
-def test_stale_temporaries_are_removed(tmp_path: Path) -> None:
+def test_stale_temporaries_are_removed_but_not_fresh_ones(tmp_path: Path) -> None:
+    """Old ones are a crash's leftovers; fresh ones may be another process's writes."""
     store = FileStore(tmp_path)
     folder = tmp_path / STUDY / SERIES
     folder.mkdir(parents=True)
-    (folder / f".{SOP}.dcm.123.tmp").write_bytes(b"half")
+    stale, fresh = folder / f".{SOP}.dcm.123.tmp", folder / f".{SOP}.dcm.456.tmp"
+    stale.write_bytes(b"half")
+    fresh.write_bytes(b"half")
+    hour_ago = time.time() - 3600
+    os.utime(stale, (hour_ago, hour_ago))
     assert store.remove_stale_temporaries() == 1
-    assert list(folder.iterdir()) == []
+    assert list(folder.iterdir()) == [fresh]
 
 
 def test_spare_files_are_used_and_never_left_as_instances(tmp_path: Path) -> None:

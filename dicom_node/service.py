@@ -17,6 +17,7 @@ from datetime import timedelta
 from pathlib import Path
 from types import FrameType
 
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.access import AccessPolicy
@@ -137,7 +138,16 @@ class Node:
             while not self.stopping.is_set():
                 try:
                     busy = step()
-                except Exception:  # the database may be down for a while: keep trying
+                except OperationalError as exc:  # the database is away for a while: one line
+                    log.error(
+                        "%s: database unavailable (%s); retrying in %.0f s",
+                        name,
+                        str(exc.orig).strip().splitlines()[0] if exc.orig else exc,
+                        ERROR_PAUSE_SECONDS,
+                    )
+                    self.stopping.wait(ERROR_PAUSE_SECONDS)
+                    continue
+                except Exception:  # a bug: its traceback, and the loop goes on
                     log.exception(
                         "%s: unexpected error; retrying in %.0f s", name, ERROR_PAUSE_SECONDS
                     )

@@ -119,7 +119,7 @@ def _check(db: sessionmaker, modality: Modality, pacs: Orthanc) -> tuple[dict[st
             ResultRow(result.series_id, instance.sop_uid, instance.kind, result.current)
             for instance, result in session.execute(
                 select(ResultInstance, Result).join(Result, ResultInstance.result_id == Result.id)
-            ).tuples()
+            )
         ]
         jobs = list(session.scalars(select(Job)))
     lost = 0

@@ -17,7 +17,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from dicom_node.series import EligibilityRules
 
@@ -176,6 +183,8 @@ class Destination(_Section):
     objects: list[ObjectKind] = ["sr", "seg", "key_images"]
     #: Send instead to the AE that sent the study (its calling AE title and address), on ``port``.
     return_to_sender: bool = False
+    #: Reach this destination over DICOM TLS (``security.tls`` gives the certificates).
+    tls: bool = False
 
     _check_ae = field_validator("ae_title")(_ae_title)
 
@@ -214,6 +223,19 @@ class AuditSyslog(_Section):
     app_name: str = "dicom-node"
 
 
+class TlsSettings(_Section):
+    """DICOM TLS (PS3.15 B.1, the BCP 195 profile): the SCP listens with TLS only, and
+    destinations with ``tls: true`` are reached with it. PEM files."""
+
+    certificate: Path
+    private_key: Path
+    #: The certificates (or their CAs) peers' certificates are checked against.
+    ca_certificates: Path
+    #: Ask callers for a certificate signed by ``ca_certificates`` (mutual authentication).
+    require_peer_certificate: bool = False
+    minimum_version: Literal["1.2", "1.3"] = "1.2"
+
+
 class SecuritySettings(_Section):
     """Who may send, and how much."""
 
@@ -230,6 +252,7 @@ class SecuritySettings(_Section):
     max_instance_bytes: Annotated[int, Field(ge=1024)] = 1_073_741_824
     #: Audit events go to the database always, and to syslog when this is set.
     audit_syslog: AuditSyslog | None = None
+    tls: TlsSettings | None = None
 
 
 class NodeConfig(_Section):
@@ -243,6 +266,15 @@ class NodeConfig(_Section):
     security: SecuritySettings = SecuritySettings()
     destinations: list[Destination] = []
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @model_validator(mode="after")
+    def _tls_configured(self) -> NodeConfig:
+        wanting = [d.name for d in self.destinations if d.tls]
+        if wanting and self.security.tls is None:
+            raise ValueError(
+                f"destinations: {wanting[0]!r} has tls: true but security.tls is not set"
+            )
+        return self
 
     @field_validator("destinations")
     @classmethod
@@ -287,6 +319,8 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
 def _one_line(error: Mapping[str, Any]) -> str:
     key = ".".join(str(part) for part in error["loc"])
     message = str(error["msg"]).removeprefix("Value error, ")
+    if not key:  # a check across sections names its keys itself
+        return message
     if error["type"] in {"extra_forbidden", "unexpected_keyword_argument"}:
         message = "unknown key"
     if isinstance(error["input"], dict):  # a check across a section names its own key

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ssl
+
 from pydicom.uid import (
     JPEG2000,
     DeflatedExplicitVRLittleEndian,
@@ -64,13 +66,17 @@ def build_ae(settings: NodeSettings) -> AE:
     return ae
 
 
-def start_scp(settings: NodeSettings, handlers: StorageHandlers) -> ThreadedAssociationServer:
-    """Listen in background threads; ``shutdown()`` on the result stops accepting."""
+def start_scp(
+    settings: NodeSettings, handlers: StorageHandlers, tls: ssl.SSLContext | None = None
+) -> ThreadedAssociationServer:
+    """Listen in background threads (with DICOM TLS only, given ``tls``); ``shutdown()`` on
+    the result stops accepting."""
     ae = build_ae(settings)
     server = ae.start_server(
         (settings.host, settings.port),
         block=False,
         evt_handlers=handlers.bindings(),  # type: ignore[arg-type]
+        ssl_context=tls,
     )
     assert server is not None  # block=False always returns the server
     return server

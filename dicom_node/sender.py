@@ -9,6 +9,7 @@ Instance UID, which a PACS stores once. Failures back off exponentially with jit
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node import status
 from dicom_node.audit import AuditRecord, AuditTrail
 from dicom_node.config import Destination, NodeConfig
+from dicom_node.tls import client_context
 from storage import index, queue
 from storage.models import ResultInstance, Series, Study
 
@@ -56,6 +58,7 @@ def store_instances(
     timeout: float,
     on_stored: Callable[[ResultInstance, int], None],
     stopping: threading.Event | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> None:
     """Send ``instances`` over one association; ``on_stored(instance, status)`` after each
     acknowledged one. Raises :class:`DeliveryFailed` at the first failure, and
@@ -65,7 +68,12 @@ def store_instances(
     ae.connection_timeout = timeout
     for sop_class in sorted({i.sop_class_uid for i in instances}):
         ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    assoc = ae.associate(
+        peer.host,
+        peer.port,
+        ae_title=peer.ae_title,
+        tls_args=(tls, peer.host) if tls is not None else None,
+    )
     if not assoc.is_established:
         if assoc.is_rejected:
             raise DeliveryFailed(f"{peer} rejected the association (A-ASSOCIATE-RJ)")
@@ -106,6 +114,7 @@ class Sender:
         self.stopping = stopping
         settings = config.sender
         self.backoff = queue.Backoff(settings.backoff_seconds, settings.max_backoff_seconds)
+        self.tls = client_context(config.security.tls) if config.security.tls else None
 
     def run_once(self) -> bool:
         """Deliver one job if one is ready; return whether there was one."""
@@ -182,6 +191,7 @@ class Sender:
                 self.config.sender.timeout_seconds,
                 stored,
                 self.stopping,
+                self.tls if destination.tls else None,
             )
             log.info(
                 "series %s: %d result instance(s) delivered to %s (%s)",

@@ -28,6 +28,7 @@ from dicom_node.handlers import StorageHandlers
 from dicom_node.ingest import Receiver
 from dicom_node.scp import start_scp
 from dicom_node.sender import Sender
+from dicom_node.tls import server_context
 from dicom_node.worker import AnalysisWorker
 from inference.detector import DEFAULT_WEIGHTS, NoduleDetector
 from storage import index, queue
@@ -89,12 +90,16 @@ class Node:
             self._spawn("sender", sender.run_once)
         self._spawn("housekeeping", self._housekeeping, idle=1.0)
         if "receiver" in roles:
-            self.server = start_scp(self.config.node, self.handlers)
+            tls = self.config.security.tls
+            self.server = start_scp(
+                self.config.node, self.handlers, server_context(tls) if tls else None
+            )
             log.info(
-                "listening as %s on %s:%d",
+                "listening as %s on %s:%d%s",
                 self.config.node.ae_title,
                 self.config.node.host,
                 self.config.node.port,
+                " (DICOM TLS)" if tls else "",
             )
         log.info(
             "roles: %s; %d worker(s), %d destination(s)",

@@ -83,9 +83,16 @@ def storescu(
 class Orthanc:
     """A throw-away Orthanc: DICOM and REST on loopback, storage in ``folder``."""
 
-    def __init__(self, folder: Path, ae_title: str = "ORTHANC", check_called_aet: bool = True):
+    def __init__(
+        self,
+        folder: Path,
+        ae_title: str = "ORTHANC",
+        check_called_aet: bool = True,
+        extra: dict[str, Any] | None = None,
+    ):
         self.folder = folder
         self.ae_title = ae_title
+        self.extra = extra or {}
         self.dicom_port = free_port()
         self.http_port = free_port()
         self.check_called_aet = check_called_aet
@@ -108,6 +115,7 @@ class Orthanc:
             "UnknownSopClassAccepted": False,
             "Plugins": [],
             "StableAge": 3600,
+            **self.extra,
         }
         path = self.folder / "orthanc.json"
         path.write_text(json.dumps(config))

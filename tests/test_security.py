@@ -207,3 +207,16 @@ def test_structured_data_values_are_escaped() -> None:
 
 def test_the_default_config_lets_in_only_this_machine() -> None:
     assert NodeConfig().security.peers == []
+
+
+def test_the_database_and_stored_files_are_owner_only(start_node: Any, tmp_path: Path) -> None:
+    node = start_node(workers={"count": 0})
+    assert storescu(node.config.node.port, _series(tmp_path / "ct", 3)).returncode == 0
+    database = Path(node.config.storage.database_url.removeprefix("sqlite:///"))
+    created = [
+        *database.parent.glob(database.name + "*"),
+        *Path(node.config.storage.path).rglob("*"),
+    ]
+    assert len(created) > 4
+    loose = [p for p in created if p.stat().st_mode & 0o077]
+    assert not loose, f"readable by others: {loose}"

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dicom_node import __version__
+from dicom_node.logs import configure as configure_logs
 from storage.errors import DatabaseError
 
 if TYPE_CHECKING:
@@ -183,6 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dicom-node", description=__doc__)
     parser.add_argument("--version", action="version", version=f"dicom-node {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every step")
+    parser.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default="text",
+        help="one line per event for people, or one JSON object per line for log collectors",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     analyze = sub.add_parser(
@@ -275,10 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logs(logging.DEBUG if args.verbose else logging.WARNING, args.log_format == "json")
     try:
         return int(args.func(args))
     except (FileNotFoundError, ValueError, OSError, DatabaseError) as exc:

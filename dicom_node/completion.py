@@ -18,6 +18,7 @@ from datetime import timedelta
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node import metrics
 from dicom_node.config import NodeConfig
 from dicom_node.selection import select
 from storage import index
@@ -87,4 +88,5 @@ class SeriesCompletion:
             return {}
         for s in series:
             log.info("series %s complete (%s, %d instances)", s.series_uid, why, s.version)
+        metrics.SERIES_COMPLETED.labels(why).inc(len(series))
         return select(session, series, self.config.selection, self.config.workers.max_attempts)

@@ -255,6 +255,19 @@ class SecuritySettings(_Section):
     tls: TlsSettings | None = None
 
 
+class DashboardSettings(_Section):
+    """The operators' web page, ``/metrics`` (Prometheus), ``/healthz`` and ``/readyz``."""
+
+    enabled: bool = True
+    #: Loopback by default: another interface only when set here.
+    host: str = "127.0.0.1"
+    port: Port = 8080
+    #: The login token (better from the environment: DICOM_NODE__DASHBOARD__TOKEN). Unset: one
+    #: is generated at first start into <storage.path>/dashboard-token (owner-only).
+    token: str | None = None
+    refresh_seconds: Annotated[int, Field(ge=2)] = 10
+
+
 class NodeConfig(_Section):
     node: NodeSettings = NodeSettings()
     storage: StorageSettings = StorageSettings()
@@ -264,6 +277,7 @@ class NodeConfig(_Section):
     eligibility: EligibilityRules = EligibilityRules()
     sender: SenderSettings = SenderSettings()
     security: SecuritySettings = SecuritySettings()
+    dashboard: DashboardSettings = DashboardSettings()
     destinations: list[Destination] = []
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

@@ -16,7 +16,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import evt
 from pynetdicom.events import Event
 
-from dicom_node import status
+from dicom_node import metrics, status
 from dicom_node.access import AccessPolicy, GatedAE, Verdict
 from dicom_node.audit import AuditRecord, AuditTrail
 from dicom_node.completion import SeriesCompletion
@@ -110,8 +110,6 @@ class StorageHandlers:
         self.max_instance_bytes = max_instance_bytes
         self._transfers: dict[int, Transfer] = {}
         self._lock = threading.Lock()
-        #: Instances acknowledged with success since start (for status and benchmarks).
-        self.stored = 0
 
     def bindings(self) -> list[tuple[evt.EventType, object]]:
         return [
@@ -213,17 +211,19 @@ class StorageHandlers:
             )
             if transfer is not None:
                 transfer.refused += 1
+            metrics.INSTANCES_REFUSED.labels(f"0x{exc.status:04X}").inc()
             return status.with_comment(exc.status, str(exc))
         except Exception:  # the node keeps serving; the sender may retry this one
             log.exception("C-STORE from %s failed", requestor.ae_title)
             if transfer is not None:
                 transfer.refused += 1
+            metrics.INSTANCES_REFUSED.labels(f"0x{status.OUT_OF_RESOURCES:04X}").inc()
             return status.with_comment(status.OUT_OF_RESOURCES, "internal error; see node log")
         with self._lock:
             if transfer is not None:
                 transfer.series.add(done.series_id)
                 transfer.stored[done.study_uid] += 1
-            self.stored += 1
+        metrics.INSTANCES_RECEIVED.inc()
         return status.SUCCESS
 
     def _audit_stored(self, event: Event, transfer: Transfer, ended: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,7 +20,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node import status
+from dicom_node import metrics, status
 from dicom_node.audit import AuditRecord, AuditTrail
 from dicom_node.config import Destination, NodeConfig
 from dicom_node.tls import client_context
@@ -124,9 +125,12 @@ class Sender:
             )
         if job is None:
             return False
+        started, outcome = time.monotonic(), "failed"
         try:
             self._deliver(job)
+            outcome = "success"
         except queue.HandedBack:
+            outcome = "handed_back"
             with self.db.begin() as session:
                 queue.hand_back(session, job)
         except (DeliveryFailed, KeyError, OSError) as exc:
@@ -147,6 +151,10 @@ class Sender:
             log.exception("delivery job %d failed", job.id)
             with self.db.begin() as session:
                 queue.fail(session, job, f"{exc.__class__.__name__}: {exc}", self.backoff)
+        finally:
+            metrics.JOB_SECONDS.labels("deliver", outcome).observe(time.monotonic() - started)
+            if outcome != "handed_back":
+                metrics.DELIVERIES.labels(job.destination, outcome).inc()
         return True
 
     def _audit(self, job: queue.ClaimedJob, outcome: str, detail: str) -> None:

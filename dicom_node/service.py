@@ -29,6 +29,7 @@ from dicom_node.ingest import Receiver
 from dicom_node.scp import start_scp
 from dicom_node.sender import Sender
 from dicom_node.tls import server_context
+from dicom_node.web import WebServer, build_app
 from dicom_node.worker import AnalysisWorker
 from inference.detector import DEFAULT_WEIGHTS, NoduleDetector
 from storage import index, queue
@@ -54,12 +55,15 @@ class Node:
         self.results = FileStore(root / "results")
         self.completion = SeriesCompletion(self.db, config)
         self.audit = AuditTrail(self.db, config.security.audit_syslog)
+        self.free_space = FreeSpace(self.instances.root, config.storage.min_free_mb * 2**20)
+        self.models_loaded = False
+        self.web: WebServer | None = None
         self.handlers = StorageHandlers(
             Receiver(
                 self.instances,
                 self.db,
                 config.security.max_instances_per_series,
-                FreeSpace(self.instances.root, config.storage.min_free_mb * 2**20),
+                self.free_space,
                 config.security.max_instance_bytes,
             ),
             self.completion,
@@ -85,10 +89,17 @@ class Node:
                 self.db, self.config, detector, self.results, f"{identity}/worker{n}", self.stopping
             )
             self._spawn(f"worker{n}", worker.run_once)
+        self.models_loaded = True
         if "sender" in roles:
             sender = Sender(self.db, self.config, f"{identity}/sender", self.stopping, self.audit)
             self._spawn("sender", sender.run_once)
         self._spawn("housekeeping", self._housekeeping, idle=1.0)
+        if self.config.dashboard.enabled:
+            settings = self.config.dashboard
+            app = build_app(self.config, self.db, self.free_space, lambda: self.models_loaded)
+            self.web = WebServer(app, settings.host, settings.port)
+            self.web.start()
+            log.info("dashboard and /metrics on http://%s:%d/", settings.host, settings.port)
         if "receiver" in roles:
             tls = self.config.security.tls
             self.server = start_scp(
@@ -166,6 +177,9 @@ class Node:
         self.threads.append(thread)
 
     def stop(self, grace_seconds: float = 120.0) -> None:
+        if self.web is not None:
+            self.web.stop()
+            self.web = None
         if self.server is not None:
             self.server.shutdown()  # type: ignore[attr-defined]
             self.server = None

@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node import metrics
 from dicom_node.analyze import Amendment, ResultObjects, build_results
 from dicom_node.config import NodeConfig
 from dicom_node.series import CTSeries, SeriesFiles, SeriesRejected, load_series
@@ -88,9 +90,12 @@ class AnalysisWorker:
             job = queue.claim(session, "analyze", self.name, self.config.workers.lease_seconds)
         if job is None:
             return False
+        started, outcome = time.monotonic(), "failed"
         try:
             self._analyze(job)
+            outcome = "success"
         except queue.HandedBack:
+            outcome = "handed_back"
             with self.db.begin() as session:
                 queue.hand_back(session, job)
             log.info("analysis job %d handed back: the node is stopping", job.id)
@@ -103,6 +108,8 @@ class AnalysisWorker:
                     index.settle_analysis(
                         session, job.series_id, job.series_version, "failed", reason
                     )
+        finally:
+            metrics.JOB_SECONDS.labels("analyze", outcome).observe(time.monotonic() - started)
         return True
 
     def _analyze(self, job: queue.ClaimedJob) -> None:
@@ -132,7 +139,8 @@ class AnalysisWorker:
             return
         if self.stopping.is_set():  # the analysis would outlast the stop's grace period
             raise queue.HandedBack
-        detection = self.detector.detect(series.volume)
+        with metrics.MODEL_SECONDS.time():
+            detection = self.detector.detect(series.volume)
         objects = build_results(series, detection.findings, self.detector.info, amends)
         files = self._store(series, objects)
         record: dict[str, Any] = {

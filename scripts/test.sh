@@ -9,13 +9,16 @@ sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
 # DICOM peers the tests check against, from Debian's packages: dciodvfy (dicom3tools), the
 # modality and checker (dcmtk: storescu, echoscu, dsrdump), and the PACS (orthanc; the tests
 # start their own instances with temporary configs, never the system service).
-# systemd-analyze checks the shipped unit file.
+# systemd-analyze checks the shipped unit file. Headless Chromium, driven by playwright-core
+# from npm (never a browser download), checks the dashboard as an operator sees it.
 if ! command -v dciodvfy >/dev/null || ! command -v dsrdump >/dev/null || ! command -v Orthanc >/dev/null \
-  || ! command -v systemd-analyze >/dev/null; then
+  || ! command -v systemd-analyze >/dev/null || ! command -v chromium >/dev/null \
+  || ! command -v npm >/dev/null; then
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -q
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-    dicom3tools dcmtk orthanc systemd
+    dicom3tools dcmtk orthanc systemd chromium nodejs npm
 fi
+(cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)
 # PostgreSQL: the storage and queue tests run on it as well as on SQLite. The CI machine runs
 # a server on 127.0.0.1:5432 (trust auth, database test); start it if it is installed but down.
 if command -v pg_isready >/dev/null && ! pg_isready -q -h 127.0.0.1 -p 5432; then

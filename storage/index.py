@@ -427,3 +427,76 @@ def purge_series_images(session: Session, series_id: int) -> list[Path]:
         .values(state="purged", reason="images deleted after retention")
     )
     return paths
+
+
+# --- the operators' dashboard ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SeriesSummary:
+    id: int
+    series_uid: str
+    description: str
+    calling_ae: str
+    peer_host: str
+    instances: int
+    last_received: datetime
+    state: str
+    reason: str
+    nodules: int | None
+    #: (result instance id, SOP Instance UID) of the current key images.
+    key_images: tuple[tuple[int, str], ...]
+
+
+def recent_series(session: Session, limit: int = 30) -> list[SeriesSummary]:
+    rows = list(session.scalars(select(Series).order_by(Series.last_received.desc()).limit(limit)))
+    ids = [s.id for s in rows]
+    counts = {
+        series_id: n
+        for series_id, n in session.execute(
+            select(Instance.series_id, func.count())
+            .where(Instance.series_id.in_(ids))
+            .group_by(Instance.series_id)
+        )
+    }
+    current = {
+        r.series_id: r
+        for r in session.scalars(select(Result).where(Result.series_id.in_(ids), Result.current))
+    }
+    images: dict[int, list[tuple[int, str]]] = {}
+    for result_id, instance_id, sop_uid in session.execute(
+        select(ResultInstance.result_id, ResultInstance.id, ResultInstance.sop_uid)
+        .where(
+            ResultInstance.result_id.in_([r.id for r in current.values()]),
+            ResultInstance.kind == "key_images",
+        )
+        .order_by(ResultInstance.id)
+    ):
+        images.setdefault(result_id, []).append((instance_id, sop_uid))
+    return [
+        SeriesSummary(
+            s.id,
+            s.series_uid,
+            s.description,
+            s.calling_ae,
+            s.peer_host,
+            int(counts.get(s.id, 0)),
+            s.last_received,
+            s.state,
+            s.reason,
+            current[s.id].nodules if s.id in current else None,
+            tuple(images.get(current[s.id].id, ())) if s.id in current else (),
+        )
+        for s in rows
+    ]
+
+
+def result_instance_path(session: Session, result_instance_id: int) -> Path | None:
+    path = session.scalar(
+        select(ResultInstance.path).where(ResultInstance.id == result_instance_id)
+    )
+    return Path(path) if path else None
+
+
+def stored_bytes(session: Session) -> int:
+    return int(session.scalar(select(func.coalesce(func.sum(Instance.size), 0))) or 0)

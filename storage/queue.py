@@ -257,6 +257,16 @@ def counts(session: Session) -> dict[tuple[str, str], int]:
     return {(kind, state): int(n) for kind, state, n in rows}
 
 
+def delivery_counts(session: Session) -> dict[tuple[str, str], int]:
+    """Delivery jobs by (destination, state)."""
+    rows = session.execute(
+        select(Job.destination, Job.state, func.count())
+        .where(Job.kind == "deliver")
+        .group_by(Job.destination, Job.state)
+    )
+    return {(destination, state): int(n) for destination, state, n in rows}
+
+
 def recent(session: Session, limit: int = 50, state: str | None = None) -> list[Job]:
     query = select(Job).order_by(Job.id.desc()).limit(limit)
     if state:

@@ -169,6 +169,7 @@ def node_config(folder: Path, port: int, **sections: Any) -> Path:
             "database_url": f"sqlite:///{folder / 'node.db'}",
         },
         "workers": {"device": "cpu"},
+        "dashboard": {"port": free_port()},
     }
     for name, values in sections.items():
         config[name] = {**config.get(name, {}), **values} if isinstance(values, dict) else values

@@ -1,0 +1,144 @@
+"""The operators' dashboard, /metrics, /healthz and /readyz, over HTTP on a running node."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.dicom_factory import SeriesSpec, ct_datasets, phantom, write_series
+from tests.peers import REPO, Orthanc, require, storescu, wait_for
+
+
+def _base(node: Any) -> str:
+    return f"http://127.0.0.1:{node.config.dashboard.port}"
+
+
+def _client(node: Any) -> httpx.Client:
+    client = httpx.Client(base_url=_base(node), timeout=30)
+    wait_for(lambda: _up(client), 30, "the dashboard")
+    return client
+
+
+def _up(client: httpx.Client) -> bool:
+    try:
+        return client.get("/healthz").status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def _login(client: httpx.Client, token: str) -> httpx.Response:
+    return client.post("/login", data={"token": token}, follow_redirects=True)
+
+
+def test_health_ready_and_login_required(start_node: Any) -> None:
+    node = start_node(workers={"count": 0}, dashboard={"token": "s3cret-token"})
+    client = _client(node)
+    assert client.get("/healthz").text == "ok\n"
+    assert client.get("/readyz").text == "ready\n"
+    assert client.get("/").status_code == 303  # to the login page
+    assert client.post("/retry", data={"job": "1"}).status_code == 303
+    refused = _login(client, "wrong")
+    assert refused.status_code == 401 and "not this node's" in refused.text
+    page = _login(client, "s3cret-token")
+    assert page.status_code == 200 and "Nothing received yet" in page.text
+    # A form without the token derived from the login is refused even with the cookie.
+    assert client.post("/retry", data={"job": "1"}).status_code == 403
+
+
+def test_without_a_token_one_is_generated_owner_only(start_node: Any) -> None:
+    node = start_node(workers={"count": 0})
+    client = _client(node)
+    token_file = Path(node.config.storage.path) / "dashboard-token"
+    assert token_file.stat().st_mode & 0o077 == 0
+    assert _login(client, token_file.read_text().strip()).status_code == 200
+
+
+@pytest.fixture
+def delivered_series(start_node: Any, tmp_path: Path) -> Iterator[tuple[Any, httpx.Client, str]]:
+    """A node that analyzed a phantom series and delivered it to Orthanc; a logged-in client;
+    the series' UID."""
+    pacs = Orthanc(tmp_path / "pacs").start()
+    try:
+        node = start_node(
+            dashboard={"token": "t0ken", "refresh_seconds": 60},
+            destinations=[{"name": "pacs", "ae_title": "ORTHANC", "port": pacs.dicom_port}],
+        )
+        spec = SeriesSpec()
+        datasets = ct_datasets(spec, phantom(spec, (-40.0, 10.0, -90.0)))
+        files = write_series(tmp_path / "ct", datasets)
+        assert storescu(node.config.node.port, files).returncode == 0
+        client = _client(node)
+        _login(client, "t0ken")
+        wait_for(lambda: "1 done" in client.get("/").text, 120, "the delivery", interval=1.0)
+        yield node, client, str(datasets[0].SeriesInstanceUID)
+    finally:
+        pacs.stop()
+
+
+@pytest.mark.slow
+def test_a_processed_series_its_key_images_metrics_and_resend(
+    delivered_series: tuple[Any, httpx.Client, str],
+) -> None:
+    _, client, series_uid = delivered_series
+    page = client.get("/").text
+    assert series_uid in page and "analyzed" in page and "1 nodule(s)" in page
+    assert re.search(r">\s*up\s*<", page), "the destination's C-ECHO state"
+    (thumbnail,) = re.findall(r'src="(/thumbnails/\d+\.png)"', page)
+    image = client.get(thumbnail)
+    assert image.headers["content-type"] == "image/png" and image.content[:4] == b"\x89PNG"
+
+    metrics = client.get("/metrics").text
+    assert re.search(r"^dicom_node_instances_received_total \d+", metrics, re.M)
+    assert 'dicom_node_series{state="analyzed"} 1.0' in metrics
+    assert 'dicom_node_jobs{kind="deliver",state="done"} 1.0' in metrics
+    assert "dicom_node_model_latency_seconds_count" in metrics
+    assert "dicom_node_storage_free_bytes" in metrics
+
+    form_token = re.search(r'name="form_token" value="([0-9a-f]+)"', page)
+    assert form_token is not None
+    answer = client.post(
+        "/resend",
+        data={"form_token": form_token.group(1), "series": series_uid},
+        follow_redirects=True,
+    )
+    assert f"series {series_uid}: 1 delivery job(s) queued" in answer.text
+    wait_for(lambda: "2 done" in client.get("/").text, 120, "the resend delivered", interval=1.0)
+
+
+@pytest.mark.slow
+def test_an_operator_logs_in_sees_the_series_presses_resend_in_chromium(
+    delivered_series: tuple[Any, httpx.Client, str],
+) -> None:
+    node, _, series_uid = delivered_series
+    script = REPO / "tests" / "browser" / "dashboard.mjs"
+    if not (script.parent / "node_modules" / "playwright-core").exists():
+        if os.environ.get("CI"):
+            raise AssertionError("playwright-core missing: scripts/test.sh runs npm ci")
+        pytest.skip("playwright-core not installed (cd tests/browser && npm ci)")
+    require("chromium")
+    shots = REPO / "out" / "screenshots"
+    shots.mkdir(parents=True, exist_ok=True)
+    run = subprocess.run(
+        [require("node"), str(script), _base(node), "t0ken", series_uid, str(shots)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    assert report["loginShown"]
+    assert "analyzed" in report["row"] and "1 nodule(s)" in report["row"]
+    assert report["thumbnailWidth"] > 0, "the key image thumbnail did not load"
+    assert "1 done" in report["destinationsBefore"]
+    assert report["message"] == f"series {series_uid}: 1 delivery job(s) queued"
+    assert "2 done" in report["destinationsAfter"]
+    assert (shots / "dashboard.png").stat().st_size > 10_000

@@ -13,12 +13,24 @@ sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
 # from npm (never a browser download), checks the dashboard as an operator sees it.
 if ! command -v dciodvfy >/dev/null || ! command -v dsrdump >/dev/null || ! command -v Orthanc >/dev/null \
   || ! command -v systemd-analyze >/dev/null || ! command -v chromium >/dev/null \
-  || ! command -v npm >/dev/null; then
+  || [ ! -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]; then
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -q
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-    dicom3tools dcmtk orthanc systemd chromium nodejs npm
+    dicom3tools dcmtk orthanc orthanc-dicomweb systemd chromium
+fi
+# npm, only where no Node.js is installed yet (a NodeSource build already carries its own npm).
+if ! command -v npm >/dev/null; then
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -q
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends nodejs npm
 fi
 (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)
+# OHIF 3.13, the web viewer the results are checked in: its npm package ships the built app
+# (dist/); only that is fetched, not its build dependencies.
+if [ ! -f tests/browser/ohif/package/dist/index.html ]; then
+  mkdir -p tests/browser/ohif
+  (cd tests/browser/ohif && npm pack --silent --loglevel=error @ohif/app@3.13.2 >/dev/null \
+    && tar xzf ohif-app-3.13.2.tgz && rm ohif-app-3.13.2.tgz)
+fi
 # PostgreSQL: the storage and queue tests run on it as well as on SQLite. The CI machine runs
 # a server on 127.0.0.1:5432 (trust auth, database test); start it if it is installed but down.
 if command -v pg_isready >/dev/null && ! pg_isready -q -h 127.0.0.1 -p 5432; then

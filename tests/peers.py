@@ -287,3 +287,25 @@ class TcpProxy:
     def close(self) -> None:
         self.cut()
         self.listener.close()
+
+
+BROWSER_SCRIPTS = REPO / "tests" / "browser"
+
+
+def run_browser_script(name: str, *args: str, timeout: float = 600) -> Any:
+    """Run ``tests/browser/<name>`` (playwright-core driving Debian's chromium) and return the
+    JSON report it prints last; skipped here, failed in CI, when the tools are missing."""
+    if not (BROWSER_SCRIPTS / "node_modules" / "playwright-core").exists():
+        if os.environ.get("CI"):
+            raise AssertionError("playwright-core missing: scripts/test.sh runs npm ci")
+        pytest.skip("playwright-core not installed (cd tests/browser && npm ci)")
+    require("chromium")
+    run = subprocess.run(
+        [require("node"), str(BROWSER_SCRIPTS / name), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +11,7 @@ import httpx
 import pytest
 
 from tests.dicom_factory import SeriesSpec, ct_datasets, phantom, write_series
-from tests.peers import REPO, Orthanc, require, storescu, wait_for
+from tests.peers import REPO, Orthanc, run_browser_script, storescu, wait_for
 
 
 def _base(node: Any) -> str:
@@ -118,23 +115,11 @@ def test_an_operator_logs_in_sees_the_series_presses_resend_in_chromium(
     delivered_series: tuple[Any, httpx.Client, str],
 ) -> None:
     node, _, series_uid = delivered_series
-    script = REPO / "tests" / "browser" / "dashboard.mjs"
-    if not (script.parent / "node_modules" / "playwright-core").exists():
-        if os.environ.get("CI"):
-            raise AssertionError("playwright-core missing: scripts/test.sh runs npm ci")
-        pytest.skip("playwright-core not installed (cd tests/browser && npm ci)")
-    require("chromium")
     shots = REPO / "out" / "screenshots"
     shots.mkdir(parents=True, exist_ok=True)
-    run = subprocess.run(
-        [require("node"), str(script), _base(node), "t0ken", series_uid, str(shots)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+    report = run_browser_script(
+        "dashboard.mjs", _base(node), "t0ken", series_uid, str(shots), timeout=300
     )
-    assert run.returncode == 0, run.stderr[-3000:]
-    report = json.loads(run.stdout.strip().splitlines()[-1])
     assert report["loginShown"]
     assert "analyzed" in report["row"] and "1 nodule(s)" in report["row"]
     assert report["thumbnailWidth"] > 0, "the key image thumbnail did not load"

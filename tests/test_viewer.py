@@ -1,0 +1,77 @@
+"""The node's results in OHIF, the web viewer radiologists use, from a real PACS: Orthanc
+(with its DICOMweb plugin) holds the LIDC CT and the node's SR, SEG and key images; OHIF 3.13
+is served on loopback in front of it; headless Chromium opens the study. Asserted from what the
+browser shows; screenshots are kept under out/screenshots."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+
+from tests.peers import REPO, Orthanc, run_browser_script, storescu, wait_for
+from tests.viewer import ORTHANC_DICOMWEB, OhifViewer
+
+OHIF_DIST = REPO / "tests" / "browser" / "ohif" / "package" / "dist"
+SHOTS = REPO / "out" / "screenshots"
+SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
+
+
+def _viewport_detail(png: Path) -> float:
+    """Spread of grey levels in the viewport area: a blank or black viewport has next to none."""
+    pixels = np.asarray(Image.open(png).convert("L"), dtype=np.float32)
+    height, width = pixels.shape
+    return float(pixels[height // 10 : height * 9 // 10, width // 4 : width * 9 // 10].std())
+
+
+@pytest.mark.slow
+def test_ohif_shows_the_study_with_the_nodes_results(
+    start_node: Any, tmp_path: Path, lidc_root: Path
+) -> None:
+    if not (OHIF_DIST / "index.html").exists():
+        if os.environ.get("CI"):
+            raise AssertionError(f"{OHIF_DIST} missing: scripts/test.sh fetches OHIF")
+        pytest.skip(f"{OHIF_DIST} missing (scripts/test.sh fetches it)")
+    case = lidc_root / "LIDC-IDRI-0001"
+    ct_images = len(list(case.rglob("*.dcm")))
+    study = str(
+        pydicom.dcmread(next(case.rglob("*.dcm")), stop_before_pixels=True).StudyInstanceUID
+    )
+    pacs = Orthanc(tmp_path / "pacs", extra=ORTHANC_DICOMWEB).start()
+    viewer = OhifViewer(OHIF_DIST, pacs.http_port).start()
+    try:
+        node = start_node(
+            destinations=[{"name": "pacs", "ae_title": "ORTHANC", "port": pacs.dicom_port}]
+        )
+        # The PACS holds the CT and routes it to the node, which sends its results back.
+        assert storescu(pacs.dicom_port, [case], called="ORTHANC").returncode == 0
+        assert storescu(node.config.node.port, [case]).returncode == 0
+
+        def results_in_pacs() -> bool:
+            classes = [
+                pacs.get(f"/instances/{i['ID']}/metadata/SopClassUid").decode()
+                for i in pacs.instances_of_study(study)
+            ]
+            return len(classes) >= ct_images + 3 and SR_CLASS in classes
+
+        wait_for(results_in_pacs, 300, "the node's results in Orthanc", interval=2.0)
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        report = run_browser_script("ohif.mjs", viewer.url, study, str(ct_images), str(SHOTS))
+    finally:
+        viewer.stop()
+        pacs.stop()
+    # The study browser lists the CT and each of the node's objects, by their series.
+    browser_text = report["studyBrowser"]
+    for shown in ("CT", "SR", "SEG", "Res-MTNet nodules", "Res-MTNet nodule segmentation",
+                  "Res-MTNet key images", str(ct_images)):  # fmt: skip
+        assert shown in browser_text, f"{shown!r} not in OHIF's study browser"
+    # The key images (opened first) and the CT render: the viewport holds an image.
+    assert _viewport_detail(SHOTS / "ohif-opened.png") > 20
+    assert f"/{ct_images})" in report["ctViewport"], "the CT's slice counter"
+    assert _viewport_detail(SHOTS / "ohif-ct.png") > 20
+    assert "SR" in report["srViewport"]

@@ -22,11 +22,32 @@ SHOTS = REPO / "out" / "screenshots"
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 
 
+def _annotation_pixels(png: Path) -> int:
+    """Coloured pixels in the viewport: the CT is grey, so colour is what a tool drew on it."""
+    rgb = np.asarray(Image.open(png).convert("RGB"), dtype=np.int16)
+    height, width, _ = rgb.shape
+    area = rgb[height // 10 : height * 9 // 10, width // 4 : width * 9 // 10]
+    return int(((area.max(axis=2) - area.min(axis=2)) > 80).sum())
+
+
 def _viewport_detail(png: Path) -> float:
     """Spread of grey levels in the viewport area: a blank or black viewport has next to none."""
     pixels = np.asarray(Image.open(png).convert("L"), dtype=np.float32)
     height, width = pixels.shape
     return float(pixels[height // 10 : height * 9 // 10, width // 4 : width * 9 // 10].std())
+
+
+def _first_diameter(sr_path: Path) -> float:
+    """The Diameter the SR reports for its first nodule."""
+    report = pydicom.dcmread(sr_path)
+    for group in report.ContentSequence[-1].ContentSequence:
+        for item in group.ContentSequence:
+            if (
+                item.ValueType == "NUM"
+                and item.ConceptNameCodeSequence[0].CodeMeaning == "Diameter"
+            ):
+                return float(item.MeasuredValueSequence[0].NumericValue)
+    raise AssertionError("no Diameter in the SR")
 
 
 @pytest.mark.slow
@@ -60,6 +81,13 @@ def test_ohif_shows_the_study_with_the_nodes_results(
             return len(classes) >= ct_images + 3 and SR_CLASS in classes
 
         wait_for(results_in_pacs, 300, "the node's results in Orthanc", interval=2.0)
+        diameter = _first_diameter(
+            next(
+                p
+                for p in Path(node.config.storage.path, "results").rglob("*.dcm")
+                if pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID == SR_CLASS
+            )
+        )
         SHOTS.mkdir(parents=True, exist_ok=True)
         report = run_browser_script("ohif.mjs", viewer.url, study, str(ct_images), str(SHOTS))
     finally:
@@ -74,4 +102,10 @@ def test_ohif_shows_the_study_with_the_nodes_results(
     assert _viewport_detail(SHOTS / "ohif-opened.png") > 20
     assert f"/{ct_images})" in report["ctViewport"], "the CT's slice counter"
     assert _viewport_detail(SHOTS / "ohif-ct.png") > 20
-    assert "SR" in report["srViewport"]
+    # The SR's first nodule drawn on its slice, outlined, with its labels as OHIF writes them.
+    labels = " ".join(report["srLabels"])
+    assert f"Diameter: {diameter:.2f} mm" in labels, (labels, report["console"])
+    assert _annotation_pixels(SHOTS / "ohif-sr.png") > 200, "no outline drawn"
+    # The SEG loaded and overlaid where OHIF jumps to it (its first frame).
+    assert _annotation_pixels(SHOTS / "ohif-seg.png") > 50, "no segment overlay"
+    assert f"/{ct_images})" in report["segViewport"]

@@ -322,7 +322,7 @@ def test_objects_from_a_multiframe_ct_reference_its_frames(nodule_series, tmp_pa
     regions = [
         item
         for item in _walk(objects.sr.ContentSequence, [])
-        if item.get("GraphicType") == "ELLIPSE"
+        if item.get("GraphicType") == "POLYLINE"
     ]
     (region,) = regions
     assert region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedFrameNumber == frame
@@ -347,3 +347,18 @@ def test_objects_from_a_multiframe_ct_reference_its_frames(nodule_series, tmp_pa
         for sop in series_item.ReferencedSOPSequence
     ]
     assert evidence.count(str(series.multiframe.SOPInstanceUID)) == 1  # once, not per frame
+
+
+def test_the_outline_is_the_closed_ellipse_of_the_two_axes() -> None:
+    from dicom_node.writers.sr import ellipse_outline
+
+    long_axis, short_axis = ((10.0, 20.0), (30.0, 40.0)), ((26.0, 24.0), (14.0, 36.0))
+    outline = ellipse_outline(long_axis, short_axis, points=48)
+    assert outline.shape == (49, 2) and np.array_equal(outline[0], outline[-1])
+    centre = np.array([20.5, 30.5])  # pixel centres at +0.5
+    # Its ends along each axis are the axis ends; nothing lies farther than half the long axis.
+    assert np.allclose(outline[0], np.array(long_axis[1]) + 0.5)
+    assert np.allclose(outline[12], np.array(short_axis[1]) + 0.5)
+    assert np.allclose(outline[24], np.array(long_axis[0]) + 0.5)
+    radius = np.linalg.norm(np.subtract(*long_axis)) / 2
+    assert np.linalg.norm(outline - centre, axis=1).max() <= radius + 1e-9

@@ -1,8 +1,10 @@
 """Comprehensive 3D SR with a TID 1500 Measurement Report: one tracked finding per nodule.
 
 Each nodule gets three measurement groups that share its tracking identifier and UID:
-- TID 1410, an ELLIPSE (long and short axis) on the axial slice through the nodule, with
-  every measurement and evaluation: the group viewers such as OHIF draw;
+- TID 1410, a closed POLYLINE tracing the ellipse of the nodule's long and short axes on the
+  axial slice through it, with every measurement and evaluation: the group viewers such as
+  OHIF draw (OHIF 3.13 draws an ELLIPSE only when an axis runs along the image's columns,
+  and nodules lie at any angle, so the ellipse is sent as its outline);
 - TID 1411 referencing the nodule's SEG segment (volume, mean attenuation);
 - TID 1411 with the nodule centre as a 3D POINT in the CT's frame of reference.
 A scan without findings still gets a report, saying so, so that the radiologist knows it
@@ -30,6 +32,28 @@ from dicom_node.writers.common import (
 from inference.findings import ModelInfo, NoduleFinding
 
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+
+
+#: Points on the outline of a nodule's ellipse (the first repeated at the end to close it).
+OUTLINE_POINTS = 48
+
+
+def ellipse_outline(
+    long_axis_ij: Sequence[Sequence[float]],
+    short_axis_ij: Sequence[Sequence[float]],
+    points: int = OUTLINE_POINTS,
+) -> np.ndarray:
+    """The ellipse whose diameters are the long and short axes, as a closed polyline of
+    (column, row) SCOORD points. SCOORD coordinates put the top-left corner of the first pixel
+    at (0, 0), so a pixel centre (column i, row j) is (i + 0.5, j + 0.5)."""
+    long_ends, short_ends = np.asarray(long_axis_ij, float), np.asarray(short_axis_ij, float)
+    centre = long_ends.mean(axis=0) + 0.5
+    semi_long = (long_ends[1] - long_ends[0]) / 2
+    semi_short = (short_ends[1] - short_ends[0]) / 2
+    angles = np.linspace(0.0, 2 * np.pi, points + 1)
+    outline = centre + np.outer(np.cos(angles), semi_long) + np.outer(np.sin(angles), semi_short)
+    outline[-1] = outline[0]  # closed exactly, as PS3.3 C.18.6.1.1 asks of a closed POLYLINE
+    return outline
 
 
 class NoduleReport(TrackedFindingsWriter):
@@ -72,12 +96,9 @@ class NoduleReport(TrackedFindingsWriter):
         sites = [hd.sr.FindingSite(anatomic_location=codes.LUNG, laterality=side)]
         ds = self.slices[finding.axial_slice]
         algorithm = self._algorithm()
-        # SCOORD pixel coordinates put the top-left corner of the first pixel at (0, 0), so a
-        # pixel centre (column i, row j) is (i + 0.5, j + 0.5).
-        ellipse = np.array([*finding.long_axis_ij, *finding.short_axis_ij], dtype=float) + 0.5
         region = hd.sr.ImageRegion(
-            graphic_type=hd.sr.GraphicTypeValues.ELLIPSE,
-            graphic_data=ellipse,
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+            graphic_data=ellipse_outline(finding.long_axis_ij, finding.short_axis_ij),
             source_image=hd.sr.SourceImageForRegion(
                 referenced_sop_class_uid=str(ds.SOPClassUID),
                 referenced_sop_instance_uid=str(ds.SOPInstanceUID),

@@ -15,6 +15,10 @@ const report = {};
 const settle = (page) => page.waitForTimeout(6000);
 try {
   const page = await browser.newPage({ viewport: { width: 1600, height: 1000 } });
+  report.console = [];
+  page.on("console", (m) => {
+    if (m.type() === "error") report.console.push(`${m.type()}: ${m.text().slice(0, 300)}`);
+  });
   await page.goto(`${base}/viewer?StudyInstanceUIDs=${study}`);
   await page.getByText("Skip all").click({ timeout: 90000 }).catch(() => {});
   await settle(page);
@@ -26,11 +30,35 @@ try {
   report.ctViewport = await page.locator("body").innerText();
   await page.screenshot({ path: `${shots}/ohif-ct.png` });
   await page.getByText("Res-MTNet nodules", { exact: false }).dblclick();
+  // The SR display tool draws each measurement's outline with a text box of its labels (SVG),
+  // once the slice is rendered; moving the pointer over the image makes it render again.
+  const labelled = page.locator("svg text", { hasText: "Diameter" });
   await settle(page);
-  await page.getByText("SR", { exact: true }).last().hover().catch(() => {});
-  await page.waitForTimeout(1500);
+  // The arrows beside the SR badge step through its measurements; stepping there and back
+  // shows the first one again, drawn once its slice has rendered.
+  const badge = await page.getByText("SR", { exact: true }).last().boundingBox();
+  for (let tries = 0; tries < 10 && (await labelled.count()) === 0; tries++) {
+    if (badge) {
+      await page.mouse.click(badge.x + badge.width + 50, badge.y + badge.height / 2);
+      await page.waitForTimeout(2000);
+      await page.mouse.click(badge.x + badge.width + 25, badge.y + badge.height / 2);
+    }
+    await page.waitForTimeout(3000);
+  }
+  if ((await labelled.count()) === 0) report.console.push("no SR text box drawn");
   report.srViewport = await page.locator("body").innerText();
+  // What the SR display tool drew over the image: its shapes and its text boxes (SVG).
+  report.srLabels = await page.locator("svg text").allTextContents();
   await page.screenshot({ path: `${shots}/ohif-sr.png` });
+  // The SEG: OHIF asks before loading it into the segmentation panel, then jumps to it.
+  await page.getByText("Res-MTNet nodule segmentation", { exact: false }).dblclick();
+  await page.waitForTimeout(3000);
+  report.segPrompt = await page.locator("body").innerText();
+  await page.getByRole("button", { name: /^(Yes|Load)$/ }).first().click({ timeout: 15000 })
+    .catch(() => report.console.push("no SEG prompt button"));
+  await settle(page);
+  report.segViewport = await page.locator("body").innerText();
+  await page.screenshot({ path: `${shots}/ohif-seg.png` });
 } finally {
   await browser.close();
 }

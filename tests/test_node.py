@@ -183,21 +183,19 @@ def test_a_late_slice_triggers_an_amending_analysis(start_node: Any, tmp_path: P
     assert record["output_series"] == earlier["output_series"]
 
 
+def _worker(node: Node, stopping: threading.Event) -> AnalysisWorker:
+    """A worker of this test's own, on the node's database and results store."""
+    detector = NoduleDetector.from_weights(DEFAULT_WEIGHTS, "cpu")
+    return AnalysisWorker(node.db, node.config, detector, node.results, "test-worker", stopping)
+
+
 def test_a_stopping_worker_hands_its_job_back_uncounted(start_node: Any, tmp_path: Path) -> None:
     node = start_node(workers={"count": 0}, completion={"quiet_seconds": 600})
     assert storescu(node.config.node.port, _series(tmp_path / "ct")).returncode == 0
     wait_for(lambda: _state(node) == "queued", 10, "completion on release")
     stopping = threading.Event()
     stopping.set()
-    worker = AnalysisWorker(
-        node.db,
-        node.config,
-        NoduleDetector.from_weights(DEFAULT_WEIGHTS, "cpu"),
-        node.results,
-        "test-worker",
-        stopping,
-    )
-    assert worker.run_once()
+    assert _worker(node, stopping).run_once()
     with node.db() as session:
         (job,) = queue.recent(session)
     assert (job.state, job.attempts, job.last_error) == ("queued", 0, "")
@@ -299,15 +297,7 @@ def test_an_indexed_instance_without_its_file_is_dropped_and_the_rest_analyzed(
     wait_for(lambda: _state(node) == "queued", 10, "completion on release")
     last = max(_rows(node, Instance), key=lambda i: i.position_mm)
     Path(last.path).unlink()
-    worker = AnalysisWorker(
-        node.db,
-        node.config,
-        NoduleDetector.from_weights(DEFAULT_WEIGHTS, "cpu"),
-        node.results,
-        "test-worker",
-        threading.Event(),
-    )
-    assert worker.run_once()
+    assert _worker(node, threading.Event()).run_once()
     assert _state(node) == "analyzed"
     assert last.sop_uid not in {i.sop_uid for i in _rows(node, Instance)}
     assert len(_rows(node, Instance)) == len(files) - 1

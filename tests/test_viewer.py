@@ -37,17 +37,15 @@ def _viewport_detail(png: Path) -> float:
     return float(pixels[height // 10 : height * 9 // 10, width // 4 : width * 9 // 10].std())
 
 
-def _first_diameter(sr_path: Path) -> float:
-    """The Diameter the SR reports for its first nodule."""
+def _diameters(sr_path: Path) -> list[float]:
+    """The Diameter the SR reports for each nodule, in its order."""
     report = pydicom.dcmread(sr_path)
-    for group in report.ContentSequence[-1].ContentSequence:
-        for item in group.ContentSequence:
-            if (
-                item.ValueType == "NUM"
-                and item.ConceptNameCodeSequence[0].CodeMeaning == "Diameter"
-            ):
-                return float(item.MeasuredValueSequence[0].NumericValue)
-    raise AssertionError("no Diameter in the SR")
+    return [
+        float(item.MeasuredValueSequence[0].NumericValue)
+        for group in report.ContentSequence[-1].ContentSequence
+        for item in group.ContentSequence
+        if item.ValueType == "NUM" and item.ConceptNameCodeSequence[0].CodeMeaning == "Diameter"
+    ]
 
 
 @pytest.mark.slow
@@ -81,7 +79,7 @@ def test_ohif_shows_the_study_with_the_nodes_results(
             return len(classes) >= ct_images + 3 and SR_CLASS in classes
 
         wait_for(results_in_pacs, 300, "the node's results in Orthanc", interval=2.0)
-        diameter = _first_diameter(
+        diameters = _diameters(
             next(
                 p
                 for p in Path(node.config.storage.path, "results").rglob("*.dcm")
@@ -89,7 +87,9 @@ def test_ohif_shows_the_study_with_the_nodes_results(
             )
         )
         SHOTS.mkdir(parents=True, exist_ok=True)
-        report = run_browser_script("ohif.mjs", viewer.url, study, str(ct_images), str(SHOTS))
+        report = run_browser_script(
+            "ohif.mjs", viewer.url, study, str(ct_images), str(len(diameters)), str(SHOTS)
+        )
     finally:
         viewer.stop()
         pacs.stop()
@@ -102,10 +102,13 @@ def test_ohif_shows_the_study_with_the_nodes_results(
     assert _viewport_detail(SHOTS / "ohif-opened.png") > 20
     assert f"/{ct_images})" in report["ctViewport"], "the CT's slice counter"
     assert _viewport_detail(SHOTS / "ohif-ct.png") > 20
-    # The SR's first nodule drawn on its slice, outlined, with its labels as OHIF writes them.
-    labels = " ".join(report["srLabels"])
-    assert f"Diameter: {diameter:.2f} mm" in labels, (labels, report["console"])
+    # Each nodule of the SR drawn on its slice, outlined, with its labels as OHIF writes them.
+    assert len(diameters) >= 2
+    for step, diameter in enumerate(diameters):
+        labels = " ".join(report["srLabels"][step])
+        assert f"Diameter: {diameter:.2f} mm" in labels, (step, labels, report["console"])
     assert _annotation_pixels(SHOTS / "ohif-sr.png") > 200, "no outline drawn"
+    assert _annotation_pixels(SHOTS / "ohif-sr-2.png") > 50, "no outline drawn"
     # The SEG loaded and overlaid where OHIF jumps to it (its first frame).
     assert _annotation_pixels(SHOTS / "ohif-seg.png") > 50, "no segment overlay"
     assert f"/{ct_images})" in report["segViewport"]

@@ -1,9 +1,10 @@
 // OHIF showing a study from Orthanc, as a radiologist opens it: the study browser, the key
-// images, the CT, then the SR. Usage: node ohif.mjs VIEWER_URL STUDY_UID CT_IMAGES SCREENSHOT_DIR;
+// images, the CT, the SR's measurements one by one, then the SEG.
+// Usage: node ohif.mjs VIEWER_URL STUDY_UID CT_IMAGES SR_MEASUREMENTS SCREENSHOT_DIR;
 // prints a JSON report (texts the browser shows; screenshots are judged by the caller).
 import { chromium } from "playwright-core";
 
-const [base, study, ctImages, shots] = process.argv.slice(2);
+const [base, study, ctImages, measurements, shots] = process.argv.slice(2);
 const browser = await chromium.launch({
   executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
   // WebGL2 through SwiftShader: headless Chromium has no GPU.
@@ -48,8 +49,21 @@ try {
   if ((await labelled.count()) === 0) report.console.push("no SR text box drawn");
   report.srViewport = await page.locator("body").innerText();
   // What the SR display tool drew over the image: its shapes and its text boxes (SVG).
-  report.srLabels = await page.locator("svg text").allTextContents();
+  report.srLabels = [await page.locator("svg text").allTextContents()];
   await page.screenshot({ path: `${shots}/ohif-sr.png` });
+  // Each further measurement: the next arrow jumps to its slice, where it is drawn.
+  for (let step = 1; step < Number(measurements) && badge; step++) {
+    const before = report.srLabels[step - 1].join(" ");
+    await page.mouse.click(badge.x + badge.width + 50, badge.y + badge.height / 2);
+    let labels = [];
+    for (let tries = 0; tries < 20; tries++) {
+      await page.waitForTimeout(1500);
+      labels = await page.locator("svg text").allTextContents();
+      if (labels.length && labels.join(" ") !== before) break;
+    }
+    report.srLabels.push(labels);
+    await page.screenshot({ path: `${shots}/ohif-sr-${step + 1}.png` });
+  }
   // The SEG: OHIF asks before loading it into the segmentation panel, then jumps to it.
   await page.getByText("Res-MTNet nodule segmentation", { exact: false }).dblclick();
   await page.waitForTimeout(3000);

@@ -6,6 +6,7 @@ browser shows; screenshots are kept under out/screenshots."""
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -14,19 +15,22 @@ import pydicom
 import pytest
 from PIL import Image
 
-from tests.peers import REPO, Orthanc, run_browser_script, storescu, wait_for
+from tests.peers import REPO, Orthanc, require, run_browser_script, storescu, wait_for
 from tests.viewer import ORTHANC_DICOMWEB, OhifViewer
 
 OHIF_DIST = REPO / "tests" / "browser" / "ohif" / "package" / "dist"
 SHOTS = REPO / "out" / "screenshots"
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
+SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
+CT_CLASS = "1.2.840.10008.5.1.4.1.1.2"
 
 
 def _annotation_pixels(png: Path) -> int:
     """Coloured pixels in the viewport: the CT is grey, so colour is what a tool drew on it."""
     rgb = np.asarray(Image.open(png).convert("RGB"), dtype=np.int16)
     height, width, _ = rgb.shape
-    area = rgb[height // 10 : height * 9 // 10, width // 4 : width * 9 // 10]
+    area = rgb[height // 10 : height * 9 // 10, width // 4 : width * 4 // 5]
     return int(((area.max(axis=2) - area.min(axis=2)) > 80).sum())
 
 
@@ -79,6 +83,20 @@ def test_ohif_shows_the_study_with_the_nodes_results(
             return len(classes) >= ct_images + 3 and SR_CLASS in classes
 
         wait_for(results_in_pacs, 300, "the node's results in Orthanc", interval=2.0)
+        # A second, independent consumer: Orthanc's REST API lists every object in the CT's
+        # study, and DCMTK's dsrdump renders the SR it holds.
+        by_class: dict[str, list[str]] = {}
+        for instance in pacs.instances_of_study(study):
+            sop_class = pacs.get(f"/instances/{instance['ID']}/metadata/SopClassUid").decode()
+            by_class.setdefault(sop_class, []).append(instance["ID"])
+        assert len(by_class[CT_CLASS]) == ct_images
+        assert {SR_CLASS, SEG_CLASS, SC_CLASS} <= set(by_class)
+        sr_copy = tmp_path / "sr-from-pacs.dcm"
+        sr_copy.write_bytes(pacs.get(f"/instances/{by_class[SR_CLASS][0]}/file"))
+        rendered = subprocess.run(
+            [require("dsrdump"), str(sr_copy)], capture_output=True, text=True, check=True
+        ).stdout
+        assert "Imaging Measurement Report" in rendered and '"Diameter"' in rendered
         diameters = _diameters(
             next(
                 p
@@ -107,8 +125,15 @@ def test_ohif_shows_the_study_with_the_nodes_results(
     for step, diameter in enumerate(diameters):
         labels = " ".join(report["srLabels"][step])
         assert f"Diameter: {diameter:.2f} mm" in labels, (step, labels, report["console"])
-    assert _annotation_pixels(SHOTS / "ohif-sr.png") > 200, "no outline drawn"
-    assert _annotation_pixels(SHOTS / "ohif-sr-2.png") > 50, "no outline drawn"
-    # The SEG loaded and overlaid where OHIF jumps to it (its first frame).
-    assert _annotation_pixels(SHOTS / "ohif-seg.png") > 50, "no segment overlay"
+    # Colour over the image beyond what the plain CT view shows (its on-screen controls).
+    plain = _annotation_pixels(SHOTS / "ohif-ct.png")
+    assert _annotation_pixels(SHOTS / "ohif-sr.png") > plain + 300, "no outline drawn"
+    assert _annotation_pixels(SHOTS / "ohif-sr-2.png") > plain + 300, "no outline drawn"
+    # The SEG loaded and overlaid where OHIF jumps to it (its first frame), and each segment
+    # overlaid on the slice OHIF jumps to from the segmentation panel: one per nodule.
+    assert _annotation_pixels(SHOTS / "ohif-seg.png") > plain + 200, "no segment overlay"
     assert f"/{ct_images})" in report["segViewport"]
+    assert len(set(report["segSlices"])) == len(diameters), report["segSlices"]
+    for segment in range(1, len(diameters) + 1):
+        overlay = _annotation_pixels(SHOTS / f"ohif-seg-{segment}.png")
+        assert overlay > plain + 300, f"segment {segment} not overlaid"

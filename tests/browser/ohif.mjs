@@ -73,6 +73,17 @@ try {
   await settle(page);
   report.segViewport = await page.locator("body").innerText();
   await page.screenshot({ path: `${shots}/ohif-seg.png` });
+  // Each segment from the segmentation panel (right edge): OHIF jumps to it and overlays it.
+  await page.mouse.click(1582, 100);
+  await page.waitForTimeout(2000);
+  report.segSlices = [];
+  for (let segment = 1; segment < Number(measurements) + 1; segment++) {
+    await page.getByText(`Nodule ${segment}`, { exact: true }).last().click();
+    await page.waitForTimeout(4000);
+    const text = await page.locator("body").innerText();
+    report.segSlices.push((text.match(/I:\s*(\d+) \(/) || [])[1] || "");
+    await page.screenshot({ path: `${shots}/ohif-seg-${segment}.png` });
+  }
 } finally {
   await browser.close();
 }

@@ -187,6 +187,8 @@ class Sender:
             due = index.undelivered(session, job.series_id, destination.name, destination.objects)
         if due:
             peer = peer_for(destination, series)
+            with self.db.begin() as session:
+                queue.set_stage(session, job, f"sending {len(due)} object(s)")
 
             def stored(instance: ResultInstance, code: int) -> None:
                 with self.db.begin() as session:

@@ -112,7 +112,12 @@ class AnalysisWorker:
             metrics.JOB_SECONDS.labels("analyze", outcome).observe(time.monotonic() - started)
         return True
 
+    def _stage(self, job: queue.ClaimedJob, stage: str) -> None:
+        with self.db.begin() as session:
+            queue.set_stage(session, job, stage)
+
     def _analyze(self, job: queue.ClaimedJob) -> None:
+        self._stage(job, "reading the series")
         with self.db() as session:
             series_row = session.get_one(Series, job.series_id)
             paths = [Path(i.path) for i in index.instances_of(session, job.series_id)]
@@ -139,8 +144,10 @@ class AnalysisWorker:
             return
         if self.stopping.is_set():  # the analysis would outlast the stop's grace period
             raise queue.HandedBack
+        self._stage(job, "detecting nodules")
         with metrics.MODEL_SECONDS.time():
             detection = self.detector.detect(series.volume)
+        self._stage(job, "writing SR, SEG, key images")
         objects = build_results(series, detection.findings, self.detector.info, amends)
         files = self._store(series, objects)
         record: dict[str, Any] = {

@@ -123,6 +123,8 @@ class Job(Base):
     worker: Mapped[str] = mapped_column(String(128), default="")
     series_version: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str] = mapped_column(Text, default="")
+    #: What a running job is doing now (reading, detecting, ...), for the dashboard.
+    stage: Mapped[str] = mapped_column(String(32), default="")
     created: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     updated: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 

@@ -135,6 +135,7 @@ def claim(session: Session, kind: Kind, worker: str, lease_seconds: float) -> Cl
         .where(Job.id == pick)
         .values(
             state=RUNNING,
+            stage="claimed",
             attempts=Job.attempts + 1,
             lease_expires=now + timedelta(seconds=lease_seconds),
             worker=worker,
@@ -161,11 +162,20 @@ def _owned(job: ClaimedJob) -> object:
     return and_(Job.id == job.id, Job.state == RUNNING, Job.worker == job.worker)
 
 
+def set_stage(session: Session, job: ClaimedJob, stage: str) -> None:
+    """Say what the running job does now; ``updated`` then tells how long it has been at it."""
+    session.execute(
+        update(Job)
+        .where(_owned(job))  # type: ignore[arg-type]
+        .values(stage=stage[:32], updated=utcnow())
+    )
+
+
 def complete(session: Session, job: ClaimedJob) -> bool:
     result = session.execute(
         update(Job)
         .where(_owned(job))  # type: ignore[arg-type]
-        .values(state=DONE, lease_expires=None, last_error="", updated=utcnow())
+        .values(state=DONE, stage="", lease_expires=None, last_error="", updated=utcnow())
     )
     return bool(result.rowcount)  # type: ignore[attr-defined]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import timedelta
 
 import pytest
@@ -195,3 +196,23 @@ def test_only_a_job_that_has_not_started_can_be_withdrawn(db: sessionmaker[Sessi
         (cancelled,) = queue.recent(session, state=queue.CANCELLED)
         assert cancelled.last_error == "superseded"
         assert queue.retry(session, cancelled.id)
+
+
+def test_a_running_job_says_its_stage_and_only_its_holder_may_change_it(
+    db: sessionmaker[Session],
+) -> None:
+    series_id = _series(db)
+    with db.begin() as session:
+        queue.enqueue(session, "analyze", series_id)
+    with db.begin() as session:
+        job = queue.claim(session, "analyze", "w1", 60)
+    assert job is not None
+    with db.begin() as session:
+        queue.set_stage(session, job, "detecting nodules")
+        queue.set_stage(session, replace(job, worker="someone-else"), "writing")
+    with db() as session:
+        assert session.get_one(Job, job.id).stage == "detecting nodules"
+    with db.begin() as session:
+        assert queue.complete(session, job)
+    with db() as session:
+        assert session.get_one(Job, job.id).stage == ""

@@ -9,7 +9,10 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import select
 
+from storage import queue
+from storage.models import Series
 from tests.dicom_factory import SeriesSpec, ct_datasets, phantom, write_series
 from tests.peers import REPO, Orthanc, run_browser_script, storescu, wait_for
 
@@ -127,3 +130,20 @@ def test_an_operator_logs_in_sees_the_series_presses_resend_in_chromium(
     assert report["message"] == f"series {series_uid}: 1 delivery job(s) queued"
     assert "2 done" in report["destinationsAfter"]
     assert (shots / "dashboard.png").stat().st_size > 10_000
+
+
+def test_the_queue_shows_what_a_running_job_is_doing(start_node: Any, tmp_path: Path) -> None:
+    node = start_node(workers={"count": 0}, dashboard={"token": "t0ken"})
+    spec = SeriesSpec(slices=3)
+    files = write_series(tmp_path / "ct", ct_datasets(spec, phantom(spec, None)))
+    assert storescu(node.config.node.port, files).returncode == 0
+    with node.db.begin() as session:
+        (series,) = session.scalars(select(Series))
+        queue.enqueue(session, "analyze", series.id)
+    with node.db.begin() as session:
+        job = queue.claim(session, "analyze", "test-worker", 60)
+        assert job is not None
+        queue.set_stage(session, job, "detecting nodules")
+    client = _client(node)
+    page = _login(client, "t0ken").text
+    assert "running: detecting nodules" in page

@@ -84,8 +84,13 @@ def test_images_are_purged_after_delivery_and_age_but_never_before_delivery(
     purged = start_node(storage=retention)  # no destination: nothing left to deliver
     for node in (kept, purged):
         assert storescu(node.config.node.port, files).returncode == 0
-    wait_for(lambda: _states(purged) == ["purged"], 120, "the purge after analysis")
-    assert not list(Path(purged.config.storage.path, "instances").rglob("*.dcm"))
+    images = Path(purged.config.storage.path, "instances")
+    # The series is marked purged, then its files are deleted: wait for both.
+    wait_for(
+        lambda: _states(purged) == ["purged"] and not list(images.rglob("*.dcm")),
+        120,
+        "the purge after analysis",
+    )
     assert list(Path(purged.config.storage.path, "results").rglob("*.dcm")), "results are kept"
     wait_for(lambda: _states(kept) == ["analyzed"], 120, "the analysis")
     time.sleep(3)  # past the retention, several housekeeping rounds

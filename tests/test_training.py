@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
+import pytest
 import torch
 
 from inference.network import COMPOSITIONS, NetworkConfig
@@ -40,3 +43,12 @@ def test_positive_patch_labels_match_its_mask() -> None:
         assert 0 <= int(labels["composition"]) < len(COMPOSITIONS)  # type: ignore[call-overload]
         assert 0.0 < float(labels["malignancy"]) < 1.0  # type: ignore[arg-type]
         assert float(labels["diameter_mm"]) >= 3.0  # type: ignore[arg-type]
+
+
+def test_training_shows_progress_bars_with_eta(capsys: pytest.CaptureFixture[str]) -> None:
+    train([], _tiny(3), torch.device("cpu"), log=lambda _: None)
+    err = capsys.readouterr().err
+    for stage in ("synthetic nodules", "epoch 1/1"):
+        assert stage in err, f"no progress bar for {stage!r}"
+    # tqdm's [elapsed<remaining]: the ETA.
+    assert re.search(r"\[\d\d:\d\d<\d\d:\d\d", err)

@@ -101,6 +101,15 @@ def test_a_processed_series_its_key_images_metrics_and_resend(
     assert 'dicom_node_jobs{kind="deliver",state="done"} 1.0' in metrics
     assert "dicom_node_model_latency_seconds_count" in metrics
     assert "dicom_node_storage_free_bytes" in metrics
+    assert re.search(
+        r'^dicom_node_series_completed_total\{why="association released"\} \d', metrics, re.M
+    )
+    assert re.search(
+        r'^dicom_node_deliveries_total\{destination="pacs",outcome="success"\} \d', metrics, re.M
+    )
+    assert re.search(
+        r'^dicom_node_job_duration_seconds_count\{kind="analyze",outcome="success"\}', metrics, re.M
+    )
 
     form_token = re.search(r'name="form_token" value="([0-9a-f]+)"', page)
     assert form_token is not None
@@ -147,3 +156,10 @@ def test_the_queue_shows_what_a_running_job_is_doing(start_node: Any, tmp_path: 
     client = _client(node)
     page = _login(client, "t0ken").text
     assert "running: detecting nodules" in page
+
+
+def test_readyz_says_what_is_not_ready(start_node: Any) -> None:
+    node = start_node(workers={"count": 0}, storage={"min_free_mb": 10**9})
+    answer = _client(node).get("/readyz")
+    assert answer.status_code == 503
+    assert answer.text == "not ready: storage below its free-space watermark\n"

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from dicom_node.cases import unpacked
+from dicom_node.pipeline.series import unpacked
 
 DEFAULT_CASE = (
     Path(
@@ -69,8 +69,8 @@ def run_once(folder: Path, device: str) -> dict[str, float]:
 def steady_state(folder: Path, device: str, repeat: int) -> None:
     """What a running node pays per series: the model is loaded once, then each series is
     read, analyzed and written (process start and model loading excluded)."""
-    from dicom_node.analyze import build_results
-    from dicom_node.series import read_series
+    from dicom_node.pipeline.results import build_results
+    from dicom_node.pipeline.series import read_series
     from inference.detector import DEFAULT_WEIGHTS, NoduleDetector
 
     detector = NoduleDetector.from_weights(DEFAULT_WEIGHTS, device)

@@ -18,8 +18,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.analyze_bench import DEFAULT_CASE
-from dicom_node.cases import unpacked
-from dicom_node.series import read_series
+from dicom_node.pipeline.series import read_series, unpacked
 from inference.detector import DEFAULT_WEIGHTS, NoduleDetector
 
 

@@ -24,7 +24,7 @@ import pydicom
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.analyze_bench import DEFAULT_CASE
-from dicom_node.cases import unpacked
+from dicom_node.pipeline.series import unpacked
 from tests.peers import NodeProcess, Orthanc, free_port, node_config, storescu, wait_for
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"

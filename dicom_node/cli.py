@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -11,8 +10,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dicom_node import __version__
-from dicom_node.logs import configure as configure_logs
+from dicom_node.observe.logs import configure as configure_logs
 from storage.errors import DatabaseError
+from storage.states import JobState
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
@@ -25,70 +25,33 @@ EXIT_OK, EXIT_SOME_REJECTED, EXIT_USAGE, EXIT_NONE_ANALYZED = 0, 1, 2, 3
 
 
 def _train(args: argparse.Namespace) -> int:
-    import torch
+    from dicom_node.lab.commands import train
 
-    from dicom_node.cases import load_cases
-    from inference.detector import (
-        MODEL_NAME,
-        NoduleDetector,
-        OperatingPoint,
-        pick_device,
-        sha256_of,
+    train(
+        args.data,
+        args.out,
+        args.seed,
+        args.positives,
+        args.negatives,
+        args.epochs,
+        args.fp_per_scan,
+        args.device,
     )
-    from inference.evaluation import threshold_for_fp_rate
-    from inference.experiments import synthetic_outcomes
-    from inference.findings import ModelInfo
-    from inference.training import TrainingConfig, make_background, save_weights, train
-
-    device = pick_device(args.device)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    cases = load_cases(args.data)
-    if not cases:
-        log.error("no annotated cases found under %s", ", ".join(map(str, args.data)))
-        return EXIT_USAGE
-    print(f"training on {len(cases)} scan(s) + phantoms, device {device}")
-    config = TrainingConfig(
-        seed=args.seed, positives=args.positives, negatives=args.negatives, epochs=args.epochs
-    )
-    backgrounds = [make_background(c.volume, c.avoid_mm, config.network) for c in cases]
-    trained = train(backgrounds, config, device)
-    model, record, temperature = trained.model, trained.record, trained.temperature
-    detector = NoduleDetector(
-        model,
-        OperatingPoint(threshold=0.0, temperature=temperature),
-        ModelInfo(MODEL_NAME, __version__, "unsaved"),
-        device,
-    )
-    outcomes, _ = synthetic_outcomes(
-        detector, cases, args.seed + 1, 3, 4, "calibration", describe=False
-    )
-    threshold = threshold_for_fp_rate(outcomes, args.fp_per_scan)
-    operating_point = {
-        "threshold": threshold,
-        "temperature": temperature,
-        "max_findings": 10,
-    }
-    record["operating_point"] = {**operating_point, "chosen_for_fp_per_scan": args.fp_per_scan}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_bytes(save_weights(model, record, operating_point, __version__))
-    record["weights_sha256"] = sha256_of(args.out)
-    args.out.with_suffix(".json").write_text(json.dumps(record, indent=1, default=str) + "\n")
-    print(f"weights: {args.out} (sha256 {record['weights_sha256']}), threshold {threshold:.4f}")
     return EXIT_OK
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from dicom_node.cases import load_cases
-    from dicom_node.report import evaluate_and_report
-    from inference.detector import NoduleDetector
+    from dicom_node.lab.commands import evaluate
 
-    detector = NoduleDetector.from_weights(args.weights, args.device)
-    cases = load_cases(args.data, args.luna_csv)
-    if not cases:
-        log.error("no annotated cases (a LIDC XML beside a CT series) under %s", args.data)
-        return EXIT_USAGE
-    evaluate_and_report(detector, cases, args.out, args.seed, args.synthetic_scans)
-    print(f"report: {args.out / 'evaluation.md'}")
+    evaluate(
+        args.data,
+        args.out,
+        args.weights,
+        args.luna_csv,
+        args.seed,
+        args.synthetic_scans,
+        args.device,
+    )
     return EXIT_OK
 
 
@@ -105,7 +68,7 @@ def _node_config(args: argparse.Namespace) -> NodeConfig:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from dicom_node.service import Node
+    from dicom_node.node import Node
 
     config = _node_config(args)
     if args.roles:
@@ -136,28 +99,28 @@ def _database(args: argparse.Namespace) -> sessionmaker[Session]:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from dicom_node.operations import status_lines
+    from dicom_node.ops.operations import status_lines
 
     print("\n".join(status_lines(_database(args))))
     return EXIT_OK
 
 
 def _jobs(args: argparse.Namespace) -> int:
-    from dicom_node.operations import job_lines
+    from dicom_node.ops.operations import job_lines
 
     print("\n".join(job_lines(_database(args), args.state, args.limit)))
     return EXIT_OK
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from dicom_node.operations import audit_lines
+    from dicom_node.ops.operations import audit_lines
 
     print("\n".join(audit_lines(_database(args), args.limit)))
     return EXIT_OK
 
 
 def _retry(args: argparse.Namespace) -> int:
-    from dicom_node.operations import retry_job
+    from dicom_node.ops.operations import retry_job
 
     if not retry_job(_database(args), args.job):
         print(f"job {args.job}: not found, or still queued or running", file=sys.stderr)
@@ -167,7 +130,7 @@ def _retry(args: argparse.Namespace) -> int:
 
 
 def _resend(args: argparse.Namespace) -> int:
-    from dicom_node.operations import resend_series
+    from dicom_node.ops.operations import resend_series
 
     try:
         queued = resend_series(_database(args), _node_config(args), args.series)
@@ -255,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     jobs = sub.add_parser("jobs", help="recent jobs, newest first, with their last error")
     jobs.add_argument("--config", type=Path, default=None, help=config_help)
-    jobs.add_argument("--state", choices=["queued", "running", "done", "failed", "cancelled"])
+    jobs.add_argument("--state", type=JobState, choices=list(JobState))
     jobs.add_argument("--limit", type=int, default=50)
     jobs.set_defaults(func=_jobs)
 

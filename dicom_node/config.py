@@ -26,7 +26,7 @@ from pydantic import (
     model_validator,
 )
 
-from dicom_node.series import EligibilityRules
+from dicom_node.pipeline.series import EligibilityRules
 
 ENV_PREFIX = "DICOM_NODE__"
 
@@ -107,11 +107,18 @@ class CompletionSettings(_Section):
 
 
 class WorkerSettings(_Section):
+    """Analysis: how many workers, on what device, and how failed analyses are retried."""
+
     count: Annotated[int, Field(ge=0, le=16)] = 1
     device: str = "auto"
-    #: A job whose worker has not finished within this time goes back to the queue.
-    lease_seconds: Seconds = 900.0
+    #: A running job's lease: its worker renews it every third of this while it works, however
+    #: long the analysis takes; a job whose worker stopped renewing it (died) is taken over
+    #: this long after the last renewal.
+    lease_seconds: Annotated[float, Field(ge=3)] = 60.0
     max_attempts: Annotated[int, Field(ge=1)] = 3
+    #: Delay before a failed analysis is tried again: doubled per attempt up to the maximum.
+    backoff_seconds: Seconds = 15.0
+    max_backoff_seconds: Seconds = 600.0
 
 
 class SelectionSettings(_Section):
@@ -173,6 +180,8 @@ class SenderSettings(_Section):
     backoff_seconds: Seconds = 5.0
     max_backoff_seconds: Seconds = 900.0
     timeout_seconds: Seconds = 60.0
+    #: A running delivery's lease, renewed like an analysis's (``workers.lease_seconds``).
+    lease_seconds: Annotated[float, Field(ge=3)] = 60.0
 
 
 class Destination(_Section):

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -14,6 +15,33 @@ class ModelInfo:
     name: str
     version: str
     weights_sha256: str
+
+
+@dataclass(frozen=True)
+class FindingSummary:
+    """A finding as it is reported (``findings.json``) and kept in the index: numbers rounded
+    to what they mean, no voxels. Reading a stored one back gives the same record."""
+
+    id: int
+    center_mm: tuple[float, float, float]
+    diameter_mm: float
+    long_axis_mm: float
+    short_axis_mm: float
+    volume_mm3: float
+    mean_hu: float
+    laterality: str | None
+    composition: str
+    malignancy_probability: float
+    lung_rads: str
+    score: float
+
+    def to_json(self) -> dict[str, object]:
+        return {**asdict(self), "center_mm": list(self.center_mm)}
+
+    @classmethod
+    def from_json(cls, entry: dict[str, Any]) -> FindingSummary:
+        x, y, z = (float(c) for c in entry["center_mm"])
+        return cls(**{**entry, "center_mm": (x, y, z)})
 
 
 @dataclass(frozen=True)
@@ -66,18 +94,23 @@ class NoduleFinding:
             out[j0 : j0 + dj, i0 : i0 + di] = self.mask[k - k0]
         return out
 
+    def summary(self) -> FindingSummary:
+        x, y, z = (round(c, 2) for c in self.center_mm)
+        return FindingSummary(
+            id=self.id,
+            center_mm=(x, y, z),
+            diameter_mm=round(self.diameter_mm, 1),
+            long_axis_mm=round(self.long_axis_mm, 1),
+            short_axis_mm=round(self.short_axis_mm, 1),
+            volume_mm3=round(self.volume_mm3),
+            mean_hu=round(self.mean_hu, 1),
+            laterality=self.laterality,
+            composition=self.composition,
+            malignancy_probability=round(self.malignancy_probability, 3),
+            lung_rads=self.lung_rads,
+            score=round(self.score, 4),
+        )
+
     def to_json(self) -> dict[str, object]:
-        return {
-            "id": self.id,
-            "center_mm": [round(c, 2) for c in self.center_mm],
-            "diameter_mm": round(self.diameter_mm, 1),
-            "long_axis_mm": round(self.long_axis_mm, 1),
-            "short_axis_mm": round(self.short_axis_mm, 1),
-            "volume_mm3": round(self.volume_mm3),
-            "mean_hu": round(self.mean_hu, 1),
-            "laterality": self.laterality,
-            "composition": self.composition,
-            "malignancy_probability": round(self.malignancy_probability, 3),
-            "lung_rads": self.lung_rads,
-            "score": round(self.score, 4),
-        }
+        """This finding's entry in ``findings.json``."""
+        return self.summary().to_json()

@@ -8,14 +8,13 @@ together. The receiver fills :class:`InstanceRecord` from the header; nothing he
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, delete, func, select, update
+from sqlalchemy import Connection, Select, bindparam, delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
@@ -24,7 +23,6 @@ from sqlalchemy.orm import Session
 from storage.models import (
     Delivery,
     Instance,
-    Job,
     Patient,
     Result,
     ResultInstance,
@@ -32,6 +30,7 @@ from storage.models import (
     Study,
     utcnow,
 )
+from storage.states import SETTLED, SeriesState
 
 
 @dataclass(frozen=True)
@@ -102,7 +101,7 @@ _COUNT_INSTANCE = (
     .values(
         version=Series.version + 1,
         last_received=bindparam("now"),
-        state="receiving",
+        state=SeriesState.RECEIVING,
         reason="",
     )
     .returning(Series.version)
@@ -244,7 +243,12 @@ def study_series(session: Session, study_id: int) -> list[Series]:
 
 
 def set_series_state(
-    session: Session, series_id: int, state: str, reason: str = "", *, version: int | None = None
+    session: Session,
+    series_id: int,
+    state: SeriesState,
+    reason: str = "",
+    *,
+    version: int | None = None,
 ) -> None:
     """Record a decision about the series as it was at ``version`` (default: as it is now)."""
     values: dict[str, Any] = {"state": state, "reason": reason[:4000]}
@@ -254,13 +258,17 @@ def set_series_state(
 
 
 def settle_analysis(
-    session: Session, series_id: int, version: int, state: str, reason: str
+    session: Session, series_id: int, version: int, state: SeriesState, reason: str
 ) -> None:
     """The outcome of an analysis of ``version``, unless newer instances arrived meanwhile
     (then the series is receiving again and a newer analysis will settle it)."""
     session.execute(
         update(Series)
-        .where(Series.id == series_id, Series.state_version == version, Series.state == "queued")
+        .where(
+            Series.id == series_id,
+            Series.state_version == version,
+            Series.state == SeriesState.QUEUED,
+        )
         .values(state=state, reason=reason[:4000])
     )
 
@@ -293,19 +301,21 @@ def save_result(
     series_id: int,
     job_id: int | None,
     series_version: int,
-    findings: dict[str, Any],
+    record_json: str,
+    nodules: int,
     model_sha256: str,
     files: Sequence[ResultFile],
 ) -> int:
-    """A new current result for the series; the one it supersedes stays, marked not current."""
+    """A new current result for the series; the one it supersedes stays, marked not current.
+    ``record_json`` is the pipeline's record of the run, kept as it is given."""
     session.execute(update(Result).where(Result.series_id == series_id).values(current=False))
     result = Result(
         series_id=series_id,
         job_id=job_id,
         series_version=series_version,
         current=True,
-        nodules=len(findings.get("findings", [])),
-        findings_json=json.dumps(findings),
+        nodules=nodules,
+        findings_json=record_json,
         model_sha256=model_sha256,
         created=utcnow(),
     )
@@ -322,6 +332,16 @@ def save_result(
         for f in files
     )
     return result.id
+
+
+def result_files(session: Session, result_id: int, kind: str) -> list[ResultFile]:
+    """The result's instances of ``kind`` (sr, seg, key_images), in the order written."""
+    rows = session.scalars(
+        select(ResultInstance)
+        .where(ResultInstance.result_id == result_id, ResultInstance.kind == kind)
+        .order_by(ResultInstance.id)
+    )
+    return [ResultFile(r.sop_uid, r.sop_class_uid, r.kind, Path(r.path)) for r in rows]
 
 
 def undelivered(
@@ -382,30 +402,27 @@ def totals(session: Session) -> dict[str, int]:
     }
 
 
-def series_states(session: Session) -> dict[str, int]:
+def series_states(session: Session) -> dict[SeriesState, int]:
     rows = session.execute(select(Series.state, func.count()).group_by(Series.state))
     return {state: int(n) for state, n in rows}
 
 
 # --- retention ------------------------------------------------------------------------------
 
-#: Series states after which a series' images are no longer needed once its results are out.
-SETTLED = ("analyzed", "not_selected", "rejected")
 
-
-def purgeable_series(session: Session, received_before: datetime, limit: int = 20) -> list[int]:
+def purgeable_series(
+    session: Session, received_before: datetime, busy: Select[int], limit: int = 20
+) -> list[int]:
     """Series whose images may go: settled, quiet since ``received_before``, nothing received
-    since their state was set, and no delivery of theirs pending or dead-lettered."""
-    unfinished = select(Job.series_id).where(
-        Job.kind == "deliver", Job.state.in_(("queued", "running", "failed"))
-    )
+    since their state was set, and not among ``busy`` (series ids with work still owed, from
+    the queue)."""
     rows = session.scalars(
         select(Series.id)
         .where(
             Series.state.in_(SETTLED),
             Series.last_received < received_before,
             Series.version == Series.state_version,
-            Series.id.not_in(unfinished),
+            Series.id.not_in(busy),
         )
         .order_by(Series.id)
         .limit(limit)
@@ -424,7 +441,7 @@ def purge_series_images(session: Session, series_id: int) -> list[Path]:
     session.execute(
         update(Series)
         .where(Series.id == series_id)
-        .values(state="purged", reason="images deleted after retention")
+        .values(state=SeriesState.PURGED, reason="images deleted after retention")
     )
     return paths
 
@@ -441,7 +458,7 @@ class SeriesSummary:
     peer_host: str
     instances: int
     last_received: datetime
-    state: str
+    state: SeriesState
     reason: str
     nodules: int | None
     #: (result instance id, SOP Instance UID) of the current key images.

@@ -9,11 +9,13 @@ Alembic migrations in ``storage/migrations`` (never ``create_all`` on a live dat
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from enum import StrEnum
 
 from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Enum,
     Float,
     ForeignKey,
     Index,
@@ -24,7 +26,21 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from storage.states import JobKind, JobState, SeriesState
+
 UID = String(64)
+
+
+def _states(enum: type[StrEnum]) -> Enum:
+    """A state column: the enum's values in a VARCHAR(16), as the migrations create it (no
+    database enum type, no CHECK constraint: a new state needs no schema change)."""
+    return Enum(
+        enum,
+        native_enum=False,
+        create_constraint=False,
+        length=16,
+        values_callable=lambda members: [m.value for m in members],
+    )
 
 
 def utcnow() -> datetime:
@@ -74,8 +90,9 @@ class Series(Base):
     version: Mapped[int] = mapped_column(Integer, default=0)
     first_received: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     last_received: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
-    #: receiving -> complete -> queued -> analyzed | not_selected | rejected | failed
-    state: Mapped[str] = mapped_column(String(16), default="receiving", index=True)
+    state: Mapped[SeriesState] = mapped_column(
+        _states(SeriesState), default=SeriesState.RECEIVING, index=True
+    )
     #: The version the state refers to; behind ``version`` when new instances arrived since.
     state_version: Mapped[int] = mapped_column(Integer, default=0)
     reason: Mapped[str] = mapped_column(Text, default="")
@@ -110,11 +127,10 @@ class Job(Base):
     __table_args__ = (Index("ix_jobs_claim", "kind", "state", "run_after"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    kind: Mapped[str] = mapped_column(String(16))
+    kind: Mapped[JobKind] = mapped_column(_states(JobKind))
     series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
     destination: Mapped[str] = mapped_column(String(64), default="")
-    #: queued -> running -> done | failed (dead letter, with ``last_error``)
-    state: Mapped[str] = mapped_column(String(16), default="queued")
+    state: Mapped[JobState] = mapped_column(_states(JobState), default=JobState.QUEUED)
     priority: Mapped[int] = mapped_column(Integer, default=0)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)

@@ -3,9 +3,11 @@
 A job is claimed by one conditional UPDATE ... RETURNING, so two workers never hold the same
 job; on PostgreSQL the candidate row is picked with ``FOR UPDATE SKIP LOCKED`` so claimers on
 several machines do not queue behind each other (SQLite serialises writers anyway). A claim
-carries a lease: a worker that dies stops renewing it, and the job returns to the queue when
-it expires. Failures are retried with exponential backoff and jitter until ``max_attempts``;
-then the job is dead-lettered (state ``failed``) with its reason, until an operator retries it.
+carries a lease, which the holder's heartbeat (:func:`heartbeat`) extends while it works, for
+as long as the job takes; a worker that dies stops beating, and its job is claimed again
+once the lease runs out. Failures are retried with exponential backoff and jitter until
+``max_attempts``; then the job is dead-lettered (``failed``) with its reason, until an
+operator retries it.
 
 Functions take the caller's session so that a job's outcome commits in the same transaction
 as the work it records (results, deliveries): either both happen or neither does.
@@ -16,28 +18,20 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Literal
 
-from sqlalchemy import and_, case, func, or_, select, update
+from sqlalchemy import ColumnElement, Select, and_, case, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from storage.models import Job, utcnow
-
-Kind = Literal["analyze", "deliver"]
-QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
-#: Withdrawn before it ran: its work is no longer wanted (a better series came).
-CANCELLED = "cancelled"
-
-
-class HandedBack(Exception):
-    """Raised by a job's runner when the node is stopping: the job goes back to the queue
-    untouched (:func:`hand_back`), its attempt uncounted."""
+from storage.states import FINISHED, JobKind, JobState
 
 
 @dataclass(frozen=True)
 class ClaimedJob:
+    """A job as its holder knows it; ``worker`` is whose lease it is."""
+
     id: int
-    kind: str
+    kind: JobKind
     series_id: int
     destination: str
     attempts: int
@@ -51,8 +45,8 @@ class Backoff:
     """Delay before attempt n+1: base * 2^(n-1), capped, times 1 +- jitter (so that many
     deliveries failing together do not retry together)."""
 
-    base_seconds: float = 5.0
-    max_seconds: float = 900.0
+    base_seconds: float
+    max_seconds: float
     jitter: float = 0.2
 
     def delay(self, attempts: int, rng: random.Random | None = None) -> float:
@@ -63,12 +57,12 @@ class Backoff:
 
 def enqueue(
     session: Session,
-    kind: Kind,
+    kind: JobKind,
     series_id: int,
     *,
+    max_attempts: int,
     destination: str = "",
     series_version: int = 0,
-    max_attempts: int = 3,
     priority: int = 0,
 ) -> int:
     """Queue a job, or refresh the one already waiting for the same series and destination
@@ -79,7 +73,7 @@ def enqueue(
             Job.kind == kind,
             Job.series_id == series_id,
             Job.destination == destination,
-            Job.state == QUEUED,
+            Job.state == JobState.QUEUED,
         )
         .limit(1)
     ).scalar_one_or_none()
@@ -114,13 +108,15 @@ def enqueue(
     return job.id
 
 
-def claim(session: Session, kind: Kind, worker: str, lease_seconds: float) -> ClaimedJob | None:
-    """Take the most urgent ready job of ``kind``: queued and due, or running on an expired
-    lease (its worker died) with attempts left."""
+def claim(session: Session, kind: JobKind, worker: str, lease_seconds: float) -> ClaimedJob | None:
+    """Take the most urgent ready job of ``kind``: queued and due, or running on a lease its
+    holder stopped renewing (it died) with attempts left."""
     now = utcnow()
     ready = or_(
-        and_(Job.state == QUEUED, Job.run_after <= now),
-        and_(Job.state == RUNNING, Job.lease_expires < now, Job.attempts < Job.max_attempts),
+        and_(Job.state == JobState.QUEUED, Job.run_after <= now),
+        and_(
+            Job.state == JobState.RUNNING, Job.lease_expires < now, Job.attempts < Job.max_attempts
+        ),
     )
     pick = (
         select(Job.id)
@@ -134,7 +130,7 @@ def claim(session: Session, kind: Kind, worker: str, lease_seconds: float) -> Cl
         update(Job)
         .where(Job.id == pick)
         .values(
-            state=RUNNING,
+            state=JobState.RUNNING,
             stage="claimed",
             attempts=Job.attempts + 1,
             lease_expires=now + timedelta(seconds=lease_seconds),
@@ -156,41 +152,50 @@ def claim(session: Session, kind: Kind, worker: str, lease_seconds: float) -> Cl
     return ClaimedJob(*row, worker=worker)
 
 
-def _owned(job: ClaimedJob) -> object:
-    """Only the worker that holds the lease may settle a job: a worker that lost its lease
-    (too slow, thought dead) must not overwrite what the next holder did."""
-    return and_(Job.id == job.id, Job.state == RUNNING, Job.worker == job.worker)
+def _owned(job: ClaimedJob) -> ColumnElement[bool]:
+    """Only the worker that holds the lease may renew or settle a job: a worker that lost its
+    lease (its heartbeat stalled past the lease) must not overwrite what the next holder did."""
+    return and_(Job.id == job.id, Job.state == JobState.RUNNING, Job.worker == job.worker)
+
+
+def heartbeat(session: Session, job: ClaimedJob, lease_seconds: float) -> bool:
+    """Extend the holder's lease to ``lease_seconds`` from now. Returns False when the job is
+    no longer this holder's (taken over after a stall, or settled): its work must stop."""
+    result = session.execute(
+        update(Job)
+        .where(_owned(job))
+        .values(lease_expires=utcnow() + timedelta(seconds=lease_seconds))
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
 def set_stage(session: Session, job: ClaimedJob, stage: str) -> None:
     """Say what the running job does now; ``updated`` then tells how long it has been at it."""
-    session.execute(
-        update(Job)
-        .where(_owned(job))  # type: ignore[arg-type]
-        .values(stage=stage[:32], updated=utcnow())
-    )
+    session.execute(update(Job).where(_owned(job)).values(stage=stage[:32], updated=utcnow()))
 
 
 def complete(session: Session, job: ClaimedJob) -> bool:
+    """Mark the job done; False when the lease was lost (the caller's transaction must then
+    be rolled back: another holder does the work)."""
     result = session.execute(
         update(Job)
-        .where(_owned(job))  # type: ignore[arg-type]
-        .values(state=DONE, stage="", lease_expires=None, last_error="", updated=utcnow())
+        .where(_owned(job))
+        .values(state=JobState.DONE, stage="", lease_expires=None, last_error="", updated=utcnow())
     )
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
 def fail(
     session: Session, job: ClaimedJob, error: str, backoff: Backoff, *, retry: bool = True
-) -> str:
-    """Record a failed attempt; queue it again after the backoff, or dead-letter it.
-    Returns the job's new state."""
+) -> JobState:
+    """Record a failed attempt; queue it again after the backoff, or dead-letter it (at once
+    when ``retry`` is False: the failure is not one that time cures). Returns the new state."""
     now = utcnow()
     final = not retry or job.attempts >= job.max_attempts
-    state = FAILED if final else QUEUED
+    state = JobState.FAILED if final else JobState.QUEUED
     session.execute(
         update(Job)
-        .where(_owned(job))  # type: ignore[arg-type]
+        .where(_owned(job))
         .values(
             state=state,
             lease_expires=None,
@@ -206,9 +211,9 @@ def hand_back(session: Session, job: ClaimedJob) -> None:
     """Return a job untouched (the node is stopping): the attempt does not count."""
     session.execute(
         update(Job)
-        .where(_owned(job))  # type: ignore[arg-type]
+        .where(_owned(job))
         .values(
-            state=QUEUED,
+            state=JobState.QUEUED,
             attempts=Job.attempts - 1,
             lease_expires=None,
             run_after=utcnow(),
@@ -224,12 +229,12 @@ def reap(session: Session) -> int:
     result = session.execute(
         update(Job)
         .where(
-            Job.state == RUNNING,
+            Job.state == JobState.RUNNING,
             Job.lease_expires < now,
             Job.attempts >= Job.max_attempts,
         )
         .values(
-            state=FAILED,
+            state=JobState.FAILED,
             lease_expires=None,
             last_error="the worker stopped without finishing on every attempt (lease expired)",
             updated=now,
@@ -238,13 +243,13 @@ def reap(session: Session) -> int:
     return int(result.rowcount)  # type: ignore[attr-defined]
 
 
-def cancel_waiting(session: Session, kind: Kind, series_id: int, reason: str) -> bool:
+def cancel_waiting(session: Session, kind: JobKind, series_id: int, reason: str) -> bool:
     """Withdraw the series' job of ``kind`` if it has not started; a running one is left to
     finish. Returns whether one was withdrawn."""
     result = session.execute(
         update(Job)
-        .where(Job.kind == kind, Job.series_id == series_id, Job.state == QUEUED)
-        .values(state=CANCELLED, last_error=reason[:4000], updated=utcnow())
+        .where(Job.kind == kind, Job.series_id == series_id, Job.state == JobState.QUEUED)
+        .values(state=JobState.CANCELLED, last_error=reason[:4000], updated=utcnow())
     )
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
@@ -255,29 +260,38 @@ def retry(session: Session, job_id: int) -> bool:
     now = utcnow()
     result = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.state.in_([FAILED, DONE, CANCELLED]))
-        .values(state=QUEUED, attempts=0, run_after=now, last_error="", updated=now)
+        .where(Job.id == job_id, Job.state.in_(FINISHED))
+        .values(state=JobState.QUEUED, attempts=0, run_after=now, last_error="", updated=now)
     )
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
-def counts(session: Session) -> dict[tuple[str, str], int]:
+def series_with_unfinished_delivery() -> Select[int]:
+    """Series ids with a delivery still owed (queued, running or dead-lettered): their images
+    must stay, for a resend after an operator's retry may need the analysis again."""
+    return select(Job.series_id).where(
+        Job.kind == JobKind.DELIVER,
+        Job.state.in_((JobState.QUEUED, JobState.RUNNING, JobState.FAILED)),
+    )
+
+
+def counts(session: Session) -> dict[tuple[JobKind, JobState], int]:
     """Jobs by (kind, state)."""
     rows = session.execute(select(Job.kind, Job.state, func.count()).group_by(Job.kind, Job.state))
     return {(kind, state): int(n) for kind, state, n in rows}
 
 
-def delivery_counts(session: Session) -> dict[tuple[str, str], int]:
+def delivery_counts(session: Session) -> dict[tuple[str, JobState], int]:
     """Delivery jobs by (destination, state)."""
     rows = session.execute(
         select(Job.destination, Job.state, func.count())
-        .where(Job.kind == "deliver")
+        .where(Job.kind == JobKind.DELIVER)
         .group_by(Job.destination, Job.state)
     )
     return {(destination, state): int(n) for destination, state, n in rows}
 
 
-def recent(session: Session, limit: int = 50, state: str | None = None) -> list[Job]:
+def recent(session: Session, limit: int = 50, state: JobState | None = None) -> list[Job]:
     query = select(Job).order_by(Job.id.desc()).limit(limit)
     if state:
         query = query.where(Job.state == state)

@@ -90,7 +90,7 @@ def start_node(tmp_path: Path) -> Iterator[Callable[..., Any]]:
     """Start nodes in this process, configured by config sections (``workers={...}`` ...); the
     n-th node's config.yaml is ``tmp_path / f"node{n}" / "config.yaml"``. Stopped afterwards."""
     from dicom_node.config import load_config
-    from dicom_node.service import Node
+    from dicom_node.node import Node
     from tests.peers import free_port, node_config
 
     nodes: list[Node] = []

@@ -14,7 +14,7 @@ from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 from sqlalchemy import select
 
-from dicom_node.scp import TRANSFER_SYNTAXES
+from dicom_node.receive.scp import TRANSFER_SYNTAXES
 from storage.models import Instance, Series
 from tests.adversarial import MAX_INSTANCE_BYTES, SMALL, Case, cases, files_of, series
 from tests.conftest import SHARED_DATA

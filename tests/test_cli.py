@@ -198,20 +198,22 @@ def test_serve_refuses_a_bad_config_or_database_in_one_line(
 
 
 def test_json_log_lines_are_one_object_each(capsys: pytest.CaptureFixture[str]) -> None:
-    from dicom_node.logs import configure
+    from dicom_node.observe.logs import configure
 
     configure(logging.INFO, json_lines=True)
     try:
-        logging.getLogger("dicom_node.worker").info("series %s analyzed: %d nodule(s)", "1.2.3", 2)
+        logging.getLogger("dicom_node.pipeline.worker").info(
+            "series %s analyzed: %d nodule(s)", "1.2.3", 2
+        )
         try:
             raise RuntimeError("boom")
         except RuntimeError:
-            logging.getLogger("dicom_node.sender").exception("delivery job %d failed", 7)
+            logging.getLogger("dicom_node.deliver.sender").exception("delivery job %d failed", 7)
     finally:
         configure(logging.WARNING, json_lines=False)
     first, second = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
     assert first["message"] == "series 1.2.3 analyzed: 2 nodule(s)"
-    assert (first["level"], first["logger"]) == ("INFO", "dicom_node.worker")
+    assert (first["level"], first["logger"]) == ("INFO", "dicom_node.pipeline.worker")
     assert (
         second["message"] == "delivery job 7 failed" and "RuntimeError: boom" in second["exception"]
     )

@@ -15,7 +15,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 from sqlalchemy import select
 
-from dicom_node import status
+from dicom_node import dimse
 from storage.models import Instance
 from tests.dicom_factory import SeriesSpec, ct_datasets, phantom
 from tests.peers import TcpProxy, wait_for
@@ -49,10 +49,10 @@ def test_stores_are_refused_while_the_database_is_away_and_resume_after(
         port = node.config.node.port
         spec = SeriesSpec(slices=3, rows=16, columns=16)
         first, during, after = ct_datasets(spec, phantom(spec, None))
-        assert _store(port, first) == (status.SUCCESS, "")
+        assert _store(port, first) == (dimse.SUCCESS, "")
         proxy.cut()
         code, comment = _store(port, during)
-        assert code == status.OUT_OF_RESOURCES and "database unavailable" in comment
+        assert code == dimse.OUT_OF_RESOURCES and "database unavailable" in comment
 
         def housekeeping_said_so() -> list[logging.LogRecord]:
             return [r for r in caplog.records if "housekeeping: database unavailable" in r.message]
@@ -61,8 +61,8 @@ def test_stores_are_refused_while_the_database_is_away_and_resume_after(
         said = wait_for(housekeeping_said_so, 30, "the housekeeping loop's log line")
         assert all(r.exc_info is None for r in said)
         proxy.restore()
-        wait_for(lambda: _store(port, during)[0] == status.SUCCESS, 30, "stores accepted again")
-        assert _store(port, after) == (status.SUCCESS, "")
+        wait_for(lambda: _store(port, during)[0] == dimse.SUCCESS, 30, "stores accepted again")
+        assert _store(port, after) == (dimse.SUCCESS, "")
         with node.db() as session:
             indexed = {i.sop_uid for i in session.scalars(select(Instance))}
         assert indexed == {str(ds.SOPInstanceUID) for ds in (first, during, after)}

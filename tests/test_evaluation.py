@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from dicom_node.series import read_series
-from inference.evaluation import (
+from dicom_node.pipeline.series import read_series
+from inference.lab.evaluation import (
     LUNA_FP_RATES,
     Reference,
     ScanOutcome,
@@ -16,7 +16,7 @@ from inference.evaluation import (
     froc,
     threshold_for_fp_rate,
 )
-from inference.lidc import read_lidc_xml
+from inference.lab.lidc import read_lidc_xml
 from tests.conftest import shared
 
 

@@ -14,7 +14,7 @@ import inference.filters
 from inference.candidates import find_candidates
 from inference.detector import prepare
 from inference.filters import _edt_closing, _gaussian, _maximum, _upload, torch_ball_closing
-from inference.synthesis import NoduleSpec
+from inference.lab.synthesis import NoduleSpec
 from tests.test_pipeline import _phantom_with_nodule
 
 CPU = torch.device("cpu")

@@ -14,10 +14,11 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select
 
-from dicom_node import status
-from dicom_node.ingest import InstanceRefused, Receiver, file_meta_header
+from dicom_node import dimse
+from dicom_node.config import SecuritySettings
+from dicom_node.receive.ingest import InstanceRefused, Receiver, file_meta_header
 from storage.database import open_database
-from storage.files import FileStore
+from storage.files import FileStore, FreeSpace
 from storage.models import Instance
 from tests.adversarial import body
 from tests.dicom_factory import SeriesSpec, ct_datasets, phantom
@@ -28,7 +29,7 @@ HEADER = file_meta_header(
     str(SLICE.SOPClassUID), str(SLICE.SOPInstanceUID), "1.2.840.10008.1.2.1", "FUZZ"
 )
 VALID = body(SLICE)
-REFUSALS = {status.OUT_OF_RESOURCES, status.MISSING_ATTRIBUTE, status.CANNOT_UNDERSTAND}
+REFUSALS = {dimse.OUT_OF_RESOURCES, dimse.MISSING_ATTRIBUTE, dimse.CANNOT_UNDERSTAND}
 
 #: One edit of the valid data set: (offset, bytes removed, bytes inserted).
 edits = st.tuples(
@@ -49,7 +50,11 @@ def test_any_bytes_get_a_status_and_leave_nothing_half_done() -> None:
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
         db = open_database(f"sqlite:///{root / 'node.db'}")
-        receiver = Receiver(FileStore(root / "store"), db, max_inflated_bytes=1 << 20)
+        store = FileStore(root / "store")
+        limits = SecuritySettings()
+        receiver = Receiver(
+            store, db, limits.max_instances_per_series, FreeSpace(store.root, 0), 1 << 20
+        )
 
         @settings(
             max_examples=int(os.environ.get("FUZZ_EXAMPLES", "300")),

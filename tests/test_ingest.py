@@ -14,8 +14,9 @@ from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from sqlalchemy import select
 
-from dicom_node import status
-from dicom_node.ingest import (
+from dicom_node import dimse
+from dicom_node.config import SecuritySettings
+from dicom_node.receive.ingest import (
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION,
     InstanceRefused,
@@ -23,7 +24,7 @@ from dicom_node.ingest import (
     file_meta_header,
 )
 from storage.database import open_database
-from storage.files import FileStore
+from storage.files import FileStore, FreeSpace
 from storage.models import Instance, Series
 from tests.dicom_factory import SeriesSpec, ct_datasets, phantom
 
@@ -57,7 +58,15 @@ def _encoded(ds: Dataset) -> bytes:
 @pytest.fixture
 def receiver(database_url: str, tmp_path: Path) -> Iterator[Receiver]:
     db = open_database(database_url)
-    yield Receiver(FileStore(tmp_path / "store", spares=2), db)
+    limits = SecuritySettings()
+    store = FileStore(tmp_path / "store", spares=2)
+    yield Receiver(
+        store,
+        db,
+        limits.max_instances_per_series,
+        FreeSpace(store.root, 0),
+        limits.max_instance_bytes,
+    )
     db.kw["bind"].dispose()
 
 
@@ -83,7 +92,7 @@ def test_a_refused_instance_leaves_no_file(receiver: Receiver, tmp_path: Path) -
     ds.SeriesInstanceUID = "1.2.3.x"
     with pytest.raises(InstanceRefused) as refused:
         receiver.ingest(_encoded(ds), "SCANNER", "127.0.0.1")
-    assert refused.value.status == status.CANNOT_UNDERSTAND
+    assert refused.value.status == dimse.CANNOT_UNDERSTAND
     assert "SeriesInstanceUID '1.2.3.x' is not a valid DICOM UID" in str(refused.value)
     time.sleep(0.2)  # the refused bytes were being written; their file is dropped when done
     leftovers = [
@@ -97,7 +106,7 @@ def test_a_mismatched_sop_instance_uid_is_refused(receiver: Receiver) -> None:
     (ds,) = ct_datasets(spec, phantom(spec, None))
     with pytest.raises(InstanceRefused, match="differs from the request") as refused:
         receiver.ingest(_encoded(ds), "SCANNER", "127.0.0.1", expected_sop_uid="1.2.3")
-    assert refused.value.status == status.MISSING_ATTRIBUTE
+    assert refused.value.status == dimse.MISSING_ATTRIBUTE
 
 
 def test_a_resend_restores_a_file_the_index_names_but_the_disk_lost(receiver: Receiver) -> None:

@@ -8,9 +8,9 @@ import numpy as np
 import torch
 
 from inference.blocks import ResidualBlock3d
+from inference.lab.training import augment, multitask_loss, seed_everything
 from inference.network import COMPOSITIONS, NetworkConfig, build_model
 from inference.patches import patch_geometric_centre
-from inference.training import augment, multitask_loss, seed_everything
 
 
 def test_each_head_has_its_shape() -> None:

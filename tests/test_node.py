@@ -15,12 +15,13 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage  # type: ignore[attr-defined]
 from sqlalchemy import select
 
-from dicom_node import status
-from dicom_node.handlers import receive_exactly
-from dicom_node.service import Node
-from dicom_node.worker import AnalysisWorker
+from dicom_node import dimse
+from dicom_node.jobs import JobRunner
+from dicom_node.node import Node
+from dicom_node.pipeline.worker import AnalysisWorker
+from dicom_node.receive.handlers import receive_exactly
 from inference.detector import DEFAULT_WEIGHTS, NoduleDetector
-from storage import queue
+from storage import index, queue
 from storage.models import Instance, Result, Series
 from tests.dicom_factory import SeriesSpec, ct_datasets, multiframe_ct, phantom, write_series
 from tests.peers import storescu, wait_for
@@ -83,7 +84,7 @@ def test_bad_instances_get_a_specific_status_and_the_node_keeps_serving(
     bad_uid.SOPInstanceUID = "1.2.3.abc"
     del no_study.StudyInstanceUID
     codes = _send(node.config.node.port, [bad_uid, no_study, good])
-    assert codes == [status.CANNOT_UNDERSTAND, status.MISSING_ATTRIBUTE, status.SUCCESS]
+    assert codes == [dimse.CANNOT_UNDERSTAND, dimse.MISSING_ATTRIBUTE, dimse.SUCCESS]
     assert [i.sop_uid for i in _rows(node, Instance)] == [good.SOPInstanceUID]
 
 
@@ -178,15 +179,18 @@ def test_a_late_slice_triggers_an_amending_analysis(start_node: Any, tmp_path: P
     assert not first.current and second.current
     assert second.series_version == len(files) + 1
     earlier, record = json.loads(first.findings_json), json.loads(second.findings_json)
-    first_sr = pydicom.dcmread(earlier["files"]["sr"][0])
+    with node.db() as session:
+        (first_sr_file,) = index.result_files(session, first.id, "sr")
+    first_sr = pydicom.dcmread(first_sr_file.path)
     assert record["amends"] == first_sr.SOPInstanceUID
     assert record["output_series"] == earlier["output_series"]
 
 
-def _worker(node: Node, stopping: threading.Event) -> AnalysisWorker:
+def _worker(node: Node, stopping: threading.Event) -> JobRunner:
     """A worker of this test's own, on the node's database and results store."""
     detector = NoduleDetector.from_weights(DEFAULT_WEIGHTS, "cpu")
-    return AnalysisWorker(node.db, node.config, detector, node.results, "test-worker", stopping)
+    worker = AnalysisWorker(node.db, node.config, detector, node.results, stopping)
+    return JobRunner(node.db, worker, "test-worker", threading.Event())
 
 
 def test_a_stopping_worker_hands_its_job_back_uncounted(start_node: Any, tmp_path: Path) -> None:
@@ -248,8 +252,9 @@ def test_an_enhanced_ct_sent_over_dicom_is_analyzed(start_node: Any, tmp_path: P
     (series,) = _rows(node, Series)
     assert (series.state, series.reason) == ("analyzed", "1 nodule(s)")
     (result,) = _rows(node, Result)
-    record = json.loads(result.findings_json)
-    sr = pydicom.dcmread(record["files"]["sr"][0])
+    with node.db() as session:
+        (sr_file,) = index.result_files(session, result.id, "sr")
+    sr = pydicom.dcmread(sr_file.path)
     assert sr.StudyInstanceUID == multiframe.StudyInstanceUID
 
 

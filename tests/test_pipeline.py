@@ -7,8 +7,8 @@ import pytest
 
 from inference.candidates import find_candidates
 from inference.detector import prepare
+from inference.lab.synthesis import NoduleSpec, insert_nodule
 from inference.measure import measure
-from inference.synthesis import NoduleSpec, insert_nodule
 from inference.transforms import ClipHU, ResampleToSpacing
 from inference.volume import Volume
 

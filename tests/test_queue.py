@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from storage import queue
 from storage.database import open_database
 from storage.models import Job, Patient, Series, Study, utcnow
+from storage.states import JobKind, JobState
 
 
 @pytest.fixture
@@ -50,11 +51,11 @@ def _expire_lease(db: sessionmaker[Session], job_id: int) -> None:
 def test_a_job_is_claimed_once_and_completed(db: sessionmaker[Session]) -> None:
     series_id = _series(db)
     with db.begin() as session:
-        queue.enqueue(session, "analyze", series_id, series_version=3)
+        queue.enqueue(session, JobKind.ANALYZE, series_id, series_version=3, max_attempts=3)
     with db.begin() as session:
-        first = queue.claim(session, "analyze", "w1", 60)
+        first = queue.claim(session, JobKind.ANALYZE, "w1", 60)
     with db.begin() as session:
-        second = queue.claim(session, "analyze", "w2", 60)
+        second = queue.claim(session, JobKind.ANALYZE, "w2", 60)
     assert first is not None and first.series_version == 3 and first.attempts == 1
     assert second is None
     with db.begin() as session:
@@ -65,14 +66,14 @@ def test_a_job_is_claimed_once_and_completed(db: sessionmaker[Session]) -> None:
 def test_enqueue_refreshes_the_waiting_job_instead_of_adding_one(db: sessionmaker[Session]) -> None:
     series_id = _series(db)
     with db.begin() as session:
-        a = queue.enqueue(session, "analyze", series_id, series_version=1)
-        b = queue.enqueue(session, "analyze", series_id, series_version=5)
+        a = queue.enqueue(session, JobKind.ANALYZE, series_id, series_version=1, max_attempts=3)
+        b = queue.enqueue(session, JobKind.ANALYZE, series_id, series_version=5, max_attempts=3)
     assert a == b
     with db.begin() as session:
-        job = queue.claim(session, "analyze", "w", 60)
+        job = queue.claim(session, JobKind.ANALYZE, "w", 60)
     assert job is not None and job.series_version == 5
     with db.begin() as session:  # while one runs, a new version queues a second analysis
-        c = queue.enqueue(session, "analyze", series_id, series_version=6)
+        c = queue.enqueue(session, JobKind.ANALYZE, series_id, series_version=6, max_attempts=3)
     assert c != a
 
 
@@ -80,14 +81,14 @@ def test_concurrent_claimers_never_share_a_job(db: sessionmaker[Session]) -> Non
     ids = [_series(db, f"1.2.{n}") for n in range(1, 21)]
     with db.begin() as session:
         for series_id in ids:
-            queue.enqueue(session, "analyze", series_id)
+            queue.enqueue(session, JobKind.ANALYZE, series_id, max_attempts=3)
     claimed: list[int] = []
     lock = threading.Lock()
 
     def worker(name: str) -> None:
         while True:
             with db.begin() as session:
-                job = queue.claim(session, "analyze", name, 60)
+                job = queue.claim(session, JobKind.ANALYZE, name, 60)
             if job is None:
                 return
             with lock:
@@ -106,13 +107,13 @@ def test_an_expired_lease_returns_the_job_and_the_old_worker_cannot_settle_it(
 ) -> None:
     series_id = _series(db)
     with db.begin() as session:
-        queue.enqueue(session, "analyze", series_id, max_attempts=3)
+        queue.enqueue(session, JobKind.ANALYZE, series_id, max_attempts=3)
     with db.begin() as session:
-        dead = queue.claim(session, "analyze", "dead-worker", 60)
+        dead = queue.claim(session, JobKind.ANALYZE, "dead-worker", 60)
     assert dead is not None
     _expire_lease(db, dead.id)
     with db.begin() as session:
-        again = queue.claim(session, "analyze", "new-worker", 60)
+        again = queue.claim(session, JobKind.ANALYZE, "new-worker", 60)
     assert again is not None and again.id == dead.id and again.attempts == 2
     with db.begin() as session:
         assert not queue.complete(session, dead)
@@ -123,24 +124,24 @@ def test_failures_back_off_then_dead_letter_with_the_reason(db: sessionmaker[Ses
     series_id = _series(db)
     backoff = queue.Backoff(base_seconds=60, max_seconds=600, jitter=0.0)
     with db.begin() as session:
-        queue.enqueue(session, "deliver", series_id, destination="pacs", max_attempts=2)
+        queue.enqueue(session, JobKind.DELIVER, series_id, destination="pacs", max_attempts=2)
     with db.begin() as session:
-        job = queue.claim(session, "deliver", "s", 60)
+        job = queue.claim(session, JobKind.DELIVER, "s", 60)
         assert job is not None
-        assert queue.fail(session, job, "association rejected", backoff) == queue.QUEUED
+        assert queue.fail(session, job, "association rejected", backoff) == JobState.QUEUED
     with db.begin() as session:  # not due yet: backoff
-        assert queue.claim(session, "deliver", "s", 60) is None
+        assert queue.claim(session, JobKind.DELIVER, "s", 60) is None
         session.execute(update(Job).values(run_after=utcnow()))
     with db.begin() as session:
-        job = queue.claim(session, "deliver", "s", 60)
+        job = queue.claim(session, JobKind.DELIVER, "s", 60)
         assert job is not None and job.attempts == 2
-        assert queue.fail(session, job, "association rejected", backoff) == queue.FAILED
+        assert queue.fail(session, job, "association rejected", backoff) == JobState.FAILED
     with db.begin() as session:
-        (dead,) = queue.recent(session, state=queue.FAILED)
+        (dead,) = queue.recent(session, state=JobState.FAILED)
         assert dead.last_error == "association rejected"
         assert queue.retry(session, dead.id)
     with db.begin() as session:
-        revived = queue.claim(session, "deliver", "s", 60)
+        revived = queue.claim(session, JobKind.DELIVER, "s", 60)
     assert revived is not None and revived.attempts == 1
 
 
@@ -149,13 +150,13 @@ def test_reap_dead_letters_a_job_whose_worker_died_on_every_attempt(
 ) -> None:
     series_id = _series(db)
     with db.begin() as session:
-        queue.enqueue(session, "analyze", series_id, max_attempts=1)
+        queue.enqueue(session, JobKind.ANALYZE, series_id, max_attempts=1)
     with db.begin() as session:
-        job = queue.claim(session, "analyze", "w", 60)
+        job = queue.claim(session, JobKind.ANALYZE, "w", 60)
     assert job is not None
     _expire_lease(db, job.id)
     with db.begin() as session:
-        assert queue.claim(session, "analyze", "w2", 60) is None
+        assert queue.claim(session, JobKind.ANALYZE, "w2", 60) is None
         assert queue.reap(session) == 1
         assert queue.counts(session) == {("analyze", "failed"): 1}
 
@@ -163,13 +164,13 @@ def test_reap_dead_letters_a_job_whose_worker_died_on_every_attempt(
 def test_hand_back_does_not_count_an_attempt(db: sessionmaker[Session]) -> None:
     series_id = _series(db)
     with db.begin() as session:
-        queue.enqueue(session, "analyze", series_id)
+        queue.enqueue(session, JobKind.ANALYZE, series_id, max_attempts=3)
     with db.begin() as session:
-        job = queue.claim(session, "analyze", "w", 60)
+        job = queue.claim(session, JobKind.ANALYZE, "w", 60)
         assert job is not None
         queue.hand_back(session, job)
     with db.begin() as session:
-        again = queue.claim(session, "analyze", "w", 60)
+        again = queue.claim(session, JobKind.ANALYZE, "w", 60)
     assert again is not None and again.attempts == 1
 
 
@@ -185,15 +186,18 @@ def test_backoff_doubles_up_to_its_cap_with_bounded_jitter() -> None:
 def test_only_a_job_that_has_not_started_can_be_withdrawn(db: sessionmaker[Session]) -> None:
     waiting, running = _series(db, "1.2.7"), _series(db, "1.2.8")
     with db.begin() as session:
-        queue.enqueue(session, "analyze", running)
+        queue.enqueue(session, JobKind.ANALYZE, running, max_attempts=3)
     with db.begin() as session:
-        assert queue.claim(session, "analyze", "w", 60) is not None
-        queue.enqueue(session, "analyze", waiting)
+        assert queue.claim(session, JobKind.ANALYZE, "w", 60) is not None
+        queue.enqueue(session, JobKind.ANALYZE, waiting, max_attempts=3)
     with db.begin() as session:
-        assert queue.cancel_waiting(session, "analyze", waiting, "superseded")
-        assert not queue.cancel_waiting(session, "analyze", running, "superseded")
-        assert queue.counts(session) == {("analyze", "cancelled"): 1, ("analyze", "running"): 1}
-        (cancelled,) = queue.recent(session, state=queue.CANCELLED)
+        assert queue.cancel_waiting(session, JobKind.ANALYZE, waiting, "superseded")
+        assert not queue.cancel_waiting(session, JobKind.ANALYZE, running, "superseded")
+        assert queue.counts(session) == {
+            (JobKind.ANALYZE, "cancelled"): 1,
+            (JobKind.ANALYZE, "running"): 1,
+        }
+        (cancelled,) = queue.recent(session, state=JobState.CANCELLED)
         assert cancelled.last_error == "superseded"
         assert queue.retry(session, cancelled.id)
 
@@ -203,9 +207,9 @@ def test_a_running_job_says_its_stage_and_only_its_holder_may_change_it(
 ) -> None:
     series_id = _series(db)
     with db.begin() as session:
-        queue.enqueue(session, "analyze", series_id)
+        queue.enqueue(session, JobKind.ANALYZE, series_id, max_attempts=3)
     with db.begin() as session:
-        job = queue.claim(session, "analyze", "w1", 60)
+        job = queue.claim(session, JobKind.ANALYZE, "w1", 60)
     assert job is not None
     with db.begin() as session:
         queue.set_stage(session, job, "detecting nodules")

@@ -17,7 +17,7 @@ from pydicom.dataset import Dataset
 from sqlalchemy import select
 
 from dicom_node.analyze import analyze_paths
-from dicom_node.service import Node
+from dicom_node.node import Node
 from inference.detector import DEFAULT_WEIGHTS
 from storage.models import AuditEvent, Delivery, Job
 from tests.dicom_factory import SeriesSpec, ct_datasets, phantom, write_series

@@ -15,10 +15,10 @@ from pynetdicom.association import Association
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 from sqlalchemy import select
 
-from dicom_node import status
-from dicom_node.access import AccessPolicy
-from dicom_node.audit import AuditRecord, rfc5424_line
+from dicom_node import dimse
 from dicom_node.config import ConfigError, NodeConfig, Peer, SecuritySettings
+from dicom_node.observe.audit import AuditRecord, rfc5424_line
+from dicom_node.receive.access import AccessPolicy
 from storage.models import AuditEvent, Instance
 from tests.dicom_factory import SeriesSpec, ct_datasets, phantom, write_series
 from tests.peers import storescu, wait_for
@@ -39,7 +39,7 @@ def _echo(port: int, calling: str = "SCANNER") -> tuple[bool, int | None]:
         return False, (primitive.result if primitive is not None else None)
     answer = assoc.send_c_echo()
     assoc.release()
-    return int(answer.Status) == status.SUCCESS, None
+    return int(answer.Status) == dimse.SUCCESS, None
 
 
 def _audit(node: Any) -> list[AuditEvent]:
@@ -148,7 +148,7 @@ def test_a_series_past_its_instance_limit_is_refused_and_nothing_of_it_kept(
     assoc = _associate(node.config.node.port)
     codes = [int(assoc.send_c_store(ds).Status) for ds in datasets]
     assoc.release()
-    assert codes == [0, 0, 0, 0, status.OUT_OF_RESOURCES, status.OUT_OF_RESOURCES]
+    assert codes == [0, 0, 0, 0, dimse.OUT_OF_RESOURCES, dimse.OUT_OF_RESOURCES]
     with node.db() as session:
         assert len(list(session.scalars(select(Instance)))) == 4
     assert len(list(Path(node.config.storage.path, "instances").rglob("*.dcm"))) == 4

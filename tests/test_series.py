@@ -12,7 +12,7 @@ import pydicom
 import pytest
 from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1, RLELossless
 
-from dicom_node.series import EligibilityRules, read_series
+from dicom_node.pipeline.series import EligibilityRules, read_series
 from tests.conftest import shared
 from tests.dicom_factory import SeriesSpec, ct_datasets, multiframe_ct, phantom, write_series
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from inference.lab.training import TrainingConfig, phantom_background, positive_patch, train_model
 from inference.network import COMPOSITIONS, NetworkConfig
 from inference.patches import patch_geometric_centre
-from inference.training import TrainingConfig, phantom_background, positive_patch, train
 
 
 def _tiny(seed: int) -> TrainingConfig:
@@ -18,9 +18,9 @@ def _tiny(seed: int) -> TrainingConfig:
 
 
 def test_same_seed_same_weights_other_seed_other_weights() -> None:
-    first = train([], _tiny(1), torch.device("cpu"), log=lambda _: None)
-    again = train([], _tiny(1), torch.device("cpu"), log=lambda _: None)
-    other = train([], _tiny(2), torch.device("cpu"), log=lambda _: None)
+    first = train_model([], _tiny(1), torch.device("cpu"), log=lambda _: None)
+    again = train_model([], _tiny(1), torch.device("cpu"), log=lambda _: None)
+    other = train_model([], _tiny(2), torch.device("cpu"), log=lambda _: None)
     a, b, c = (m.model.state_dict() for m in (first, again, other))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
@@ -46,7 +46,7 @@ def test_positive_patch_labels_match_its_mask() -> None:
 
 
 def test_training_shows_progress_bars_with_eta(capsys: pytest.CaptureFixture[str]) -> None:
-    train([], _tiny(3), torch.device("cpu"), log=lambda _: None)
+    train_model([], _tiny(3), torch.device("cpu"), log=lambda _: None)
     err = capsys.readouterr().err
     for stage in ("synthetic nodules", "epoch 1/1"):
         assert stage in err, f"no progress bar for {stage!r}"

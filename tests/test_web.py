@@ -13,6 +13,7 @@ from sqlalchemy import select
 
 from storage import queue
 from storage.models import Series
+from storage.states import JobKind
 from tests.dicom_factory import SeriesSpec, ct_datasets, phantom, write_series
 from tests.peers import REPO, Orthanc, run_browser_script, storescu, wait_for
 
@@ -148,9 +149,9 @@ def test_the_queue_shows_what_a_running_job_is_doing(start_node: Any, tmp_path: 
     assert storescu(node.config.node.port, files).returncode == 0
     with node.db.begin() as session:
         (series,) = session.scalars(select(Series))
-        queue.enqueue(session, "analyze", series.id)
+        queue.enqueue(session, JobKind.ANALYZE, series.id, max_attempts=3)
     with node.db.begin() as session:
-        job = queue.claim(session, "analyze", "test-worker", 60)
+        job = queue.claim(session, JobKind.ANALYZE, "test-worker", 60)
         assert job is not None
         queue.set_stage(session, job, "detecting nodules")
     client = _client(node)

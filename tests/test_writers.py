@@ -13,8 +13,9 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
-from dicom_node.analyze import Amendment, ResultObjects, build_results, write_atomically
-from dicom_node.series import CTSeries, read_series
+from dicom_node.analyze import write_atomically
+from dicom_node.pipeline.results import Amendment, ResultObjects, build_results
+from dicom_node.pipeline.series import CTSeries, read_series
 from dicom_node.writers.common import OutputSeries
 from dicom_node.writers.seg import NoduleSegmentation
 from inference.detector import finding_from_mask

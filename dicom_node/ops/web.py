@@ -34,12 +34,13 @@ from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
 from starlette.templating import Jinja2Templates
 
-from dicom_node import metrics
 from dicom_node.config import Destination, NodeConfig
-from dicom_node.operations import resend_series, retry_job
+from dicom_node.observe import metrics
+from dicom_node.ops.operations import resend_series, retry_job
 from storage import index, queue
 from storage.files import FreeSpace
 from storage.models import utcnow
+from storage.states import FINISHED, JobState
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ def human_size(size: float) -> str:
 
 
 TEMPLATES.env.filters["size"] = human_size
+TEMPLATES.env.globals.update(JobState=JobState, FINISHED=FINISHED)
 COOKIE = "dicom_node_session"
 ECHO_CACHE_SECONDS = 30.0
 
@@ -170,7 +172,7 @@ def build_app(
                 "job_counts": queue.counts(session),
                 "series": index.recent_series(session),
                 "jobs": queue.recent(session, limit=30),
-                "failed": queue.recent(session, limit=20, state=queue.FAILED),
+                "failed": queue.recent(session, limit=20, state=JobState.FAILED),
                 "deliveries": queue.delivery_counts(session),
                 "stored_bytes": index.stored_bytes(session),
             }

@@ -72,7 +72,7 @@ class DatabaseGauges(Collector):
         with self.db() as session:
             for (kind, state), n in sorted(queue.counts(session).items()):
                 jobs.add_metric([kind, state], n)
-            for state, n in sorted(index.series_states(session).items()):
-                series.add_metric([state], n)
+            for series_state, n in sorted(index.series_states(session).items()):
+                series.add_metric([series_state], n)
         yield jobs
         yield series

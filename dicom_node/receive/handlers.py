@@ -16,11 +16,12 @@ from pydicom.dataset import Dataset
 from pynetdicom import evt
 from pynetdicom.events import Event
 
-from dicom_node import metrics, status
-from dicom_node.access import AccessPolicy, GatedAE, Verdict
-from dicom_node.audit import AuditRecord, AuditTrail
-from dicom_node.completion import SeriesCompletion
-from dicom_node.ingest import InstanceRefused, Receiver, file_meta_header
+from dicom_node import dimse
+from dicom_node.observe import metrics
+from dicom_node.observe.audit import AuditRecord, AuditTrail
+from dicom_node.pipeline.completion import SeriesCompletion
+from dicom_node.receive.access import AccessPolicy, GatedAE, Verdict
+from dicom_node.receive.ingest import InstanceRefused, Receiver, file_meta_header
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +99,8 @@ class StorageHandlers:
         complete_on_release: bool,
         access: AccessPolicy,
         audit: AuditTrail,
-        max_pdu: int = 0,
-        max_instance_bytes: int = 1 << 30,
+        max_pdu: int,
+        max_instance_bytes: int,
     ) -> None:
         self.receiver = receiver
         self.completion = completion
@@ -183,7 +184,7 @@ class StorageHandlers:
         self._record(event, "association", "refused", detail=reason)
 
     def on_echo(self, event: Event) -> int:
-        return status.SUCCESS
+        return dimse.SUCCESS
 
     def on_store(self, event: Event) -> int | Dataset:
         requestor = event.assoc.requestor
@@ -212,19 +213,19 @@ class StorageHandlers:
             if transfer is not None:
                 transfer.refused += 1
             metrics.INSTANCES_REFUSED.labels(f"0x{exc.status:04X}").inc()
-            return status.with_comment(exc.status, str(exc))
+            return dimse.with_comment(exc.status, str(exc))
         except Exception:  # the node keeps serving; the sender may retry this one
             log.exception("C-STORE from %s failed", requestor.ae_title)
             if transfer is not None:
                 transfer.refused += 1
-            metrics.INSTANCES_REFUSED.labels(f"0x{status.OUT_OF_RESOURCES:04X}").inc()
-            return status.with_comment(status.OUT_OF_RESOURCES, "internal error; see node log")
+            metrics.INSTANCES_REFUSED.labels(f"0x{dimse.OUT_OF_RESOURCES:04X}").inc()
+            return dimse.with_comment(dimse.OUT_OF_RESOURCES, "internal error; see node log")
         with self._lock:
             if transfer is not None:
                 transfer.series.add(done.series_id)
                 transfer.stored[done.study_uid] += 1
         metrics.INSTANCES_RECEIVED.inc()
-        return status.SUCCESS
+        return dimse.SUCCESS
 
     def _audit_stored(self, event: Event, transfer: Transfer, ended: str) -> None:
         """One audit event per study an association stored into (the ATNA "DICOM Instances

@@ -3,35 +3,15 @@
 from __future__ import annotations
 
 import csv
-import tarfile
-import tempfile
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from dicom_node.series import read_series
-from inference.evaluation import Reference
-from inference.experiments import Case
-from inference.lidc import read_lidc_xml
+from dicom_node.pipeline.series import read_series, unpacked
+from inference.lab.evaluation import Reference
+from inference.lab.experiments import Case
+from inference.lab.lidc import read_lidc_xml
 
 #: LUNA16's reference standard: nodules marked by at least this many of the four readers.
 LUNA_MIN_READERS = 3
-
-
-@contextmanager
-def unpacked(paths: list[Path]) -> Iterator[list[Path]]:
-    """Folders to read: archives are extracted to a temporary folder removed afterwards."""
-    with ExitStack() as stack:
-        out = []
-        for path in paths:
-            if path.is_file() and path.name.endswith((".tar.xz", ".tar.gz", ".tgz", ".tar")):
-                folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lidc-")))
-                with tarfile.open(path) as archive:
-                    archive.extractall(folder, filter="data")
-                out.append(folder)
-            else:
-                out.append(path)
-        yield out
 
 
 def load_cases(paths: list[Path], luna_csv: Path | None = None) -> list[Case]:

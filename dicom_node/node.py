@@ -12,30 +12,31 @@ import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable
-from datetime import timedelta
 from pathlib import Path
 from types import FrameType
 
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.access import AccessPolicy
-from dicom_node.audit import AuditTrail
-from dicom_node.completion import SeriesCompletion
 from dicom_node.config import NodeConfig
-from dicom_node.handlers import StorageHandlers
-from dicom_node.ingest import Receiver
-from dicom_node.scp import start_scp
-from dicom_node.sender import Sender
+from dicom_node.deliver.sender import Sender
+from dicom_node.jobs import JobRunner
+from dicom_node.observe.audit import AuditTrail
+from dicom_node.ops.web import WebServer, build_app
+from dicom_node.pipeline.completion import SeriesCompletion
+from dicom_node.pipeline.retention import Retention
+from dicom_node.pipeline.worker import AnalysisWorker
+from dicom_node.receive.access import AccessPolicy
+from dicom_node.receive.handlers import StorageHandlers
+from dicom_node.receive.ingest import Receiver
+from dicom_node.receive.scp import start_scp
 from dicom_node.tls import server_context
-from dicom_node.web import WebServer, build_app
-from dicom_node.worker import AnalysisWorker
 from inference.detector import DEFAULT_WEIGHTS, NoduleDetector
-from storage import index, queue
+from storage import queue
 from storage.database import open_database
 from storage.files import FileStore, FreeSpace
-from storage.models import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +49,16 @@ class Node:
         self.config = config
         self.weights = weights
         self.stopping = threading.Event()
+        #: Set once the stop's grace period is over: leases of jobs still running are no
+        #: longer renewed, so another process takes them over.
+        self.abandon = threading.Event()
         self.threads: list[threading.Thread] = []
         self.db: sessionmaker[Session] = open_database(config.storage.database_url)
         root = Path(config.storage.path)
         self.instances = FileStore(root / "instances", spares=512)
         self.results = FileStore(root / "results")
         self.completion = SeriesCompletion(self.db, config)
+        self.retention = Retention(self.db, self.instances, config.storage.retention_days)
         self.audit = AuditTrail(self.db, config.security.audit_syslog)
         self.free_space = FreeSpace(self.instances.root, config.storage.min_free_mb * 2**20)
         self.models_loaded = False
@@ -70,8 +75,8 @@ class Node:
             config.completion.on_release,
             AccessPolicy(config.security),
             self.audit,
-            max_pdu=config.node.max_pdu,
-            max_instance_bytes=config.security.max_instance_bytes,
+            config.node.max_pdu,
+            config.security.max_instance_bytes,
         )
         self.server: object | None = None
 
@@ -85,14 +90,14 @@ class Node:
         for n in range(workers):
             # Each worker loads the model once and keeps it for every series it analyzes.
             detector = NoduleDetector.from_weights(self.weights, self.config.workers.device)
-            worker = AnalysisWorker(
-                self.db, self.config, detector, self.results, f"{identity}/worker{n}", self.stopping
-            )
-            self._spawn(f"worker{n}", worker.run_once)
+            worker = AnalysisWorker(self.db, self.config, detector, self.results, self.stopping)
+            runner = JobRunner(self.db, worker, f"{identity}/worker{n}", self.abandon)
+            self._spawn(f"worker{n}", runner.run_once)
         self.models_loaded = True
         if "sender" in roles:
-            sender = Sender(self.db, self.config, f"{identity}/sender", self.stopping, self.audit)
-            self._spawn("sender", sender.run_once)
+            sender = Sender(self.db, self.config, self.stopping, self.audit)
+            runner = JobRunner(self.db, sender, f"{identity}/sender", self.abandon)
+            self._spawn("sender", runner.run_once)
         self._spawn("housekeeping", self._housekeeping, idle=1.0)
         if self.config.dashboard.enabled:
             settings = self.config.dashboard
@@ -131,23 +136,8 @@ class Node:
             reaped = queue.reap(session)
         if reaped:
             log.warning("%d job(s) dead-lettered: their worker died on every attempt", reaped)
-        self._purge()
+        self.retention.purge()
         return False
-
-    def _purge(self) -> None:
-        """Retention: received images go once their series' results are delivered everywhere
-        and ``storage.retention_days`` have passed; results and the index stay."""
-        days = self.config.storage.retention_days
-        if days is None:
-            return
-        before = utcnow() - timedelta(days=days)
-        with self.db() as session:
-            due = index.purgeable_series(session, before)
-        for series_id in due:
-            with self.db.begin() as session:
-                paths = index.purge_series_images(session, series_id)
-            self.instances.delete(paths)
-            log.info("series %d: %d image(s) deleted after retention", series_id, len(paths))
 
     def _spawn(self, name: str, step: Callable[[], bool], idle: float = POLL_SECONDS) -> None:
         def loop() -> None:
@@ -184,11 +174,15 @@ class Node:
             self.server.shutdown()  # type: ignore[attr-defined]
             self.server = None
         self.stopping.set()
+        deadline = time.monotonic() + grace_seconds
         for thread in self.threads:
-            thread.join(timeout=grace_seconds)
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        self.abandon.set()
+        for thread in self.threads:
             if thread.is_alive():
                 log.warning(
-                    "%s still busy after %.0f s; its lease returns the job",
+                    "%s still busy after %.0f s; its job returns to the queue when its lease "
+                    "lapses",
                     thread.name,
                     grace_seconds,
                 )

@@ -7,8 +7,11 @@ an operator can tell a scanner protocol problem from a broken file.
 from __future__ import annotations
 
 import logging
+import tarfile
+import tempfile
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -396,3 +399,19 @@ def read_series(
             log.info("series %s rejected: %s", key, exc)
             rejected[key] = str(exc)
     return eligible, dict(rejected), bad
+
+
+@contextmanager
+def unpacked(paths: list[Path]) -> Iterator[list[Path]]:
+    """Folders to read: archives are extracted to a temporary folder removed afterwards."""
+    with ExitStack() as stack:
+        out = []
+        for path in paths:
+            if path.is_file() and path.name.endswith((".tar.xz", ".tar.gz", ".tgz", ".tar")):
+                folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lidc-")))
+                with tarfile.open(path) as archive:
+                    archive.extractall(folder, filter="data")
+                out.append(folder)
+            else:
+                out.append(path)
+        yield out

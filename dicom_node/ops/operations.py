@@ -13,6 +13,7 @@ from dicom_node.config import NodeConfig
 from storage import index, queue
 from storage.audit import recent_events
 from storage.models import Series
+from storage.states import JobKind, JobState
 
 
 def status_lines(db: sessionmaker[Session]) -> list[str]:
@@ -24,17 +25,14 @@ def status_lines(db: sessionmaker[Session]) -> list[str]:
     lines.append(
         "series: " + (", ".join(f"{n} {state}" for state, n in sorted(states.items())) or "none")
     )
-    for kind in ("analyze", "deliver"):
+    for kind in JobKind:
         by_state = {state: n for (k, state), n in jobs.items() if k == kind}
-        shown = ", ".join(
-            f"{by_state.get(state, 0)} {state}"
-            for state in (queue.QUEUED, queue.RUNNING, queue.DONE, queue.FAILED, queue.CANCELLED)
-        )
+        shown = ", ".join(f"{by_state.get(state, 0)} {state}" for state in JobState)
         lines.append(f"{kind} jobs: {shown}")
     return lines
 
 
-def job_lines(db: sessionmaker[Session], state: str | None, limit: int) -> list[str]:
+def job_lines(db: sessionmaker[Session], state: JobState | None, limit: int) -> list[str]:
     with db() as session:
         jobs = queue.recent(session, limit=limit, state=state)
         uids = dict(
@@ -91,7 +89,7 @@ def resend_series(db: sessionmaker[Session], config: NodeConfig, series_uid: str
         for destination in config.destinations:
             queue.enqueue(
                 session,
-                "deliver",
+                JobKind.DELIVER,
                 series.id,
                 destination=destination.name,
                 max_attempts=config.sender.max_attempts,

@@ -21,10 +21,10 @@ from tqdm import tqdm
 
 from inference.candidates import find_candidates
 from inference.detector import MODEL_NAME, prepare
+from inference.lab.synthesis import chest_phantom, insert_nodule, random_spec
 from inference.measure import measure
 from inference.network import COMPOSITIONS, NetworkConfig, ResMTNet, build_model
 from inference.patches import crop_cube, extract_patches, patch_geometric_centre
-from inference.synthesis import chest_phantom, insert_nodule, random_spec
 from inference.volume import Volume
 
 #: Patches for training are cut this far from any annotated nodule (a 40 mm patch's corner
@@ -274,7 +274,7 @@ def seed_everything(seed: int) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def train(
+def train_model(
     backgrounds: list[Background],
     config: TrainingConfig,
     device: torch.device,

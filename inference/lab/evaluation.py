@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from inference.lab.synthesis import NoduleSpec, insert_nodule, random_spec
 from inference.measure import measure
-from inference.synthesis import NoduleSpec, insert_nodule, random_spec
 from inference.volume import Volume
 
 LUNA_FP_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)

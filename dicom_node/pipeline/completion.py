@@ -18,11 +18,12 @@ from datetime import timedelta
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node import metrics
 from dicom_node.config import NodeConfig
-from dicom_node.selection import select
+from dicom_node.observe import metrics
+from dicom_node.pipeline.selection import select
 from storage import index
 from storage.models import Instance, Series, utcnow
+from storage.states import SeriesState
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ class SeriesCompletion:
         self.db = db
         self.config = config
 
-    def on_release(self, series_ids: Iterable[int]) -> dict[int, str]:
+    def on_release(self, series_ids: Iterable[int]) -> dict[int, SeriesState]:
         """An association was released: complete those of its series that are whole."""
         with self.db.begin() as session:
             ready = []
@@ -76,14 +77,14 @@ class SeriesCompletion:
                     )
             return self._complete(session, ready, "association released")
 
-    def sweep(self) -> dict[int, str]:
+    def sweep(self) -> dict[int, SeriesState]:
         """Complete every series that has been quiet for the configured period."""
         cutoff = utcnow() - timedelta(seconds=self.config.completion.quiet_seconds)
         with self.db.begin() as session:
             quiet = index.series_awaiting_completion(session, quiet_before=cutoff)
             return self._complete(session, quiet, "quiet period")
 
-    def _complete(self, session: Session, series: list[Series], why: str) -> dict[int, str]:
+    def _complete(self, session: Session, series: list[Series], why: str) -> dict[int, SeriesState]:
         if not series:
             return {}
         for s in series:

@@ -8,29 +8,26 @@ reason and not retried. Anything else is a failure, retried with backoff, then d
 from __future__ import annotations
 
 import io
-import json
 import logging
 import threading
-import time
 from pathlib import Path
-from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node import metrics
-from dicom_node.analyze import Amendment, ResultObjects, build_results
 from dicom_node.config import NodeConfig
-from dicom_node.series import CTSeries, SeriesFiles, SeriesRejected, load_series
+from dicom_node.jobs import HandedBack, JobHandler, Lease, LeaseLost
+from dicom_node.observe import metrics
+from dicom_node.pipeline.results import Amendment, ResultObjects, ResultRecord, build_results
+from dicom_node.pipeline.series import CTSeries, SeriesFiles, SeriesRejected, load_series
 from inference.detector import NoduleDetector
 from storage import index, queue
 from storage.files import FileStore
 from storage.models import Result, Series
+from storage.states import JobKind, JobState, SeriesState
 
 log = logging.getLogger(__name__)
-
-ANALYSIS_BACKOFF = queue.Backoff(base_seconds=15.0, max_seconds=600.0)
 
 
 def _read_stored(paths: list[Path], series_uid: str) -> tuple[SeriesFiles, list[Path]]:
@@ -44,21 +41,17 @@ def _read_stored(paths: list[Path], series_uid: str) -> tuple[SeriesFiles, list[
     return files, missing
 
 
-def _amendment(result: Result | None) -> Amendment | None:
+def _amendment(session: Session, result: Result | None) -> Amendment | None:
     """What the series' current result must hand on to its replacement."""
     if result is None:
         return None
-    record = json.loads(result.findings_json)
-    sr_path = Path(record["files"]["sr"][0])
+    record = ResultRecord.from_json(result.findings_json)
+    (sr,) = index.result_files(session, result.id, "sr")
     tracked = [
-        (tuple(finding["center_mm"]), uid)
-        for finding, uid in zip(record["findings"], record["tracking_uids"], strict=True)
+        (finding.center_mm, uid)
+        for finding, uid in zip(record.findings, record.tracking_uids, strict=True)
     ]
-    return Amendment(
-        pydicom.dcmread(sr_path),
-        dict(record["output_series"]),
-        tracked,
-    )
+    return Amendment(pydicom.dcmread(sr.path), record.output_series, tracked)
 
 
 def _encode(ds: Dataset) -> bytes:
@@ -67,61 +60,44 @@ def _encode(ds: Dataset) -> bytes:
     return buffer.getvalue()
 
 
-class AnalysisWorker:
+class AnalysisWorker(JobHandler):
+    """Runs ``analyze`` jobs with one loaded detector."""
+
+    kind = JobKind.ANALYZE
+
     def __init__(
         self,
         db: sessionmaker[Session],
         config: NodeConfig,
         detector: NoduleDetector,
         results: FileStore,
-        name: str,
         stopping: threading.Event,
     ) -> None:
+        settings = config.workers
+        super().__init__(
+            settings.lease_seconds,
+            queue.Backoff(settings.backoff_seconds, settings.max_backoff_seconds),
+        )
         self.db = db
         self.config = config
         self.detector = detector
         self.results = results
-        self.name = name
         self.stopping = stopping
 
-    def run_once(self) -> bool:
-        """Process one job if one is ready; return whether there was one."""
-        with self.db.begin() as session:
-            job = queue.claim(session, "analyze", self.name, self.config.workers.lease_seconds)
-        if job is None:
-            return False
-        started, outcome = time.monotonic(), "failed"
-        try:
-            self._analyze(job)
-            outcome = "success"
-        except queue.HandedBack:
-            outcome = "handed_back"
-            with self.db.begin() as session:
-                queue.hand_back(session, job)
-            log.info("analysis job %d handed back: the node is stopping", job.id)
-        except Exception as exc:
-            log.exception("analysis job %d failed (attempt %d)", job.id, job.attempts)
-            reason = f"{exc.__class__.__name__}: {exc}"
-            with self.db.begin() as session:
-                state = queue.fail(session, job, reason, ANALYSIS_BACKOFF)
-                if state == queue.FAILED:
-                    index.settle_analysis(
-                        session, job.series_id, job.series_version, "failed", reason
-                    )
-        finally:
-            metrics.JOB_SECONDS.labels("analyze", outcome).observe(time.monotonic() - started)
-        return True
+    def settle_failure(
+        self, session: Session, job: queue.ClaimedJob, state: JobState, reason: str
+    ) -> None:
+        if state == JobState.FAILED:
+            index.settle_analysis(
+                session, job.series_id, job.series_version, SeriesState.FAILED, reason
+            )
 
-    def _stage(self, job: queue.ClaimedJob, stage: str) -> None:
-        with self.db.begin() as session:
-            queue.set_stage(session, job, stage)
-
-    def _analyze(self, job: queue.ClaimedJob) -> None:
-        self._stage(job, "reading the series")
+    def run(self, job: queue.ClaimedJob, lease: Lease) -> None:
+        lease.stage("reading the series")
         with self.db() as session:
             series_row = session.get_one(Series, job.series_id)
             paths = [Path(i.path) for i in index.instances_of(session, job.series_id)]
-            amends = _amendment(index.current_result(session, job.series_id))
+            amends = _amendment(session, index.current_result(session, job.series_id))
         stored, missing = _read_stored(paths, series_row.series_uid)
         if missing:
             with self.db.begin() as session:
@@ -135,47 +111,39 @@ class AnalysisWorker:
         try:
             series = load_series(stored, self.config.eligibility)
         except SeriesRejected as exc:
-            log.info("series %s rejected: %s", series_row.series_uid, exc)
-            with self.db.begin() as session:
-                index.settle_analysis(
-                    session, job.series_id, job.series_version, "rejected", str(exc)
-                )
-                queue.complete(session, job)
+            self._reject(job, series_row.series_uid, str(exc))
             return
         if self.stopping.is_set():  # the analysis would outlast the stop's grace period
-            raise queue.HandedBack
-        self._stage(job, "detecting nodules")
+            raise HandedBack
+        lease.stage("detecting nodules")
         with metrics.MODEL_SECONDS.time():
             detection = self.detector.detect(series.volume)
-        self._stage(job, "writing SR, SEG, key images")
+        lease.stage("writing SR, SEG, key images")
         objects = build_results(series, detection.findings, self.detector.info, amends)
         files = self._store(series, objects)
-        record: dict[str, Any] = {
-            "findings": [f.to_json() for f in detection.findings],
-            "tracking_uids": objects.tracking_uids,
-            "output_series": objects.series_uids(),
-            "candidates": detection.candidates,
-            "timings_s": detection.timings_s,
-            "amends": str(amends.previous_sr.SOPInstanceUID) if amends else None,
-            "files": {
-                kind: [str(f.path) for f in files if f.kind == kind]
-                for kind in ("sr", "seg", "key_images")
-            },
-        }
+        record = ResultRecord(
+            findings=tuple(f.summary() for f in detection.findings),
+            tracking_uids=tuple(objects.tracking_uids),
+            output_series=objects.series_uids(),
+            candidates=detection.candidates,
+            timings_s=detection.timings_s,
+            amends=str(amends.previous_sr.SOPInstanceUID) if amends else None,
+        )
         with self.db.begin() as session:
             index.save_result(
                 session,
                 job.series_id,
                 job.id,
                 job.series_version,
-                record,
+                record.to_json(),
+                len(record.findings),
                 self.detector.info.weights_sha256,
                 files,
             )
             for destination in self.config.destinations:
                 queue.enqueue(
                     session,
-                    "deliver",
+                    JobKind.DELIVER,
                     job.series_id,
                     destination=destination.name,
                     max_attempts=self.config.sender.max_attempts,
@@ -184,17 +152,27 @@ class AnalysisWorker:
                 session,
                 job.series_id,
                 job.series_version,
-                "analyzed",
+                SeriesState.ANALYZED,
                 f"{len(detection.findings)} nodule(s)",
             )
             if not queue.complete(session, job):
-                raise RuntimeError("lease lost while analyzing; results discarded")
+                raise LeaseLost(f"job {job.id} was taken over while analyzing")
         log.info(
             "series %s analyzed: %d nodule(s)%s",
             series.series_instance_uid,
             len(detection.findings),
             " (amends the earlier report)" if amends else "",
         )
+
+    def _reject(self, job: queue.ClaimedJob, series_uid: str, reason: str) -> None:
+        """The engine cannot read the series: a decision, settled at once, never retried."""
+        log.info("series %s rejected: %s", series_uid, reason)
+        with self.db.begin() as session:
+            index.settle_analysis(
+                session, job.series_id, job.series_version, SeriesState.REJECTED, reason
+            )
+            if not queue.complete(session, job):
+                raise LeaseLost(f"job {job.id} was taken over while reading")
 
     def _store(self, series: CTSeries, objects: ResultObjects) -> list[index.ResultFile]:
         files = []

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from inference.detector import NoduleDetector
-from inference.evaluation import LUNA_FP_RATES, ScanOutcome, auc, froc
-from inference.experiments import Case, nodule_row, score_scan, synthetic_outcomes
+from inference.lab.evaluation import LUNA_FP_RATES, ScanOutcome, auc, froc
+from inference.lab.experiments import Case, nodule_row, score_scan, synthetic_outcomes
 
 
 def _summary(

@@ -27,7 +27,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.config import NodeSettings
-from dicom_node.handlers import StorageHandlers
+from dicom_node.receive.handlers import StorageHandlers
 
 #: Every syntax the node can decode (pylibjpeg's plugins): what scanners and PACS send CT in.
 TRANSFER_SYNTAXES = [

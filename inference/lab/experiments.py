@@ -8,9 +8,9 @@ import numpy as np
 from tqdm import tqdm
 
 from inference.detector import NoduleDetector, prepare
-from inference.evaluation import Reference, ScanOutcome, synthetic_scan
 from inference.findings import NoduleFinding
-from inference.training import aerated_lung
+from inference.lab.evaluation import Reference, ScanOutcome, synthetic_scan
+from inference.lab.training import aerated_lung
 from inference.volume import Volume
 
 

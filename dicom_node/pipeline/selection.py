@@ -19,14 +19,12 @@ from dataclasses import dataclass
 from sqlalchemy.orm import Session
 
 from dicom_node.config import SelectionSettings
-from dicom_node.series import CT_IMAGE_STORAGE, MULTI_FRAME_CT
+from dicom_node.pipeline.series import CT_IMAGE_STORAGE, MULTI_FRAME_CT
 from storage import index, queue
 from storage.models import Instance, Series
+from storage.states import CHOSEN, JobKind, SeriesState
 
 log = logging.getLogger(__name__)
-
-#: Series states that mean "this series of the study is (being) analyzed".
-CHOSEN = ("queued", "analyzed")
 
 
 @dataclass(frozen=True)
@@ -109,7 +107,7 @@ def refusal(candidate: Candidate, rules: SelectionSettings) -> str | None:
 
 def select(
     session: Session, completed: Sequence[Series], rules: SelectionSettings, max_attempts: int
-) -> dict[int, str]:
+) -> dict[int, SeriesState]:
     """Decide for each completed series: queue its analysis or say why not.
 
     Series completed together (one association) are ranked together, so the best of a study
@@ -118,7 +116,7 @@ def select(
     """
     candidates = [Candidate.of(s, index.instances_of(session, s.id)) for s in completed]
     candidates.sort(key=lambda c: c.rank(rules), reverse=True)
-    decided: dict[int, str] = {}
+    decided: dict[int, SeriesState] = {}
     for candidate in candidates:
         series = candidate.series
         reason = refusal(candidate, rules)
@@ -133,18 +131,18 @@ def select(
         if reason is None:
             queue.enqueue(
                 session,
-                "analyze",
+                JobKind.ANALYZE,
                 series.id,
                 series_version=series.version,
                 max_attempts=max_attempts,
             )
-            index.set_series_state(session, series.id, "queued", version=series.version)
-            decided[series.id] = "queued"
+            index.set_series_state(session, series.id, SeriesState.QUEUED, version=series.version)
+            decided[series.id] = SeriesState.QUEUED
         else:
             index.set_series_state(
-                session, series.id, "not_selected", reason, version=series.version
+                session, series.id, SeriesState.NOT_SELECTED, reason, version=series.version
             )
-            decided[series.id] = "not_selected"
+            decided[series.id] = SeriesState.NOT_SELECTED
     return decided
 
 
@@ -164,8 +162,8 @@ def _better_in_study(
         beaten.append(other)
     for other in beaten:
         reason = _preferred(candidate.series.series_uid)
-        if queue.cancel_waiting(session, "analyze", other.id, reason):
-            index.set_series_state(session, other.id, "not_selected", reason)
+        if queue.cancel_waiting(session, JobKind.ANALYZE, other.id, reason):
+            index.set_series_state(session, other.id, SeriesState.NOT_SELECTED, reason)
             log.info("series %s withdrawn: %s", other.series_uid, reason)
     return None
 

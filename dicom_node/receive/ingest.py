@@ -26,7 +26,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node import __version__, status
+from dicom_node import __version__, dimse
 from storage import index
 from storage.files import FileStore, FreeSpace, InvalidUID, StoredFile, check_uid
 
@@ -122,11 +122,11 @@ def read_record(ds: Dataset, transfer_syntax: str) -> index.InstanceRecord:
     for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
         value = _text(ds, keyword, 1000).strip("\0 ")
         if not value:
-            raise InstanceRefused(status.MISSING_ATTRIBUTE, f"{keyword} is missing or empty")
+            raise InstanceRefused(dimse.MISSING_ATTRIBUTE, f"{keyword} is missing or empty")
         try:
             uids[keyword] = check_uid(keyword, value)
         except InvalidUID as exc:
-            raise InstanceRefused(status.CANNOT_UNDERSTAND, str(exc)) from exc
+            raise InstanceRefused(dimse.CANNOT_UNDERSTAND, str(exc)) from exc
     images = _number(ds, "ImagesInAcquisition")
     number = _number(ds, "InstanceNumber")
     return index.InstanceRecord(
@@ -194,11 +194,11 @@ def check_inflated_size(encoded: bytes, limit: int) -> None:
             pending = inflater.unconsumed_tail
     except zlib.error as exc:
         raise InstanceRefused(
-            status.CANNOT_UNDERSTAND, f"deflated data set is corrupt ({exc})"
+            dimse.CANNOT_UNDERSTAND, f"deflated data set is corrupt ({exc})"
         ) from None
     if total > limit:
         raise InstanceRefused(
-            status.OUT_OF_RESOURCES,
+            dimse.OUT_OF_RESOURCES,
             f"deflated data set inflates to more than {limit} bytes (security.max_instance_bytes)",
         )
 
@@ -212,7 +212,7 @@ ITEM, ITEM_END, SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 
 
 def _unreadable(message: str) -> InstanceRefused:
-    return InstanceRefused(status.CANNOT_UNDERSTAND, message)
+    return InstanceRefused(dimse.CANNOT_UNDERSTAND, message)
 
 
 def check_encoding(encoded: bytes) -> None:
@@ -301,9 +301,9 @@ class Receiver:
         self,
         files: FileStore,
         db: sessionmaker[Session],
-        max_instances_per_series: int = 5000,
-        free_space: FreeSpace | None = None,
-        max_inflated_bytes: int = 1 << 30,
+        max_instances_per_series: int,
+        free_space: FreeSpace,
+        max_inflated_bytes: int,
     ) -> None:
         self.files = files
         self.max_inflated_bytes = max_inflated_bytes
@@ -328,9 +328,9 @@ class Receiver:
         thread parses the header and hashes; then the file is renamed into place, and
         the index row committed while the new name is fsynced. Success is answered after all
         of it."""
-        if self.free_space is not None and not self.free_space.room_for(len(encoded)):
+        if not self.free_space.room_for(len(encoded)):
             raise InstanceRefused(
-                status.OUT_OF_RESOURCES, "storage below its free-space watermark; retry later"
+                dimse.OUT_OF_RESOURCES, "storage below its free-space watermark; retry later"
             )
         check_inflated_size(encoded, self.max_inflated_bytes)
         writing = self._writer.submit(self.files.write_temporary, encoded)
@@ -351,7 +351,7 @@ class Receiver:
             except OSError as exc:
                 log.error("cannot write instance %s: %s", record.sop_uid, exc)
                 raise InstanceRefused(
-                    status.OUT_OF_RESOURCES, f"storage write failed ({exc.strerror})"
+                    dimse.OUT_OF_RESOURCES, f"storage write failed ({exc.strerror})"
                 ) from exc
             except IntegrityError:
                 # A concurrent receiver created the same series, or the cached series row is
@@ -359,14 +359,10 @@ class Receiver:
                 with self._lock:
                     self._series_ids.pop(record.series_uid, None)
                 if attempt == 2:
-                    raise InstanceRefused(
-                        status.OUT_OF_RESOURCES, "index conflict; retry"
-                    ) from None
+                    raise InstanceRefused(dimse.OUT_OF_RESOURCES, "index conflict; retry") from None
             except OperationalError as exc:
                 log.error("cannot index instance %s: %s", record.sop_uid, exc.__class__.__name__)
-                raise InstanceRefused(
-                    status.OUT_OF_RESOURCES, "index database unavailable"
-                ) from exc
+                raise InstanceRefused(dimse.OUT_OF_RESOURCES, "index database unavailable") from exc
         raise AssertionError("unreachable")
 
     def _place(self, writing: Future[Path], record: index.InstanceRecord) -> StoredFile:
@@ -385,17 +381,17 @@ class Receiver:
             raise
         except Exception as exc:  # pydicom raises many types on malformed input
             raise InstanceRefused(
-                status.CANNOT_UNDERSTAND, f"dataset cannot be parsed ({exc.__class__.__name__})"
+                dimse.CANNOT_UNDERSTAND, f"dataset cannot be parsed ({exc.__class__.__name__})"
             ) from exc
         if expected_sop_uid and record.sop_uid != expected_sop_uid:
             raise InstanceRefused(
-                status.MISSING_ATTRIBUTE,
+                dimse.MISSING_ATTRIBUTE,
                 f"SOPInstanceUID {record.sop_uid} differs from the request's {expected_sop_uid}",
             )
         if requested_class and record.sop_class_uid != requested_class:
             # The file meta carries the request's Affected SOP Class UID (the context's).
             raise InstanceRefused(
-                status.MISSING_ATTRIBUTE,
+                dimse.MISSING_ATTRIBUTE,
                 f"SOPClassUID {record.sop_class_uid} differs from the request's {requested_class}",
             )
         return record
@@ -428,7 +424,7 @@ class Receiver:
             if not placing.result().already_present:
                 self.files.discard(path)
             raise InstanceRefused(
-                status.OUT_OF_RESOURCES,
+                dimse.OUT_OF_RESOURCES,
                 f"series holds {self.max_instances_per_series} instances, the node's limit",
             ) from None
         stored = placing.result()

@@ -1,0 +1,85 @@
+"""``dicom-node train`` and ``dicom-node evaluate``: annotated cases in, weights or a report out.
+
+A user's mistake (no annotated case where one was named) raises ``ValueError`` with the
+sentence the command line prints; progress goes to the terminal.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from dicom_node import __version__
+from dicom_node.lab.cases import load_cases
+from dicom_node.lab.report import evaluate_and_report
+from inference.detector import (
+    MODEL_NAME,
+    NoduleDetector,
+    OperatingPoint,
+    pick_device,
+    sha256_of,
+)
+from inference.findings import ModelInfo
+from inference.lab.evaluation import threshold_for_fp_rate
+from inference.lab.experiments import synthetic_outcomes
+from inference.lab.training import TrainingConfig, make_background, save_weights, train_model
+
+
+def train(
+    data: list[Path],
+    out: Path,
+    seed: int,
+    positives: int,
+    negatives: int,
+    epochs: int,
+    fp_per_scan: float,
+    device_name: str,
+) -> None:
+    """Train on every case under ``data``; the operating point is chosen on fresh synthetic
+    scans for ``fp_per_scan`` false positives per scan and stored with the weights."""
+    device = pick_device(device_name)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    cases = load_cases(data)
+    if not cases:
+        raise ValueError(f"no annotated cases found under {', '.join(map(str, data))}")
+    print(f"training on {len(cases)} scan(s) + phantoms, device {device}")
+    config = TrainingConfig(seed=seed, positives=positives, negatives=negatives, epochs=epochs)
+    backgrounds = [make_background(c.volume, c.avoid_mm, config.network) for c in cases]
+    trained = train_model(backgrounds, config, device)
+    model, record, temperature = trained.model, trained.record, trained.temperature
+    detector = NoduleDetector(
+        model,
+        OperatingPoint(threshold=0.0, temperature=temperature),
+        ModelInfo(MODEL_NAME, __version__, "unsaved"),
+        device,
+    )
+    outcomes, _ = synthetic_outcomes(detector, cases, seed + 1, 3, 4, "calibration", describe=False)
+    threshold = threshold_for_fp_rate(outcomes, fp_per_scan)
+    operating_point = {"threshold": threshold, "temperature": temperature, "max_findings": 10}
+    record["operating_point"] = {**operating_point, "chosen_for_fp_per_scan": fp_per_scan}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(save_weights(model, record, operating_point, __version__))
+    record["weights_sha256"] = sha256_of(out)
+    out.with_suffix(".json").write_text(json.dumps(record, indent=1, default=str) + "\n")
+    print(f"weights: {out} (sha256 {record['weights_sha256']}), threshold {threshold:.4f}")
+
+
+def evaluate(
+    data: list[Path],
+    out: Path,
+    weights: Path,
+    luna_csv: Path | None,
+    seed: int,
+    synthetic_scans: int,
+    device_name: str,
+) -> None:
+    """FROC/CPM and per-nodule tables on held-out synthetic scans and the annotated cases."""
+    detector = NoduleDetector.from_weights(weights, device_name)
+    cases = load_cases(data, luna_csv)
+    if not cases:
+        where = ", ".join(map(str, data))
+        raise ValueError(f"no annotated cases (a LIDC XML beside a CT series) under {where}")
+    evaluate_and_report(detector, cases, out, seed, synthetic_scans)
+    print(f"report: {out / 'evaluation.md'}")

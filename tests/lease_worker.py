@@ -1,0 +1,32 @@
+"""A worker process for the lease tests: claims the one analysis job, says so on stdout, and
+works on it until it is killed (``python -m tests.lease_worker DATABASE_URL LEASE_SECONDS``)."""
+
+from __future__ import annotations
+
+import sys
+import threading
+
+from dicom_node.jobs import JobHandler, JobRunner, Lease
+from storage import queue
+from storage.database import open_database
+from storage.states import JobKind
+
+
+class Forever(JobHandler):
+    kind = JobKind.ANALYZE
+
+    def run(self, job: queue.ClaimedJob, lease: Lease) -> None:
+        print(f"claimed {job.id}", flush=True)
+        threading.Event().wait()
+
+
+def main(url: str, lease_seconds: float) -> None:
+    db = open_database(url)
+    handler = Forever(lease_seconds, queue.Backoff(1.0, 1.0))
+    runner = JobRunner(db, handler, "doomed-worker", threading.Event())
+    while not runner.run_once():
+        threading.Event().wait(0.05)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], float(sys.argv[2]))

@@ -23,13 +23,12 @@ import time
 from pathlib import Path
 
 from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
+from pydicom.uid import Comprehensive3DSRStorage, generate_uid
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.dicom_factory import SeriesSpec, ct_datasets, phantom
 from tests.peers import DCMTK_ENV, NodeProcess, Orthanc, free_port, node_config, wait_for
 
-SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 ROLES = ("receiver", "worker", "sender")
 
 
@@ -73,7 +72,7 @@ def sr_count(pacs: Orthanc, studies: list[str]) -> int:
             pacs.get(f"/instances/{i['ID']}/metadata/SopClassUid").decode()
             for i in pacs.instances_of_study(study)
         ]
-        found += SR_CLASS in classes
+        found += Comprehensive3DSRStorage in classes
     return found
 
 

@@ -21,18 +21,20 @@ import time
 from pathlib import Path
 
 import pydicom
+from pydicom.uid import Comprehensive3DSRStorage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.analyze_bench import DEFAULT_CASE
 from dicom_node.pipeline.series import unpacked
 from tests.peers import NodeProcess, Orthanc, free_port, node_config, storescu, wait_for
 
-SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
-
 
 def sr_in(pacs: Orthanc, study_uid: str) -> bool:
     for instance in pacs.instances_of_study(study_uid):
-        if pacs.get(f"/instances/{instance['ID']}/metadata/SopClassUid").decode() == SR_CLASS:
+        if (
+            pacs.get(f"/instances/{instance['ID']}/metadata/SopClassUid").decode()
+            == Comprehensive3DSRStorage
+        ):
             return True
     return False
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from pydicom.dataset import Dataset
 
 from dicom_node import __version__
+from dicom_node.cli import EXIT_NONE_ANALYZED, EXIT_OK, EXIT_SOME_REJECTED
 from dicom_node.config import load_config
 from dicom_node.pipeline.results import build_results
 from dicom_node.pipeline.series import CTSeries, read_series, unpacked
@@ -35,7 +36,8 @@ def analyze_paths(
 ) -> int:
     """Analyze every series under ``paths`` (folders, files, .tar.xz archives).
 
-    Exit status: 0 all analyzed; 1 some series rejected or files unreadable; 3 nothing analyzed.
+    Returns the command's exit status: every series analyzed, some rejected or files
+    unreadable, or nothing analyzed.
     """
     rules = load_config(config).eligibility
     started = time.perf_counter()
@@ -46,7 +48,7 @@ def analyze_paths(
         print(f"skipped {bad.path}: {bad.reason}")
     if not series_list and not rejected:
         print("no DICOM series found")
-        return 3
+        return EXIT_NONE_ANALYZED
     detector = NoduleDetector.from_weights(weights, device) if series_list else None
     out.mkdir(parents=True, exist_ok=True)
     records: list[dict[str, object]] = []
@@ -83,8 +85,8 @@ def analyze_paths(
     print(f"findings: {out / 'findings.json'}")
     analyzed = sum(r["status"] == "analyzed" for r in records)
     if analyzed == 0:
-        return 3
-    return 1 if analyzed < len(records) or unreadable else 0
+        return EXIT_NONE_ANALYZED
+    return EXIT_SOME_REJECTED if analyzed < len(records) or unreadable else EXIT_OK
 
 
 def _analyze_one(

@@ -198,7 +198,7 @@ class Destination(_Section):
     _check_ae = field_validator("ae_title")(_ae_title)
 
 
-class Peer(_Section):
+class AllowedCaller(_Section):
     """A calling AE title allowed to open associations, and the hosts it may come from."""
 
     ae_title: str
@@ -251,13 +251,14 @@ class SecuritySettings(_Section):
     #: The calling AE titles allowed in, each bound to where it may come from. Empty: any AE
     #: title, from this machine only (loopback), so that a fresh install takes nothing from
     #: the network until it is told whom to trust.
-    peers: list[Peer] = []
+    peers: list[AllowedCaller] = []
     #: New associations per host per minute; past that, A-ASSOCIATE-RJ (transient).
     associations_per_minute: Annotated[int, Field(ge=1)] = 600
     #: A series stops taking instances past this many (0xA700, logged).
     max_instances_per_series: Annotated[int, Field(ge=1)] = 5000
-    #: One instance larger than this is refused (0xA700); past twice this much in transit the
-    #: association is aborted before the data set is held in memory.
+    #: One instance larger than this (as sent, or deflated data once inflated) is refused: the
+    #: connection is closed as soon as this much of one message is in transit, before the
+    #: data set is held in memory.
     max_instance_bytes: Annotated[int, Field(ge=1024)] = 1_073_741_824
     #: Audit events go to the database always, and to syslog when this is set.
     audit_syslog: AuditSyslog | None = None

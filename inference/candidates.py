@@ -32,7 +32,7 @@ CLIP_LOW_HU, CLIP_HIGH_HU = -1000.0, -350.0
 
 
 @dataclass(frozen=True)
-class Candidate:
+class BlobCandidate:
     """A voxel (k, j, i) on the preprocessed grid and the blob radius that fired there.
 
     ``response`` is the difference-of-Gaussians value weighted by blobness: what ranks it.
@@ -49,7 +49,7 @@ def find_candidates(
     per_scale: int = 200,
     min_distance_mm: float = 4.0,
     device: torch.device | None = None,
-) -> list[Candidate]:
+) -> list[BlobCandidate]:
     """Up to ``per_scale`` local maxima of a scale-normalised difference of Gaussians per radius.
 
     Maxima closer than the smaller blob's radius (at least ``min_distance_mm``) are merged,
@@ -65,7 +65,7 @@ def find_candidates(
         ndimage.zoom(grids[1][1], 0.5, order=0, grid_mode=True, mode="nearest"),
     )
 
-    def search(radius: float) -> list[Candidate]:
+    def search(radius: float) -> list[BlobCandidate]:
         factor = 2 if radius >= COARSE_FROM_MM else 1
         grid, mask = grids[factor]
         scale = np.array(grids[1][0].shape) / np.array(grid.shape)
@@ -76,7 +76,7 @@ def find_candidates(
         order = np.argsort(ranking)[::-1][:per_scale]
         fine = np.minimum(np.round((kji[order] + 0.5) * scale - 0.5), np.array(image.shape) - 1)
         return [
-            Candidate(tuple(int(x) for x in p + offset), radius, float(v))  # type: ignore[arg-type]
+            BlobCandidate(tuple(int(x) for x in p + offset), radius, float(v))  # type: ignore[arg-type]
             for p, v in zip(fine.astype(int), ranking[order], strict=True)
         ]
 
@@ -131,8 +131,8 @@ def bounding_box(mask: np.ndarray, margin: int = 2) -> tuple[slice, slice, slice
 
 
 def merge_close(
-    candidates: list[Candidate], spacing_kji: np.ndarray, min_distance_mm: float
-) -> list[Candidate]:
+    candidates: list[BlobCandidate], spacing_kji: np.ndarray, min_distance_mm: float
+) -> list[BlobCandidate]:
     """Greedy suppression in millimetres; a larger blob absorbs smaller ones inside it."""
     if not candidates:
         return []

@@ -18,7 +18,7 @@ from inference.lungs import segment_lungs
 from inference.measure import axial_axes, measure
 from inference.network import COMPOSITIONS, NetworkConfig, ResMTNet, build_model
 from inference.patches import extract_patches, patch_geometric_centre
-from inference.transforms import ClipHU, Compose, ResampleToSpacing
+from inference.transforms import NETWORK_HU_WINDOW, ClipHU, Compose, ResampleToSpacing
 from inference.volume import Volume
 
 MODEL_NAME = "Res-MTNet"
@@ -79,7 +79,7 @@ def prepare(
     The lungs are segmented on a coarser grid and brought over by nearest neighbour: the
     mask's edge matters to a few millimetres, and the coarse grid is eight times cheaper.
     """
-    work = Compose([ResampleToSpacing(spacing_mm), ClipHU()])(volume)
+    work = Compose([ResampleToSpacing(spacing_mm), ClipHU(*NETWORK_HU_WINDOW)])(volume)
     if clock:
         clock.lap("resample")
     coarse = segment_lungs(ResampleToSpacing(LUNG_MASK_SPACING_MM)(volume), device)

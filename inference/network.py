@@ -82,7 +82,7 @@ class MaskDecoder(nn.Module):
 class ResMTNet(nn.Module):
     """Shared residual trunk -> task heads.
 
-    Input: (N, 1, P, P, P) patches, HU clipped to [-1024, 400] and scaled to [0, 1], on an
+    Input: (N, 1, P, P, P) patches, HU clipped to ``NETWORK_HU_WINDOW`` and scaled to [0, 1], on an
     isotropic ``spacing_mm`` grid. Trunk: stem at P, three strided residual stages at P/2,
     P/4, P/8. Heads: on the globally pooled last stage (detection, malignancy, composition,
     diameter, centre offset) and a decoder over all levels (mask).

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from inference.transforms import normalize_hu
+from inference.transforms import NETWORK_HU_WINDOW, normalize_hu
 
-PAD_HU = -1024.0
+#: What lies beyond the image: air.
+PAD_HU = NETWORK_HU_WINDOW[0]
 
 
 def crop_cube(image: np.ndarray, corner_kji: np.ndarray, size: int) -> np.ndarray:
@@ -40,4 +41,4 @@ def extract_patches(image: np.ndarray, centres_kji: np.ndarray, size: int) -> np
     out = np.empty((len(centres_kji), size, size, size), dtype=np.float32)
     for n, centre in enumerate(np.asarray(centres_kji, dtype=int).reshape(-1, 3)):
         out[n] = crop_cube(image, centre - half, size)
-    return normalize_hu(np.clip(out, PAD_HU, 400.0))
+    return normalize_hu(np.clip(out, *NETWORK_HU_WINDOW))

@@ -14,6 +14,10 @@ from inference.volume import Volume
 Transform = Callable[[Volume], Volume]
 ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
 
+#: The HU window the network sees (low, high): air to dense soft tissue. Lung findings live
+#: inside it; metal and bone add nothing but range. Patches are padded with ``low`` (air).
+NETWORK_HU_WINDOW = (-1024.0, 400.0)
+
 
 class Compose:
     """Apply transforms in order; the pipeline reads as the list it is built from."""
@@ -70,9 +74,14 @@ class ResampleToSpacing:
 
 
 class ClipHU:
-    """Limit intensities to the window where lung findings live; metal and bone add nothing."""
+    """Limit intensities to a window of Hounsfield units.
 
-    def __init__(self, low: float = -1024.0, high: float = 400.0) -> None:
+    Args:
+        low: HU below which every voxel reads as ``low``.
+        high: HU above which every voxel reads as ``high``; must exceed ``low``.
+    """
+
+    def __init__(self, low: float, high: float) -> None:
         if low >= high:
             raise ValueError(f"low ({low}) must be below high ({high})")
         self.low, self.high = low, high
@@ -81,6 +90,7 @@ class ClipHU:
         return volume.with_array(np.clip(volume.array, self.low, self.high).astype(np.float32))
 
 
-def normalize_hu(array: ArrayT, low: float = -1024.0, high: float = 400.0) -> ArrayT:
-    """Scale a clipped HU window to [0, 1]: the network's input convention."""
+def normalize_hu(array: ArrayT) -> ArrayT:
+    """Scale HU clipped to :data:`NETWORK_HU_WINDOW` to [0, 1]: the network's input convention."""
+    low, high = NETWORK_HU_WINDOW
     return (array - low) / (high - low)

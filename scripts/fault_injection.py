@@ -37,6 +37,7 @@ from pathlib import Path
 
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.uid import Comprehensive3DSRStorage, SegmentationStorage
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 from sqlalchemy import create_engine, select
@@ -47,8 +48,6 @@ from storage.models import Instance, Job, Result, ResultInstance, Series
 from tests.dicom_factory import SeriesSpec, ct_datasets, phantom
 from tests.peers import NodeProcess, Orthanc, free_port, node_config, wait_for
 
-SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
-SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 ROLES = ("receiver", "worker", "sender")
 
 
@@ -154,7 +153,11 @@ def _check(db: sessionmaker, modality: Modality, pacs: Orthanc) -> tuple[dict[st
             )
             for i in pacs.instances_of_study(study)
         ]
-        results_in_pacs = [(sop, cls) for sop, cls in in_pacs if cls in (SR_CLASS, SEG_CLASS)]
+        results_in_pacs = [
+            (sop, cls)
+            for sop, cls in in_pacs
+            if cls in (Comprehensive3DSRStorage, SegmentationStorage)
+        ]
         strangers = [sop for sop, _ in results_in_pacs if (row.id, sop) not in ours]
         if strangers:
             # A result object the index does not know: a duplicate under another UID.

@@ -177,11 +177,9 @@ class FileStore:
         study_uid: str,
         series_uid: str,
         sop_uid: str,
-        sync_name: bool = True,
     ) -> StoredFile:
-        """Rename a durable temporary file into place and make the name durable (unless
-        ``sync_name`` is False: then the caller calls :meth:`sync_folder` before relying on
-        it). An instance already stored keeps its first copy; the temporary file is dropped."""
+        """Rename a durable temporary file into place and make the name durable. An instance
+        already stored keeps its first copy; the temporary file is dropped."""
         path = self.path_for(study_uid, series_uid, sop_uid)
         size = tmp.stat().st_size
         if path.exists():
@@ -189,13 +187,8 @@ class FileStore:
             return StoredFile(path, path.stat().st_size, already_present=True)
         self._make_folders(path.parent)
         os.replace(tmp, path)
-        if sync_name:
-            _fsync_dir(path.parent)
+        _fsync_dir(path.parent)
         return StoredFile(path, size, already_present=False)
-
-    @staticmethod
-    def sync_folder(folder: Path) -> None:
-        _fsync_dir(folder)
 
     def discard(self, tmp: Path) -> None:
         tmp.unlink(missing_ok=True)

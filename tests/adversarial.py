@@ -25,16 +25,16 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from dicom_node import dimse
+from dicom_node.dimse import StoreStatus
 from dicom_node.receive.ingest import file_meta_header
 from tests.dicom_factory import SeriesSpec, ct_datasets, phantom
 
 OK, REFUSED_SOP, MISSING, UNREADABLE, NO_ROOM = (
-    dimse.SUCCESS,
-    dimse.SOP_CLASS_NOT_SUPPORTED,
-    dimse.MISSING_ATTRIBUTE,
-    dimse.CANNOT_UNDERSTAND,
-    dimse.OUT_OF_RESOURCES,
+    StoreStatus.SUCCESS,
+    0x0122,  # pynetdicom's own answer: Refused: SOP Class Not Supported (PS3.7 C)
+    StoreStatus.MISSING_ATTRIBUTE,
+    StoreStatus.CANNOT_UNDERSTAND,
+    StoreStatus.OUT_OF_RESOURCES,
 )
 #: A small series the engine would read: 40 slices of 2.5 mm (100 mm), 64 x 64.
 SMALL = SeriesSpec(slices=40, rows=64, columns=64, pixel_mm=4.0, slice_mm=2.5)

@@ -31,7 +31,7 @@ def test_no_file_means_embedded_defaults() -> None:
     assert config.destinations == []
 
 
-def test_environment_overrides_file_values(tmp_path: Path) -> None:
+def test_environment_overrides_file_values() -> None:
     environ = {
         "DICOM_NODE__STORAGE__DATABASE_URL": "postgresql+psycopg://node@db/node",
         "DICOM_NODE__DESTINATIONS__0__PORT": "104",
@@ -69,3 +69,10 @@ def test_wrong_values_are_one_line_naming_the_key(tmp_path: Path, text: str, exp
 def test_environment_index_beyond_the_list_is_named() -> None:
     with pytest.raises(ConfigError, match="DICOM_NODE__DESTINATIONS__3__HOST"):
         load_config(REPO / "config.yaml", environ={"DICOM_NODE__DESTINATIONS__3__HOST": "x"})
+
+
+def test_the_shipped_file_states_the_embedded_defaults_but_its_example_destination() -> None:
+    shipped = load_config(REPO / "config.yaml", environ={}).model_dump()
+    embedded = load_config(None, environ={}).model_dump()
+    assert shipped.pop("destinations") != embedded.pop("destinations")
+    assert shipped == embedded

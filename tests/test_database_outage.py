@@ -5,7 +5,6 @@ by themselves, once the database is back. Nothing acknowledged is missing from t
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -15,7 +14,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 from sqlalchemy import select
 
-from dicom_node import dimse
+from dicom_node.dimse import StoreStatus
 from storage.models import Instance
 from tests.dicom_factory import SeriesSpec, ct_datasets, phantom
 from tests.peers import TcpProxy, wait_for
@@ -38,7 +37,7 @@ def _store(port: int, ds: pydicom.Dataset) -> tuple[int, str]:
 
 
 def test_stores_are_refused_while_the_database_is_away_and_resume_after(
-    start_node: Any, postgres_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    start_node: Any, postgres_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     proxy = TcpProxy(urlsplit(postgres_url).port or 5432)
     try:
@@ -49,10 +48,10 @@ def test_stores_are_refused_while_the_database_is_away_and_resume_after(
         port = node.config.node.port
         spec = SeriesSpec(slices=3, rows=16, columns=16)
         first, during, after = ct_datasets(spec, phantom(spec, None))
-        assert _store(port, first) == (dimse.SUCCESS, "")
+        assert _store(port, first) == (StoreStatus.SUCCESS, "")
         proxy.cut()
         code, comment = _store(port, during)
-        assert code == dimse.OUT_OF_RESOURCES and "database unavailable" in comment
+        assert code == StoreStatus.OUT_OF_RESOURCES and "database unavailable" in comment
 
         def housekeeping_said_so() -> list[logging.LogRecord]:
             return [r for r in caplog.records if "housekeeping: database unavailable" in r.message]
@@ -61,8 +60,10 @@ def test_stores_are_refused_while_the_database_is_away_and_resume_after(
         said = wait_for(housekeeping_said_so, 30, "the housekeeping loop's log line")
         assert all(r.exc_info is None for r in said)
         proxy.restore()
-        wait_for(lambda: _store(port, during)[0] == dimse.SUCCESS, 30, "stores accepted again")
-        assert _store(port, after) == (dimse.SUCCESS, "")
+        wait_for(
+            lambda: _store(port, during)[0] == StoreStatus.SUCCESS, 30, "stores accepted again"
+        )
+        assert _store(port, after) == (StoreStatus.SUCCESS, "")
         with node.db() as session:
             indexed = {i.sop_uid for i in session.scalars(select(Instance))}
         assert indexed == {str(ds.SOPInstanceUID) for ds in (first, during, after)}

@@ -13,7 +13,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 from sqlalchemy import select
 
-from dicom_node import dimse
+from dicom_node.dimse import StoreStatus
 from storage.files import FreeSpace
 from storage.models import Instance, Series
 from tests.dicom_factory import SeriesSpec, ct_datasets, phantom, write_series
@@ -43,7 +43,7 @@ def test_below_the_watermark_stores_are_refused_until_space_returns(
     spec = SeriesSpec(slices=3)
     files = write_series(tmp_path / "ct", ct_datasets(spec, phantom(spec, None)))
     port = node.config.node.port
-    assert _store_one(port, files[0])[0] == dimse.SUCCESS
+    assert _store_one(port, files[0])[0] == StoreStatus.SUCCESS
     filler = tmp_path / "filler"
     fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
     try:
@@ -51,11 +51,13 @@ def test_below_the_watermark_stores_are_refused_until_space_returns(
     finally:
         os.close(fd)
     try:
-        wait_for(lambda: _store_one(port, files[1])[0] == dimse.OUT_OF_RESOURCES, 10, "the refusal")
+        wait_for(
+            lambda: _store_one(port, files[1])[0] == StoreStatus.OUT_OF_RESOURCES, 10, "the refusal"
+        )
         assert "free-space watermark" in _store_one(port, files[1])[1]
     finally:
         filler.unlink()
-    wait_for(lambda: _store_one(port, files[1])[0] == dimse.SUCCESS, 10, "recovery")
+    wait_for(lambda: _store_one(port, files[1])[0] == StoreStatus.SUCCESS, 10, "recovery")
     with node.db() as session:
         assert len(list(session.scalars(select(Instance)))) == 2
 

@@ -12,10 +12,11 @@ from pathlib import Path
 
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from pydicom.uid import ExplicitVRLittleEndian
 from sqlalchemy import select
 
-from dicom_node import dimse
 from dicom_node.config import SecuritySettings
+from dicom_node.dimse import StoreStatus
 from dicom_node.receive.ingest import InstanceRefused, Receiver, file_meta_header
 from storage.database import open_database
 from storage.files import FileStore, FreeSpace
@@ -26,10 +27,14 @@ from tests.dicom_factory import SeriesSpec, ct_datasets, phantom
 SPEC = SeriesSpec(slices=1, rows=8, columns=8)
 SLICE = ct_datasets(SPEC, phantom(SPEC, None))[0]
 HEADER = file_meta_header(
-    str(SLICE.SOPClassUID), str(SLICE.SOPInstanceUID), "1.2.840.10008.1.2.1", "FUZZ"
+    str(SLICE.SOPClassUID), str(SLICE.SOPInstanceUID), ExplicitVRLittleEndian, "FUZZ"
 )
 VALID = body(SLICE)
-REFUSALS = {dimse.OUT_OF_RESOURCES, dimse.MISSING_ATTRIBUTE, dimse.CANNOT_UNDERSTAND}
+REFUSALS = {
+    StoreStatus.OUT_OF_RESOURCES,
+    StoreStatus.MISSING_ATTRIBUTE,
+    StoreStatus.CANNOT_UNDERSTAND,
+}
 
 #: One edit of the valid data set: (offset, bytes removed, bytes inserted).
 edits = st.tuples(

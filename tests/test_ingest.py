@@ -14,8 +14,8 @@ from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from sqlalchemy import select
 
-from dicom_node import dimse
 from dicom_node.config import SecuritySettings
+from dicom_node.dimse import StoreStatus
 from dicom_node.receive.ingest import (
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION,
@@ -70,7 +70,7 @@ def receiver(database_url: str, tmp_path: Path) -> Iterator[Receiver]:
     db.kw["bind"].dispose()
 
 
-def test_instances_are_stored_indexed_and_counted_once(receiver: Receiver, tmp_path: Path) -> None:
+def test_instances_are_stored_indexed_and_counted_once(receiver: Receiver) -> None:
     spec = SeriesSpec(slices=4)
     datasets = ct_datasets(spec, phantom(spec, None))
     first = [receiver.ingest(_encoded(ds), "SCANNER", "127.0.0.1") for ds in datasets]
@@ -92,7 +92,7 @@ def test_a_refused_instance_leaves_no_file(receiver: Receiver, tmp_path: Path) -
     ds.SeriesInstanceUID = "1.2.3.x"
     with pytest.raises(InstanceRefused) as refused:
         receiver.ingest(_encoded(ds), "SCANNER", "127.0.0.1")
-    assert refused.value.status == dimse.CANNOT_UNDERSTAND
+    assert refused.value.status == StoreStatus.CANNOT_UNDERSTAND
     assert "SeriesInstanceUID '1.2.3.x' is not a valid DICOM UID" in str(refused.value)
     time.sleep(0.2)  # the refused bytes were being written; their file is dropped when done
     leftovers = [
@@ -106,7 +106,7 @@ def test_a_mismatched_sop_instance_uid_is_refused(receiver: Receiver) -> None:
     (ds,) = ct_datasets(spec, phantom(spec, None))
     with pytest.raises(InstanceRefused, match="differs from the request") as refused:
         receiver.ingest(_encoded(ds), "SCANNER", "127.0.0.1", expected_sop_uid="1.2.3")
-    assert refused.value.status == dimse.MISSING_ATTRIBUTE
+    assert refused.value.status == StoreStatus.MISSING_ATTRIBUTE
 
 
 def test_a_resend_restores_a_file_the_index_names_but_the_disk_lost(receiver: Receiver) -> None:

@@ -15,6 +15,8 @@ import pytest
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.config import NodeConfig
+from dicom_node.deliver.sender import Sender
 from dicom_node.jobs import JobHandler, JobRunner, Lease
 from storage import queue
 from storage.database import open_database
@@ -32,7 +34,12 @@ def db(database_url: str) -> Iterator[sessionmaker[Session]]:
     factory.kw["bind"].dispose()
 
 
-def _queued_job(db: sessionmaker[Session], max_attempts: int = 3) -> int:
+def _queued_job(
+    db: sessionmaker[Session],
+    max_attempts: int = 3,
+    kind: JobKind = JobKind.ANALYZE,
+    destination: str = "",
+) -> int:
     with db.begin() as session:
         patient = Patient(patient_id="P", issuer="", name="")
         session.add(patient)
@@ -43,7 +50,9 @@ def _queued_job(db: sessionmaker[Session], max_attempts: int = 3) -> int:
         series = Series(series_uid="1.2.3.4", study_id=study.id)
         session.add(series)
         session.flush()
-        return queue.enqueue(session, JobKind.ANALYZE, series.id, max_attempts=max_attempts)
+        return queue.enqueue(
+            session, kind, series.id, max_attempts=max_attempts, destination=destination
+        )
 
 
 def _job(db: sessionmaker[Session], job_id: int) -> Job:
@@ -183,3 +192,14 @@ def test_after_the_stop_grace_period_a_lease_is_no_longer_renewed(
         stuck.release.set()
         worker.join()
     assert ran == 1 and _job(db, job_id).worker == "rescuer"
+
+
+def test_a_delivery_to_a_destination_no_longer_configured_is_dead_lettered_at_once(
+    db: sessionmaker[Session],
+) -> None:
+    job_id = _queued_job(db, max_attempts=8, kind=JobKind.DELIVER, destination="old-pacs")
+    sender = Sender(db, NodeConfig(), threading.Event())
+    assert JobRunner(db, sender, "sender", threading.Event()).run_once()
+    job = _job(db, job_id)
+    assert (job.state, job.attempts) == (JobState.FAILED, 1)
+    assert job.last_error == "destination 'old-pacs' is no longer in the configuration"

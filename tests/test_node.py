@@ -15,7 +15,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage  # type: ignore[attr-defined]
 from sqlalchemy import select
 
-from dicom_node import dimse
+from dicom_node.dimse import StoreStatus
 from dicom_node.jobs import JobRunner
 from dicom_node.node import Node
 from dicom_node.pipeline.worker import AnalysisWorker
@@ -75,16 +75,18 @@ def _send(port: int, datasets: list[Dataset], sop_class: str = CTImageStorage) -
     return codes
 
 
-def test_bad_instances_get_a_specific_status_and_the_node_keeps_serving(
-    start_node: Any, tmp_path: Path
-) -> None:
+def test_bad_instances_get_a_specific_status_and_the_node_keeps_serving(start_node: Any) -> None:
     node = start_node(workers={"count": 0}, completion={"quiet_seconds": 600})
     spec = SeriesSpec(slices=3)
     good, bad_uid, no_study = ct_datasets(spec, phantom(spec, None))
     bad_uid.SOPInstanceUID = "1.2.3.abc"
     del no_study.StudyInstanceUID
     codes = _send(node.config.node.port, [bad_uid, no_study, good])
-    assert codes == [dimse.CANNOT_UNDERSTAND, dimse.MISSING_ATTRIBUTE, dimse.SUCCESS]
+    assert codes == [
+        StoreStatus.CANNOT_UNDERSTAND,
+        StoreStatus.MISSING_ATTRIBUTE,
+        StoreStatus.SUCCESS,
+    ]
     assert [i.sop_uid for i in _rows(node, Instance)] == [good.SOPInstanceUID]
 
 

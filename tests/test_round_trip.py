@@ -14,6 +14,13 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.uid import (
+    Comprehensive3DSRStorage,
+    CTImageStorage,
+    MultiFrameTrueColorSecondaryCaptureImageStorage,
+    SecondaryCaptureImageStorage,
+    SegmentationStorage,
+)
 from sqlalchemy import select
 
 from dicom_node.analyze import analyze_paths
@@ -23,10 +30,7 @@ from storage.models import AuditEvent, Delivery, Job
 from tests.dicom_factory import SeriesSpec, ct_datasets, phantom, write_series
 from tests.peers import NodeProcess, Orthanc, free_port, node_config, storescu, wait_for
 
-SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
-SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
-CT_CLASS = "1.2.840.10008.5.1.4.1.1.2"
-SC_CLASSES = {"1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.7.4"}
+SC_CLASSES = {SecondaryCaptureImageStorage, MultiFrameTrueColorSecondaryCaptureImageStorage}
 
 
 @pytest.fixture
@@ -81,7 +85,11 @@ def test_lidc_case_round_trip_from_storescu_to_orthanc(
 
         def arrived() -> dict[str, list[dict[str, Any]]] | None:
             found = _result_instances(orthanc, study_uid)
-            return found if SR_CLASS in found and SEG_CLASS in found else None
+            return (
+                found
+                if Comprehensive3DSRStorage in found and SegmentationStorage in found
+                else None
+            )
 
         results = wait_for(arrived, 180, "SR and SEG in Orthanc", interval=1.0)
     finally:
@@ -96,7 +104,7 @@ def test_lidc_case_round_trip_from_storescu_to_orthanc(
         value = str(header.get(keyword, "") or "").strip()
         if len(value) >= 4:
             assert value not in log_text, f"{keyword} appears in the node's log"
-    (sr_instance,) = results[SR_CLASS]
+    (sr_instance,) = results[Comprehensive3DSRStorage]
     sr = pydicom.dcmread(io.BytesIO(orthanc.get(f"/instances/{sr_instance['ID']}/file")))
     assert sr.StudyInstanceUID == study_uid
 
@@ -148,8 +156,12 @@ def test_results_reach_a_destination_that_comes_up_late_exactly_once(
             lambda: [j.state for j in _deliver_jobs(node)] == ["done"], 60, "delivery after start"
         )
         sent = _result_instances(pacs, study_uid)
-        assert set(sent) >= {SR_CLASS, SEG_CLASS}
-        assert all(len(v) == 1 for k, v in sent.items() if k in {SR_CLASS, SEG_CLASS})
+        assert set(sent) >= {Comprehensive3DSRStorage, SegmentationStorage}
+        assert all(
+            len(v) == 1
+            for k, v in sent.items()
+            if k in {Comprehensive3DSRStorage, SegmentationStorage}
+        )
         sop_uids = [i["MainDicomTags"]["SOPInstanceUID"] for v in sent.values() for i in v]
         assert len(sop_uids) == len(set(sop_uids))
         with node.db() as session:
@@ -213,12 +225,16 @@ def test_return_to_sender_then_an_operator_resend_keeps_one_copy(
     study_uid = str(datasets[0].StudyInstanceUID)
     wait_for(lambda: [j.state for j in _deliver_jobs(node)] == ["done"], 120, "delivery")
     before = _result_instances(orthanc, study_uid)
-    assert SR_CLASS in before and SEG_CLASS in before and not SC_CLASSES & set(before)
+    assert (
+        Comprehensive3DSRStorage in before
+        and SegmentationStorage in before
+        and not SC_CLASSES & set(before)
+    )
 
     config = str(tmp_path / "node0" / "config.yaml")
     resent = _cli("resend", str(datasets[0].SeriesInstanceUID), "--config", config)
     assert resent.returncode == 0, resent.stderr
-    sent_instances = sum(len(v) for k, v in before.items() if k != CT_CLASS)
+    sent_instances = sum(len(v) for k, v in before.items() if k != CTImageStorage)
     wait_for(
         lambda: (
             [j.state for j in _deliver_jobs(node)] == ["done", "done"]

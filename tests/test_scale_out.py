@@ -9,6 +9,7 @@ import signal
 from pathlib import Path
 
 import pytest
+from pydicom.uid import Comprehensive3DSRStorage
 from sqlalchemy import create_engine, select
 from sqlalchemy.orm import sessionmaker
 
@@ -16,7 +17,6 @@ from storage.models import Job, Result, Series
 from tests.dicom_factory import SeriesSpec, ct_datasets, phantom, write_series
 from tests.peers import NodeProcess, Orthanc, free_port, node_config, storescu, wait_for
 
-SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 SERIES = 4
 
 
@@ -81,7 +81,8 @@ def test_one_receiver_two_workers_one_killed_mid_job_every_series_once(
             in_pacs = [
                 i
                 for i in pacs.instances_of_study(study)
-                if pacs.get(f"/instances/{i['ID']}/metadata/SopClassUid").decode() == SR_CLASS
+                if pacs.get(f"/instances/{i['ID']}/metadata/SopClassUid").decode()
+                == Comprehensive3DSRStorage
             ]
             assert len(in_pacs) == 1, f"study {study}: {len(in_pacs)} SRs in the PACS"
     finally:

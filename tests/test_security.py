@@ -15,8 +15,8 @@ from pynetdicom.association import Association
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 from sqlalchemy import select
 
-from dicom_node import dimse
-from dicom_node.config import ConfigError, NodeConfig, Peer, SecuritySettings
+from dicom_node.config import AllowedCaller, ConfigError, NodeConfig, SecuritySettings
+from dicom_node.dimse import StoreStatus
 from dicom_node.observe.audit import AuditRecord, rfc5424_line
 from dicom_node.receive.access import AccessPolicy
 from storage.models import AuditEvent, Instance
@@ -39,7 +39,7 @@ def _echo(port: int, calling: str = "SCANNER") -> tuple[bool, int | None]:
         return False, (primitive.result if primitive is not None else None)
     answer = assoc.send_c_echo()
     assoc.release()
-    return int(answer.Status) == dimse.SUCCESS, None
+    return int(answer.Status) == StoreStatus.SUCCESS, None
 
 
 def _audit(node: Any) -> list[AuditEvent]:
@@ -51,8 +51,8 @@ def test_policy_binds_each_calling_ae_title_to_its_hosts() -> None:
     policy = AccessPolicy(
         SecuritySettings(
             peers=[
-                Peer(ae_title="CT1", hosts=["10.1.2.3"]),
-                Peer(ae_title="PACS", hosts=["10.9.0.0/16", "127.0.0.1"]),
+                AllowedCaller(ae_title="CT1", hosts=["10.1.2.3"]),
+                AllowedCaller(ae_title="PACS", hosts=["10.9.0.0/16", "127.0.0.1"]),
             ]
         )
     )
@@ -148,7 +148,7 @@ def test_a_series_past_its_instance_limit_is_refused_and_nothing_of_it_kept(
     assoc = _associate(node.config.node.port)
     codes = [int(assoc.send_c_store(ds).Status) for ds in datasets]
     assoc.release()
-    assert codes == [0, 0, 0, 0, dimse.OUT_OF_RESOURCES, dimse.OUT_OF_RESOURCES]
+    assert codes == [0, 0, 0, 0, StoreStatus.OUT_OF_RESOURCES, StoreStatus.OUT_OF_RESOURCES]
     with node.db() as session:
         assert len(list(session.scalars(select(Instance)))) == 4
     assert len(list(Path(node.config.storage.path, "instances").rglob("*.dcm"))) == 4

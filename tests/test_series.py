@@ -10,7 +10,13 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1, RLELossless
+from pydicom.uid import (
+    EnhancedCTImageStorage,
+    JPEG2000Lossless,
+    JPEGLosslessSV1,
+    LegacyConvertedEnhancedCTImageStorage,
+    RLELossless,
+)
 
 from dicom_node.pipeline.series import EligibilityRules, read_series
 from tests.conftest import shared
@@ -226,7 +232,7 @@ def test_two_series_in_one_folder_read_separately(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "sop_class", ["1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2.2"]
+    "sop_class", [EnhancedCTImageStorage, LegacyConvertedEnhancedCTImageStorage]
 )
 def test_multiframe_ct_reads_as_the_same_volume_with_frame_numbers(
     tmp_path: Path, sop_class: str

@@ -8,13 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydicom.uid import Comprehensive3DSRStorage
 
 from dicom_node.config import ConfigError, TlsSettings
 from dicom_node.tls import server_context
 from tests.dicom_factory import SeriesSpec, ct_datasets, phantom, write_series
 from tests.peers import DCMTK_ENV, Orthanc, require, wait_for
-
-SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 
 
 def _openssl(*args: str) -> None:
@@ -124,7 +123,8 @@ def test_modality_to_node_to_orthanc_all_over_mutual_tls(
         def sr_in_pacs() -> bool:
             study = str(datasets[0].StudyInstanceUID)
             return any(
-                pacs.get(f"/instances/{i['ID']}/metadata/SopClassUid").decode() == SR_CLASS
+                pacs.get(f"/instances/{i['ID']}/metadata/SopClassUid").decode()
+                == Comprehensive3DSRStorage
                 for i in pacs.instances_of_study(study)
             )
 

@@ -14,16 +14,18 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image
+from pydicom.uid import (
+    Comprehensive3DSRStorage,
+    CTImageStorage,
+    SecondaryCaptureImageStorage,
+    SegmentationStorage,
+)
 
 from tests.peers import REPO, Orthanc, require, run_browser_script, storescu, wait_for
 from tests.viewer import ORTHANC_DICOMWEB, OhifViewer
 
 OHIF_DIST = REPO / "tests" / "browser" / "ohif" / "package" / "dist"
 SHOTS = REPO / "out" / "screenshots"
-SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
-SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
-SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
-CT_CLASS = "1.2.840.10008.5.1.4.1.1.2"
 
 
 def _annotation_pixels(png: Path) -> int:
@@ -80,7 +82,7 @@ def test_ohif_shows_the_study_with_the_nodes_results(
                 pacs.get(f"/instances/{i['ID']}/metadata/SopClassUid").decode()
                 for i in pacs.instances_of_study(study)
             ]
-            return len(classes) >= ct_images + 3 and SR_CLASS in classes
+            return len(classes) >= ct_images + 3 and Comprehensive3DSRStorage in classes
 
         wait_for(results_in_pacs, 300, "the node's results in Orthanc", interval=2.0)
         # A second, independent consumer: Orthanc's REST API lists every object in the CT's
@@ -89,10 +91,12 @@ def test_ohif_shows_the_study_with_the_nodes_results(
         for instance in pacs.instances_of_study(study):
             sop_class = pacs.get(f"/instances/{instance['ID']}/metadata/SopClassUid").decode()
             by_class.setdefault(sop_class, []).append(instance["ID"])
-        assert len(by_class[CT_CLASS]) == ct_images
-        assert {SR_CLASS, SEG_CLASS, SC_CLASS} <= set(by_class)
+        assert len(by_class[CTImageStorage]) == ct_images
+        assert {Comprehensive3DSRStorage, SegmentationStorage, SecondaryCaptureImageStorage} <= set(
+            by_class
+        )
         sr_copy = tmp_path / "sr-from-pacs.dcm"
-        sr_copy.write_bytes(pacs.get(f"/instances/{by_class[SR_CLASS][0]}/file"))
+        sr_copy.write_bytes(pacs.get(f"/instances/{by_class[Comprehensive3DSRStorage][0]}/file"))
         rendered = subprocess.run(
             [require("dsrdump"), str(sr_copy)], capture_output=True, text=True, check=True
         ).stdout
@@ -101,7 +105,8 @@ def test_ohif_shows_the_study_with_the_nodes_results(
             next(
                 p
                 for p in Path(node.config.storage.path, "results").rglob("*.dcm")
-                if pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID == SR_CLASS
+                if pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID
+                == Comprehensive3DSRStorage
             )
         )
         SHOTS.mkdir(parents=True, exist_ok=True)

@@ -363,3 +363,13 @@ def test_the_outline_is_the_closed_ellipse_of_the_two_axes() -> None:
     assert np.allclose(outline[24], np.array(long_axis[0]) + 0.5)
     radius = np.linalg.norm(np.subtract(*long_axis)) / 2
     assert np.linalg.norm(outline - centre, axis=1).max() <= radius + 1e-9
+
+
+def test_sr_seg_and_key_images_name_the_same_device(results) -> None:  # type: ignore[no-untyped-def]
+    keywords = ("Manufacturer", "ManufacturerModelName", "SoftwareVersions", "DeviceSerialNumber")
+    devices = {
+        name: tuple(str(pydicom.dcmread(path).get(k, "")) for k in keywords)
+        for name, path in results[2].items()
+    }
+    assert len(set(devices.values())) == 1, devices
+    assert devices["sr"][1] == f"{MODEL.name} {MODEL.version}"

@@ -75,7 +75,7 @@ def store_instances(
             ds = pydicom.dcmread(instance.path)
             answer = assoc.send_c_store(ds)
             code = int(answer.get("Status", -1)) if answer else -1
-            if code not in dimse.STORED:
+            if not dimse.is_stored(code):
                 comment = str(answer.get("ErrorComment", "")) if answer else ""
                 what = f"0x{code:04X}" if code >= 0 else "no answer (timeout or abort)"
                 raise JobFailed(

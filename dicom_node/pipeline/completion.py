@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import statistics
 from collections.abc import Iterable, Sequence
 from datetime import timedelta
 
@@ -21,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node.config import NodeConfig
 from dicom_node.observe import metrics
 from dicom_node.pipeline.selection import select
+from dicom_node.pipeline.slices import is_localizer, median_step
 from storage import index
 from storage.models import Instance, Series, utcnow
 from storage.states import SeriesState
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 def volume_gap(instances: Sequence[Instance], tolerance: float = 0.1) -> str | None:
     """None when the slices form a complete, regular volume; else what looks missing."""
-    images = [i for i in instances if "LOCALIZER" not in i.image_type.upper()]
+    images = [i for i in instances if not is_localizer(i.image_type)]
     if not images:
         return "no images"
     if any(i.frames > 1 for i in images):  # Enhanced CT: one instance holds the volume
@@ -40,8 +40,7 @@ def volume_gap(instances: Sequence[Instance], tolerance: float = 0.1) -> str | N
         return f"{len(images) - len(positions)} image(s) without a slice position"
     if len(positions) < 3:
         return f"only {len(positions)} slice(s)"
-    steps = [b - a for a, b in itertools.pairwise(positions) if b - a > 1e-3]
-    step = statistics.median(steps) if steps else 0.0
+    step = median_step(positions) or 0.0
     for before, after in itertools.pairwise(positions):
         if after - before > step * (1 + tolerance):
             return f"gap of {after - before:.2f} mm after {before:.2f} mm (step {step:.2f} mm)"

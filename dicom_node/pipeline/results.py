@@ -170,6 +170,7 @@ def build_results(
         series.slices,
         series.volume.array,
         findings,
+        model,
         _output_series("key_images", "Res-MTNet key images", KEY_SERIES, amends),
         frames,
     ).build()

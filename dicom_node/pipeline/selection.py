@@ -8,7 +8,6 @@ findings in front of the radiologist.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import re
 import statistics
@@ -19,7 +18,8 @@ from dataclasses import dataclass
 from sqlalchemy.orm import Session
 
 from dicom_node.config import SelectionSettings
-from dicom_node.pipeline.series import CT_IMAGE_STORAGE, MULTI_FRAME_CT
+from dicom_node.pipeline.slices import is_localizer, slice_steps
+from dicom_node.sop_classes import CT_STORAGE_CLASSES, MULTI_FRAME_CT
 from storage import index, queue
 from storage.models import Instance, Series
 from storage.states import CHOSEN, JobKind, SeriesState
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Candidate:
+class SeriesCandidate:
     """A series as selection sees it, summarised from its instances' index rows."""
 
     series: Series
@@ -38,13 +38,11 @@ class Candidate:
     images: int
 
     @classmethod
-    def of(cls, series: Series, instances: Sequence[Instance]) -> Candidate:
-        images = [i for i in instances if "LOCALIZER" not in i.image_type.upper()]
+    def of(cls, series: Series, instances: Sequence[Instance]) -> SeriesCandidate:
+        images = [i for i in instances if not is_localizer(i.image_type)]
         thickness = [i.slice_thickness_mm for i in images if i.slice_thickness_mm]
         if not thickness:
-            positions = sorted(i.position_mm for i in images if i.position_mm is not None)
-            steps = [b - a for a, b in itertools.pairwise(positions) if b - a > 1e-3]
-            thickness = steps
+            thickness = slice_steps(i.position_mm for i in images if i.position_mm is not None)
         common = Counter(i.image_type for i in images).most_common(1)
         return cls(
             series=series,
@@ -68,14 +66,14 @@ class Candidate:
         return (self.is_lung_kernel(rules), -(self.thickness_mm or 99.0), self.images)
 
 
-def refusal(candidate: Candidate, rules: SelectionSettings) -> str | None:
+def refusal(candidate: SeriesCandidate, rules: SelectionSettings) -> str | None:
     """Why the rules exclude this series, or None."""
     series = candidate.series
     if series.modality not in rules.modalities:
         return (
             f"Modality {series.modality or '(empty)'} is not one of {', '.join(rules.modalities)}"
         )
-    other = candidate.sop_classes - {CT_IMAGE_STORAGE, *MULTI_FRAME_CT}
+    other = candidate.sop_classes - CT_STORAGE_CLASSES
     if other:
         return f"SOP class {sorted(other)[0]} is not a CT image storage class"
     if rules.calling_ae_titles and series.calling_ae not in rules.calling_ae_titles:
@@ -114,7 +112,7 @@ def select(
     is queued and the others are not; a series completed later is analyzed only if it beats
     what its study already has. Returns the new state by series id.
     """
-    candidates = [Candidate.of(s, index.instances_of(session, s.id)) for s in completed]
+    candidates = [SeriesCandidate.of(s, index.instances_of(session, s.id)) for s in completed]
     candidates.sort(key=lambda c: c.rank(rules), reverse=True)
     decided: dict[int, SeriesState] = {}
     for candidate in candidates:
@@ -147,7 +145,7 @@ def select(
 
 
 def _better_in_study(
-    session: Session, candidate: Candidate, rules: SelectionSettings
+    session: Session, candidate: SeriesCandidate, rules: SelectionSettings
 ) -> str | None:
     """Why another series of the study is preferred to this one, or None. A chosen series this
     one beats is withdrawn if its analysis has not started (a running one is left to finish)."""
@@ -156,7 +154,7 @@ def _better_in_study(
     for other in index.study_series(session, candidate.series.study_id):
         if other.id == candidate.series.id or other.state not in CHOSEN:
             continue
-        theirs = Candidate.of(other, index.instances_of(session, other.id)).rank(rules)
+        theirs = SeriesCandidate.of(other, index.instances_of(session, other.id)).rank(rules)
         if theirs >= mine:
             return _preferred(other.series_uid)
         beaten.append(other)

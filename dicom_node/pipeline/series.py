@@ -20,17 +20,15 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
+from dicom_node.pipeline.slices import SAME_POSITION_MM, is_localizer, median_step
+from dicom_node.sop_classes import MULTI_FRAME_CT
 from inference.volume import Volume
 
 log = logging.getLogger(__name__)
 
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
-LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.2"
 #: Multi-frame CT: the whole series in one instance, geometry in functional groups.
-MULTI_FRAME_CT = {ENHANCED_CT_IMAGE_STORAGE, LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE}
 
 
 @dataclass(frozen=True)
@@ -187,14 +185,13 @@ def load_series(files: SeriesFiles, rules: EligibilityRules) -> CTSeries:
                 images.append((view_path, view))
             multiframe = ds
             continue
-        if sop_class != CT_IMAGE_STORAGE:
+        if sop_class != CTImageStorage:
             raise SeriesRejected(
                 f"{path.name}: SOPClassUID {sop_class or '(empty)'} is not CT Image Storage"
             )
         if "PixelData" not in ds:
             raise SeriesRejected(f"{path.name}: PixelData (7FE0,0010) is missing")
-        image_type = [str(v).upper() for v in ds.get("ImageType", [])]
-        if "LOCALIZER" in image_type:
+        if is_localizer(ds.get("ImageType", [])):
             continue
         images.append((path, ds))
     if len(images) < rules.min_slices:
@@ -322,12 +319,12 @@ def _build_volume(images: list[tuple[Path, Dataset]], rules: EligibilityRules) -
     order = np.argsort(along)
     along = along[order]
     steps = np.diff(along)
-    if np.any(steps < 1e-3):
+    if np.any(steps < SAME_POSITION_MM):
         n = int(np.argmin(steps))
         raise SeriesRejected(
             f"duplicate slice position {along[n]:.2f} mm ({images[order[n]][0].name} and {images[order[n + 1]][0].name})"
         )
-    step = float(np.median(steps))
+    step = float(median_step(along) or 0.0)
     if step > rules.max_slice_spacing_mm + 1e-6:
         raise SeriesRejected(f"slice spacing {step:.2f} mm exceeds {rules.max_slice_spacing_mm} mm")
     irregular = np.abs(steps - step) > rules.spacing_tolerance * step

@@ -17,6 +17,7 @@ from pynetdicom import evt
 from pynetdicom.events import Event
 
 from dicom_node import dimse
+from dicom_node.dimse import StoreStatus
 from dicom_node.observe import metrics
 from dicom_node.observe.audit import AuditRecord, AuditTrail
 from dicom_node.pipeline.completion import SeriesCompletion
@@ -184,7 +185,7 @@ class StorageHandlers:
         self._record(event, "association", "refused", detail=reason)
 
     def on_echo(self, event: Event) -> int:
-        return dimse.SUCCESS
+        return StoreStatus.SUCCESS
 
     def on_store(self, event: Event) -> int | Dataset:
         requestor = event.assoc.requestor
@@ -218,14 +219,14 @@ class StorageHandlers:
             log.exception("C-STORE from %s failed", requestor.ae_title)
             if transfer is not None:
                 transfer.refused += 1
-            metrics.INSTANCES_REFUSED.labels(f"0x{dimse.OUT_OF_RESOURCES:04X}").inc()
-            return dimse.with_comment(dimse.OUT_OF_RESOURCES, "internal error; see node log")
+            metrics.INSTANCES_REFUSED.labels(f"0x{StoreStatus.OUT_OF_RESOURCES:04X}").inc()
+            return dimse.with_comment(StoreStatus.OUT_OF_RESOURCES, "internal error; see node log")
         with self._lock:
             if transfer is not None:
                 transfer.series.add(done.series_id)
                 transfer.stored[done.study_uid] += 1
         metrics.INSTANCES_RECEIVED.inc()
-        return dimse.SUCCESS
+        return StoreStatus.SUCCESS
 
     def _audit_stored(self, event: Event, transfer: Transfer, ended: str) -> None:
         """One audit event per study an association stored into (the ATNA "DICOM Instances

@@ -21,12 +21,17 @@ from pathlib import Path
 
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
+from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    DeflatedExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node import __version__, dimse
+from dicom_node import __version__
+from dicom_node.dimse import StoreStatus
 from storage import index
 from storage.files import FileStore, FreeSpace, InvalidUID, StoredFile, check_uid
 
@@ -122,11 +127,11 @@ def read_record(ds: Dataset, transfer_syntax: str) -> index.InstanceRecord:
     for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
         value = _text(ds, keyword, 1000).strip("\0 ")
         if not value:
-            raise InstanceRefused(dimse.MISSING_ATTRIBUTE, f"{keyword} is missing or empty")
+            raise InstanceRefused(StoreStatus.MISSING_ATTRIBUTE, f"{keyword} is missing or empty")
         try:
             uids[keyword] = check_uid(keyword, value)
         except InvalidUID as exc:
-            raise InstanceRefused(dimse.CANNOT_UNDERSTAND, str(exc)) from exc
+            raise InstanceRefused(StoreStatus.CANNOT_UNDERSTAND, str(exc)) from exc
     images = _number(ds, "ImagesInAcquisition")
     number = _number(ds, "InstanceNumber")
     return index.InstanceRecord(
@@ -152,9 +157,8 @@ def read_record(ds: Dataset, transfer_syntax: str) -> index.InstanceRecord:
     )
 
 
-#: Deflated Explicit VR Little Endian (PS3.5 A.5): the data set after the file meta is a raw
-#: deflate stream, which pydicom inflates whole before parsing anything.
-DEFLATED = "1.2.840.10008.1.2.1.99"
+#: Deflated Explicit VR Little Endian (PS3.5 A.5) is a raw deflate stream after the file
+#: meta, which pydicom inflates whole before parsing anything: inflated here in chunks first.
 INFLATE_CHUNK = 1 << 24
 
 
@@ -184,7 +188,7 @@ def check_inflated_size(encoded: bytes, limit: int) -> None:
     """Refuse a deflated data set that inflates past ``limit`` (a deflate bomb: a few MB that
     become many GB), counting in bounded chunks before pydicom inflates it in one piece."""
     syntax, body_at = _meta_syntax(encoded)
-    if syntax != DEFLATED:
+    if syntax != DeflatedExplicitVRLittleEndian:
         return
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     pending, total = encoded[body_at:], 0
@@ -194,11 +198,11 @@ def check_inflated_size(encoded: bytes, limit: int) -> None:
             pending = inflater.unconsumed_tail
     except zlib.error as exc:
         raise InstanceRefused(
-            dimse.CANNOT_UNDERSTAND, f"deflated data set is corrupt ({exc})"
+            StoreStatus.CANNOT_UNDERSTAND, f"deflated data set is corrupt ({exc})"
         ) from None
     if total > limit:
         raise InstanceRefused(
-            dimse.OUT_OF_RESOURCES,
+            StoreStatus.OUT_OF_RESOURCES,
             f"deflated data set inflates to more than {limit} bytes (security.max_instance_bytes)",
         )
 
@@ -212,7 +216,7 @@ ITEM, ITEM_END, SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 
 
 def _unreadable(message: str) -> InstanceRefused:
-    return InstanceRefused(dimse.CANNOT_UNDERSTAND, message)
+    return InstanceRefused(StoreStatus.CANNOT_UNDERSTAND, message)
 
 
 def check_encoding(encoded: bytes) -> None:
@@ -223,13 +227,15 @@ def check_encoding(encoded: bytes) -> None:
     when explicit was declared, so such an instance would be stored with a file meta that
     lies about it. The walk keeps its own stack, so no nesting depth can exhaust Python's."""
     syntax, at = _meta_syntax(encoded)
-    if not at or syntax == DEFLATED:  # not a file (the parse reports it), or not walkable raw
+    if (
+        not at or syntax == DeflatedExplicitVRLittleEndian
+    ):  # not a file (the parse reports it), or not walkable raw
         return
     end = len(encoded)
     # Undefined-length "sequence"s and "item"s still open, each with whether its content is
     # implicit VR (the data set's syntax, or implicit inside an undefined-length UN: PS3.5 6.2.2).
     containers: list[tuple[str, bool]] = []
-    implicit = syntax == "1.2.840.10008.1.2"
+    implicit = syntax == ImplicitVRLittleEndian
     while at < end:
         if at + 8 > end:
             raise _unreadable(f"data set truncated: {end - at} byte(s) where an element starts")
@@ -330,7 +336,7 @@ class Receiver:
         of it."""
         if not self.free_space.room_for(len(encoded)):
             raise InstanceRefused(
-                dimse.OUT_OF_RESOURCES, "storage below its free-space watermark; retry later"
+                StoreStatus.OUT_OF_RESOURCES, "storage below its free-space watermark; retry later"
             )
         check_inflated_size(encoded, self.max_inflated_bytes)
         writing = self._writer.submit(self.files.write_temporary, encoded)
@@ -351,7 +357,7 @@ class Receiver:
             except OSError as exc:
                 log.error("cannot write instance %s: %s", record.sop_uid, exc)
                 raise InstanceRefused(
-                    dimse.OUT_OF_RESOURCES, f"storage write failed ({exc.strerror})"
+                    StoreStatus.OUT_OF_RESOURCES, f"storage write failed ({exc.strerror})"
                 ) from exc
             except IntegrityError:
                 # A concurrent receiver created the same series, or the cached series row is
@@ -359,10 +365,14 @@ class Receiver:
                 with self._lock:
                     self._series_ids.pop(record.series_uid, None)
                 if attempt == 2:
-                    raise InstanceRefused(dimse.OUT_OF_RESOURCES, "index conflict; retry") from None
+                    raise InstanceRefused(
+                        StoreStatus.OUT_OF_RESOURCES, "index conflict; retry"
+                    ) from None
             except OperationalError as exc:
                 log.error("cannot index instance %s: %s", record.sop_uid, exc.__class__.__name__)
-                raise InstanceRefused(dimse.OUT_OF_RESOURCES, "index database unavailable") from exc
+                raise InstanceRefused(
+                    StoreStatus.OUT_OF_RESOURCES, "index database unavailable"
+                ) from exc
         raise AssertionError("unreachable")
 
     def _place(self, writing: Future[Path], record: index.InstanceRecord) -> StoredFile:
@@ -381,17 +391,18 @@ class Receiver:
             raise
         except Exception as exc:  # pydicom raises many types on malformed input
             raise InstanceRefused(
-                dimse.CANNOT_UNDERSTAND, f"dataset cannot be parsed ({exc.__class__.__name__})"
+                StoreStatus.CANNOT_UNDERSTAND,
+                f"dataset cannot be parsed ({exc.__class__.__name__})",
             ) from exc
         if expected_sop_uid and record.sop_uid != expected_sop_uid:
             raise InstanceRefused(
-                dimse.MISSING_ATTRIBUTE,
+                StoreStatus.MISSING_ATTRIBUTE,
                 f"SOPInstanceUID {record.sop_uid} differs from the request's {expected_sop_uid}",
             )
         if requested_class and record.sop_class_uid != requested_class:
             # The file meta carries the request's Affected SOP Class UID (the context's).
             raise InstanceRefused(
-                dimse.MISSING_ATTRIBUTE,
+                StoreStatus.MISSING_ATTRIBUTE,
                 f"SOPClassUID {record.sop_class_uid} differs from the request's {requested_class}",
             )
         return record
@@ -413,8 +424,8 @@ class Receiver:
         # Then a bare connection: an ORM session per instance costs more than its statements.
         # The row is committed while the file is still being made durable and named: a crash
         # before both are done can leave a row naming a file that is not there, for an
-        # instance never acknowledged; its resend restores the file, and the start-up check
-        # (Receiver.reconcile) removes the rows of instances that never came back.
+        # instance never acknowledged; its resend restores the file, and the analysis worker
+        # drops the rows of instances that never came back (index.forget_instances).
         try:
             with self.engine.begin() as connection:
                 recorded = index.record_instance(connection, record, path, size, digest, series_id)
@@ -424,7 +435,7 @@ class Receiver:
             if not placing.result().already_present:
                 self.files.discard(path)
             raise InstanceRefused(
-                dimse.OUT_OF_RESOURCES,
+                StoreStatus.OUT_OF_RESOURCES,
                 f"series holds {self.max_instances_per_series} instances, the node's limit",
             ) from None
         stored = placing.result()

@@ -18,16 +18,12 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, AllStoragePresentationContexts
-from pynetdicom.sop_class import (  # type: ignore[attr-defined]
-    CTImageStorage,
-    EnhancedCTImageStorage,
-    LegacyConvertedEnhancedCTImageStorage,
-    Verification,
-)
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.config import NodeSettings
 from dicom_node.receive.handlers import StorageHandlers
+from dicom_node.sop_classes import CT_STORAGE_CLASSES
 
 #: Every syntax the node can decode (pylibjpeg's plugins): what scanners and PACS send CT in.
 TRANSFER_SYNTAXES = [
@@ -44,8 +40,6 @@ TRANSFER_SYNTAXES = [
     RLELossless,
 ]
 
-CT_CLASSES = (CTImageStorage, EnhancedCTImageStorage, LegacyConvertedEnhancedCTImageStorage)
-
 
 def build_ae(settings: NodeSettings) -> AE:
     ae = AE(ae_title=settings.ae_title)
@@ -57,11 +51,11 @@ def build_ae(settings: NodeSettings) -> AE:
     ae.acse_timeout = 30
     ae.dimse_timeout = 60
     ae.add_supported_context(Verification)
-    for sop_class in CT_CLASSES:
+    for sop_class in sorted(CT_STORAGE_CLASSES):
         ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
     if settings.other_sop_classes == "store":
         for context in AllStoragePresentationContexts:
-            if context.abstract_syntax and context.abstract_syntax not in CT_CLASSES:
+            if context.abstract_syntax and context.abstract_syntax not in CT_STORAGE_CLASSES:
                 ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
     return ae
 

@@ -27,7 +27,6 @@ VOLUME = Code("118565006", "SCT", "Volume")  # CID 7470
 MEAN_ATTENUATION = Code("112181", "DCM", "Mean Attenuation Coefficient")  # CID 7180 context
 PROBABILITY_OF_CANCER = Code("111047", "DCM", "Probability of cancer")  # CID 6040
 CT_CHEST = Code("24627-2", "LN", "CT Chest")  # CID 100 procedure reported
-BEST_ILLUSTRATION = Code("121080", "DCM", "Best illustration of finding")  # CID 7010
 FINDING = codes.DCM.Finding
 ARTIFICIAL_INTELLIGENCE = codes.cid7162.ArtificialIntelligence  # CID 7162 algorithm family
 

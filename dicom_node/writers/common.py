@@ -12,9 +12,35 @@ from dicom_node import __version__
 from inference.findings import ModelInfo, NoduleFinding
 
 MANUFACTURER = "Res-MTNet DICOM node (open source)"
-MODEL_NAME = "Res-MTNet lung nodule CAD"
 DEVICE_SERIAL = "0"
 NOT_FOR_DIAGNOSTIC_USE = "NOT FOR DIAGNOSTIC USE"
+
+
+def algorithm_parameters(model: ModelInfo) -> dict[str, str]:
+    """Algorithm Identification parameters: the weights a result came from."""
+    return {"weights_sha256": model.weights_sha256}
+
+
+@dataclass(frozen=True)
+class Device:
+    """General Equipment (PS3.3 C.7.5.1) of every result object: the SR, the SEG and the key
+    images name the same device (this node running one model's weights), from here."""
+
+    manufacturer: str
+    model_name: str
+    software_versions: str
+    serial_number: str
+
+    @classmethod
+    def running(cls, model: ModelInfo) -> Device:
+        return cls(MANUFACTURER, f"{model.name} {model.version}", __version__, DEVICE_SERIAL)
+
+    def describe(self, ds: Dataset) -> None:
+        """Set the module on an object whose highdicom class takes only the manufacturer."""
+        ds.Manufacturer = self.manufacturer
+        ds.ManufacturerModelName = self.model_name
+        ds.SoftwareVersions = self.software_versions
+        ds.DeviceSerialNumber = self.serial_number
 
 
 @dataclass(frozen=True)
@@ -28,9 +54,6 @@ class OutputSeries:
     @classmethod
     def new(cls, description: str, number: int) -> OutputSeries:
         return cls(description, number, str(UID()))
-
-
-SOFTWARE_VERSIONS = __version__
 
 
 @dataclass(frozen=True)

@@ -13,15 +13,17 @@ import numpy as np
 from highdicom import UID
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
 from scipy import ndimage
 
 from dicom_node.writers.common import (
     MANUFACTURER,
     NOT_FOR_DIAGNOSTIC_USE,
+    Device,
     OutputSeries,
     SourceFrames,
 )
-from inference.findings import NoduleFinding
+from inference.findings import ModelInfo, NoduleFinding
 
 LUNG_WINDOW = (-600.0, 1500.0)  # centre, width
 MARKER = (255, 220, 0)
@@ -71,6 +73,7 @@ class NoduleKeyImages:
         slices: Sequence[Dataset],
         volume_hu: np.ndarray,
         findings: Sequence[NoduleFinding],
+        model: ModelInfo,
         series: OutputSeries,
         frames: SourceFrames | None = None,
     ) -> None:
@@ -79,18 +82,18 @@ class NoduleKeyImages:
         self.slices = list(slices)
         self.volume_hu = volume_hu
         self.findings = list(findings)
+        self.model = model
         self.series = series
         self.frames = frames
 
-    @staticmethod
-    def caption(finding: NoduleFinding) -> list[str]:
+    def caption(self, finding: NoduleFinding) -> list[str]:
         return [
             f"{finding.label}: {finding.diameter_mm:.1f} mm ({finding.long_axis_mm:.1f} x "
             f"{finding.short_axis_mm:.1f}), {finding.composition}"
             + (f", {finding.laterality} lung" if finding.laterality else ""),
             f"Lung-RADS {finding.lung_rads} (baseline)  malignancy {finding.malignancy_probability:.0%}"
             f"  score {finding.score:.2f}",
-            f"Res-MTNet - {NOT_FOR_DIAGNOSTIC_USE}",
+            f"{self.model.name} - {NOT_FOR_DIAGNOSTIC_USE}",
         ]
 
     def build(self) -> list[hd.sc.SCImage]:
@@ -113,12 +116,13 @@ class NoduleKeyImages:
                 instance_number=number,
                 manufacturer=MANUFACTURER,
                 patient_orientation=patient_orientation(ref),
-                transfer_syntax_uid="1.2.840.10008.1.2.1",
+                transfer_syntax_uid=ExplicitVRLittleEndian,
                 series_description=self.series.description,
             )
             if "Laterality" not in sc:
                 # Type 2C in General Series: the chest is not a paired part, so it is empty.
                 sc.Laterality = ""
+            Device.running(self.model).describe(sc)
             sc.BurnedInAnnotation = "YES"
             sc.ImageComments = f"{finding.label}. {NOT_FOR_DIAGNOSTIC_USE}."
             sc.DerivationDescription = (

@@ -8,11 +8,9 @@ from highdicom import UID
 
 from dicom_node.writers import codes
 from dicom_node.writers.common import (
-    DEVICE_SERIAL,
-    MANUFACTURER,
-    MODEL_NAME,
-    SOFTWARE_VERSIONS,
+    Device,
     TrackedFindingsWriter,
+    algorithm_parameters,
 )
 
 
@@ -31,7 +29,7 @@ class NoduleSegmentation(TrackedFindingsWriter):
             name=self.model.name,
             family=codes.ARTIFICIAL_INTELLIGENCE,
             version=self.model.version,
-            parameters={"weights_sha256": self.model.weights_sha256},
+            parameters=algorithm_parameters(self.model),
         )
         return [
             hd.seg.SegmentDescription(
@@ -72,7 +70,8 @@ class NoduleSegmentation(TrackedFindingsWriter):
                 )
                 for ds in self.slices[first:last]
             ]
-        return hd.seg.Segmentation(
+        device = Device.running(self.model)
+        seg = hd.seg.Segmentation(
             source_images=sources,
             pixel_array=pixels,
             plane_positions=positions,
@@ -82,11 +81,12 @@ class NoduleSegmentation(TrackedFindingsWriter):
             series_number=self.series.number,
             sop_instance_uid=str(UID()),
             instance_number=1,
-            manufacturer=MANUFACTURER,
-            manufacturer_model_name=MODEL_NAME,
-            software_versions=SOFTWARE_VERSIONS,
-            device_serial_number=DEVICE_SERIAL,
             series_description=self.series.description,
             content_label="NODULES",
-            content_description="Lung nodules found by Res-MTNet",
+            content_description=f"Lung nodules found by {self.model.name}",
+            manufacturer=device.manufacturer,
+            manufacturer_model_name=device.model_name,
+            software_versions=device.software_versions,
+            device_serial_number=device.serial_number,
         )
+        return seg

@@ -20,19 +20,19 @@ import numpy as np
 from highdicom import UID
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes as dcm_codes
+from pydicom.uid import SegmentationStorage
 
 from dicom_node.writers import codes
 from dicom_node.writers.common import (
     MANUFACTURER,
+    Device,
     OutputSeries,
     SourceFrames,
     TrackedFindingsWriter,
+    algorithm_parameters,
     distinct_instances,
 )
 from inference.findings import ModelInfo, NoduleFinding
-
-SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
-
 
 #: Points on the outline of a nodule's ellipse (the first repeated at the end to close it).
 OUTLINE_POINTS = 48
@@ -87,7 +87,7 @@ class NoduleReport(TrackedFindingsWriter):
         return hd.sr.AlgorithmIdentification(
             name=self.model.name,
             version=self.model.version,
-            parameters=[f"weights_sha256={self.model.weights_sha256}"],
+            parameters=[f"{k}={v}" for k, v in algorithm_parameters(self.model).items()],
         )
 
     def _groups(self, finding: NoduleFinding, number: int, tracking_uid: str) -> list[object]:
@@ -141,7 +141,7 @@ class NoduleReport(TrackedFindingsWriter):
         volumetric = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=tracking,
             referenced_segment=hd.sr.ReferencedSegment(
-                sop_class_uid=SEGMENTATION_STORAGE,
+                sop_class_uid=SegmentationStorage,
                 sop_instance_uid=str(self.segmentation.SOPInstanceUID),
                 segment_number=number,
                 source_series=hd.sr.SourceSeriesForSegmentation(str(ds.SeriesInstanceUID)),
@@ -199,7 +199,7 @@ class NoduleReport(TrackedFindingsWriter):
                     uid=str(UID()),
                     name=self.model.name,
                     manufacturer_name=MANUFACTURER,
-                    model_name=f"{self.model.name} {self.model.version}",
+                    model_name=Device.running(self.model).model_name,
                 ),
             )
         )
@@ -224,4 +224,5 @@ class NoduleReport(TrackedFindingsWriter):
             series_description=self.series.description,
         )
         sr.CodingSchemeIdentificationSequence = [codes.private_scheme_identification()]
+        Device.running(self.model).describe(sr)
         return sr

@@ -1,0 +1,43 @@
+"""The pynetdicom internals the receive path relies on, checked by name, so that an upgrade
+that moves them fails here, loudly, instead of quietly dropping a limit or the access policy.
+
+``receive/handlers.py`` replaces an association's ``_ae`` (the per-caller allowlist of
+``receive/access.py``), sets its DUL's ``_run_loop_delay`` and swaps its transport's ``recv``
+(the bounded reader). pyproject.toml pins pynetdicom to the minor release checked here.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pynetdicom
+from pynetdicom import AE, acse, dul
+from pynetdicom.association import Association
+from pynetdicom.transport import AssociationSocket
+
+
+def test_the_pinned_release_is_the_one_installed() -> None:
+    assert pynetdicom.__version__.startswith("3.0.")
+
+
+def test_an_association_reads_its_ae_through_the_private_attribute_the_handlers_replace() -> None:
+    ae = AE()
+    assoc = Association(ae, "acceptor")
+    stand_in = object()
+    assoc._ae = stand_in  # type: ignore[assignment]
+    assert assoc.ae is stand_in
+
+
+def test_acse_judges_callers_and_limits_through_the_associations_ae() -> None:
+    source = inspect.getsource(acse.ACSE)
+    assert "self.assoc.ae.require_calling_aet" in source
+    assert "self.assoc.ae.maximum_associations" in source
+
+
+def test_the_dul_sleeps_its_run_loop_delay_and_reads_pdus_through_its_sockets_recv() -> None:
+    assoc = Association(AE(), "acceptor")
+    assert isinstance(assoc.dul._run_loop_delay, float)
+    source = inspect.getsource(dul.DULServiceProvider)
+    assert "time.sleep(self._run_loop_delay)" in source
+    assert "self.socket.recv(6)" in source and "self.socket.recv(pdu_length)" in source
+    assert list(inspect.signature(AssociationSocket.recv).parameters) == ["self", "nr_bytes"]

@@ -106,17 +106,28 @@ class CompletionSettings(_Section):
     on_release: bool = True
 
 
-class WorkerSettings(_Section):
+class JobSettings(_Section):
+    """How the jobs of one kind are held and retried (``workers`` for analyses, ``sender``
+    for deliveries)."""
+
+    #: A running job's lease: its holder renews it every third of this while it works,
+    #: however long the job takes; a job whose holder stopped renewing it (died) is taken
+    #: over this long after the last renewal.
+    lease_seconds: Annotated[float, Field(ge=1)] = 60.0
+    #: Attempts before the job is dead-lettered (``failed``) with its reason.
+    max_attempts: Annotated[int, Field(ge=1)]
+    #: Delay before a failed job is tried again: doubled per attempt up to the maximum, with
+    #: +-20 % jitter.
+    backoff_seconds: Seconds
+    max_backoff_seconds: Seconds
+
+
+class WorkerSettings(JobSettings):
     """Analysis: how many workers, on what device, and how failed analyses are retried."""
 
     count: Annotated[int, Field(ge=0, le=16)] = 1
     device: str = "auto"
-    #: A running job's lease: its worker renews it every third of this while it works, however
-    #: long the analysis takes; a job whose worker stopped renewing it (died) is taken over
-    #: this long after the last renewal.
-    lease_seconds: Annotated[float, Field(ge=3)] = 60.0
     max_attempts: Annotated[int, Field(ge=1)] = 3
-    #: Delay before a failed analysis is tried again: doubled per attempt up to the maximum.
     backoff_seconds: Seconds = 15.0
     max_backoff_seconds: Seconds = 600.0
 
@@ -173,15 +184,14 @@ class SelectionSettings(_Section):
         return patterns
 
 
-class SenderSettings(_Section):
-    """Retries of deliveries: exponential backoff with jitter, then the dead-letter state."""
+class SenderSettings(JobSettings):
+    """Deliveries: the network timeout, and how failed deliveries are retried."""
 
     max_attempts: Annotated[int, Field(ge=1)] = 8
     backoff_seconds: Seconds = 5.0
     max_backoff_seconds: Seconds = 900.0
+    #: Network timeout of one association (connect, each response).
     timeout_seconds: Seconds = 60.0
-    #: A running delivery's lease, renewed like an analysis's (``workers.lease_seconds``).
-    lease_seconds: Annotated[float, Field(ge=3)] = 60.0
 
 
 class Destination(_Section):

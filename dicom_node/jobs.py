@@ -21,6 +21,7 @@ from types import TracebackType
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.config import JobSettings
 from dicom_node.observe import metrics
 from storage import queue
 from storage.states import JobKind, JobState
@@ -114,9 +115,9 @@ class JobHandler:
 
     kind: JobKind
 
-    def __init__(self, lease_seconds: float, backoff: queue.Backoff) -> None:
-        self.lease_seconds = lease_seconds
-        self.backoff = backoff
+    def __init__(self, settings: JobSettings) -> None:
+        self.lease_seconds = settings.lease_seconds
+        self.backoff = queue.Backoff(settings.backoff_seconds, settings.max_backoff_seconds)
 
     def run(self, job: queue.ClaimedJob, lease: Lease) -> None:
         """Do the job and settle it (``queue.complete`` in the transaction that records its

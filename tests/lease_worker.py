@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 import threading
 
+from dicom_node.config import JobSettings
 from dicom_node.jobs import JobHandler, JobRunner, Lease
 from storage import queue
 from storage.database import open_database
@@ -22,7 +23,11 @@ class Forever(JobHandler):
 
 def main(url: str, lease_seconds: float) -> None:
     db = open_database(url)
-    handler = Forever(lease_seconds, queue.Backoff(1.0, 1.0))
+    handler = Forever(
+        JobSettings(
+            lease_seconds=lease_seconds, max_attempts=3, backoff_seconds=1, max_backoff_seconds=1
+        )
+    )
     runner = JobRunner(db, handler, "doomed-worker", threading.Event())
     while not runner.run_once():
         threading.Event().wait(0.05)

@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.config import NodeConfig
+from dicom_node.config import JobSettings, NodeConfig
 from dicom_node.deliver.sender import Sender
 from dicom_node.jobs import JobHandler, JobRunner, Lease
 from storage import queue
@@ -25,6 +25,10 @@ from storage.states import JobKind, JobState
 from tests.conftest import REPO
 
 LEASE_SECONDS = 1.5
+#: Only the lease matters to these jobs; they are never retried within a test.
+SETTINGS = JobSettings(
+    lease_seconds=LEASE_SECONDS, max_attempts=3, backoff_seconds=1, max_backoff_seconds=1
+)
 
 
 @pytest.fixture
@@ -66,7 +70,7 @@ class Slow(JobHandler):
     kind = JobKind.ANALYZE
 
     def __init__(self, db: sessionmaker[Session], seconds: float) -> None:
-        super().__init__(LEASE_SECONDS, queue.Backoff(1.0, 1.0))
+        super().__init__(SETTINGS)
         self.db = db
         self.seconds = seconds
         self.runs: list[str] = []
@@ -89,7 +93,7 @@ class Stuck(JobHandler):
     kind = JobKind.ANALYZE
 
     def __init__(self) -> None:
-        super().__init__(LEASE_SECONDS, queue.Backoff(1.0, 1.0))
+        super().__init__(SETTINGS)
         self.started = threading.Event()
         self.release = threading.Event()
 

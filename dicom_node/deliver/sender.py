@@ -38,11 +38,7 @@ class Sender(JobHandler):
         stopping: threading.Event,
         audit: AuditTrail | None = None,
     ) -> None:
-        settings = config.sender
-        super().__init__(
-            settings.lease_seconds,
-            queue.Backoff(settings.backoff_seconds, settings.max_backoff_seconds),
-        )
+        super().__init__(config.sender)
         self.db = db
         self.audit = audit
         self.config = config

@@ -73,11 +73,7 @@ class AnalysisWorker(JobHandler):
         results: FileStore,
         stopping: threading.Event,
     ) -> None:
-        settings = config.workers
-        super().__init__(
-            settings.lease_seconds,
-            queue.Backoff(settings.backoff_seconds, settings.max_backoff_seconds),
-        )
+        super().__init__(config.workers)
         self.db = db
         self.config = config
         self.detector = detector

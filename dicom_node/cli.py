@@ -41,8 +41,19 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from dicom_node.lab.commands import evaluate
+    from dicom_node.lab.commands import evaluate, evaluate_nodules
 
+    if not args.data and args.nodules is None:
+        print(
+            "dicom-node evaluate: name annotated cases (LIDC-IDRI folders or archives), "
+            "--nodules FOLDER, or both",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    if args.nodules is not None:
+        evaluate_nodules(args.nodules, args.out, args.weights, args.device)
+    if not args.data:
+        return EXIT_OK
     evaluate(
         args.data,
         args.out,
@@ -183,10 +194,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_train)
 
     evaluate = sub.add_parser(
-        "evaluate", help="FROC/CPM on synthetic and annotated scans; markdown + PNG"
+        "evaluate",
+        help="FROC/CPM on synthetic and annotated scans, ratings of real nodules; markdown + PNG",
     )
     evaluate.add_argument(
-        "data", nargs="+", type=Path, help="LIDC-IDRI case folders or .tar.xz archives"
+        "data", nargs="*", type=Path, help="LIDC-IDRI case folders or .tar.xz archives"
+    )
+    evaluate.add_argument(
+        "--nodules",
+        type=Path,
+        default=None,
+        help="a folder laid out like lidc-nodules (metadata.csv, images, masks): writes "
+        "nodule_predictions.csv, and a report where it has the readers' ratings",
     )
     evaluate.add_argument("--out", type=Path, required=True)
     evaluate.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)

@@ -16,7 +16,7 @@ from inference.findings import ModelInfo, NoduleFinding
 from inference.lungrads import lung_rads_category
 from inference.lungs import segment_lungs
 from inference.measure import axial_axes, measure
-from inference.network import COMPOSITIONS, NetworkConfig, ResMTNet, build_model
+from inference.network import CHARACTERISTICS, COMPOSITIONS, NetworkConfig, ResMTNet, build_model
 from inference.patches import extract_patches, patch_geometric_centre
 from inference.transforms import NETWORK_HU_WINDOW, ClipHU, Compose, ResampleToSpacing
 from inference.volume import Volume
@@ -31,6 +31,8 @@ EMPTY_OUTPUT_SHAPES = {
     "composition_logits": (len(COMPOSITIONS),),
     "diameter_mm": (),
     "offset_mm": (3,),
+    "calcification_logit": (),
+    "characteristics": (len(CHARACTERISTICS),),
 }
 #: HU from which a voxel of a nodule counts as its solid part (Lung-RADS part-solid rule).
 SOLID_PART_HU = -300.0
@@ -184,19 +186,28 @@ class NoduleDetector:
         points = work.index_to_world(refined[:, ::-1]) if len(refined) else np.zeros((0, 3))
         return ScoredCandidates(work, refined, points, scores, keep, _midline_x_mm(work, lungs))
 
-    @torch.inference_mode()
     def _run(
         self, image: np.ndarray, centres: np.ndarray, with_mask: bool
     ) -> dict[str, np.ndarray]:
-        if len(centres) == 0:
-            return {name: np.zeros((0, *shape)) for name, shape in EMPTY_OUTPUT_SHAPES.items()}
         size = self.model.config.patch_voxels
         parts: dict[str, list[np.ndarray]] = {}
         for start in range(0, len(centres), self.batch_size):
-            patches = torch.from_numpy(
-                extract_patches(image, centres[start : start + self.batch_size], size)
-            )
-            batch = patches[:, None].to(self.device)
+            patches = extract_patches(image, centres[start : start + self.batch_size], size)
+            for name, value in self.run_patches(patches, with_mask).items():
+                parts.setdefault(name, []).append(value)
+        if not parts:
+            return {name: np.zeros((0, *shape)) for name, shape in EMPTY_OUTPUT_SHAPES.items()}
+        return {name: np.concatenate(values) for name, values in parts.items()}
+
+    @torch.inference_mode()
+    def run_patches(self, patches: np.ndarray, with_mask: bool = False) -> dict[str, np.ndarray]:
+        """The network's raw outputs for (N, P, P, P) patches already in [0, 1] (what
+        :func:`~inference.patches.extract_patches` makes), in batches."""
+        parts: dict[str, list[np.ndarray]] = {}
+        for start in range(0, len(patches), self.batch_size):
+            batch = torch.from_numpy(
+                np.ascontiguousarray(patches[start : start + self.batch_size], np.float32)
+            )[:, None].to(self.device)
             if self.device.type == "cpu":
                 batch = batch.contiguous(memory_format=torch.channels_last_3d)
             out = self.model(batch, with_mask=with_mask)

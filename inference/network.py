@@ -13,6 +13,10 @@ from torch import nn
 from inference.blocks import make_stage
 
 COMPOSITIONS = ("solid", "part-solid", "ground-glass")
+#: LIDC-IDRI characteristics (each rated 1-5) an auxiliary head regresses, scaled to 0..1:
+#: learning what readers see in a nodule's edge and shape shapes the trunk the malignancy
+#: head reads from.
+CHARACTERISTICS = ("margin", "spiculation", "lobulation", "sphericity", "subtlety")
 
 
 @dataclass(frozen=True)
@@ -24,6 +28,9 @@ class NetworkConfig:
     widths: tuple[int, int, int, int] = (8, 16, 32, 64)
     blocks_per_stage: int = 1
     head_hidden: int = 64
+    #: Heads trained on radiologists' ratings: calcification and the characteristics above.
+    #: False for weights trained before they existed.
+    rating_heads: bool = False
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -38,6 +45,8 @@ class TaskOutputs(NamedTuple):
     diameter_mm: torch.Tensor  # (N,)
     offset_mm: torch.Tensor  # (N, 3) nodule centre minus patch centre, (k, j, i) axes
     mask_logits: torch.Tensor | None  # (N, 1, P, P, P) when asked for
+    calcification_logit: torch.Tensor | None  # (N,) with rating heads
+    characteristics: torch.Tensor | None  # (N, 5) logits of CHARACTERISTICS / 4, rating heads
 
 
 class TaskHead(nn.Module):
@@ -106,6 +115,10 @@ class ResMTNet(nn.Module):
         self.diameter = TaskHead(w3, hidden, 1)
         self.offset = TaskHead(w3, hidden, 3)
         self.mask = MaskDecoder(config.widths)
+        self.calcification = TaskHead(w3, hidden, 1) if config.rating_heads else None
+        self.characteristics = (
+            TaskHead(w3, hidden, len(CHARACTERISTICS)) if config.rating_heads else None
+        )
 
     def forward(self, patches: torch.Tensor, with_mask: bool = True) -> TaskOutputs:
         features = [self.stem(patches)]
@@ -119,6 +132,8 @@ class ResMTNet(nn.Module):
             diameter_mm=F.softplus(self.diameter(pooled)[:, 0]) * 10.0,
             offset_mm=self.offset(pooled) * 5.0,
             mask_logits=self.mask(features) if with_mask else None,
+            calcification_logit=self.calcification(pooled)[:, 0] if self.calcification else None,
+            characteristics=self.characteristics(pooled) if self.characteristics else None,
         )
 
 

@@ -115,3 +115,40 @@ def test_a_voi_patch_and_its_mask_patch_agree_under_any_placement(largest) -> No
         mask = voi_mask_patch(largest, 1.25, size, placement)
         assert np.allclose(np.argwhere(mask).mean(axis=0), size / 2 - 0.5, atol=0.6)
         assert cube[mask].mean() > cube[~mask].mean() + 300
+
+
+@pytest.mark.parametrize("rated", [True, False])
+def test_evaluate_nodules_writes_predictions_and_a_report_only_with_ratings(
+    tmp_path: Path, rated: bool
+) -> None:
+    from dicom_node.cli import EXIT_OK, main
+
+    required = ("patient_id", "nodule_id", "image_file", "mask_file")
+    folder = small_folder(tmp_path, rows=6, columns=None if rated else required)
+    out = tmp_path / "out"
+    assert (
+        main(["evaluate", "--nodules", str(folder), "--out", str(out), "--device", "cpu"])
+        == EXIT_OK
+    )
+    rows = (out / "nodule_predictions.csv").read_text().splitlines()
+    assert rows[0].split(",")[:4] == [
+        "patient_id",
+        "nodule_id",
+        "malignancy_probability",
+        "composition",
+    ]
+    assert [r.split(",")[:2] for r in rows[1:3]] == [
+        ["LIDC-IDRI-0005", "1"],
+        ["LIDC-IDRI-0005", "2"],
+    ]
+    assert len(rows) == 7
+    for row in rows[1:]:
+        values = dict(zip(rows[0].split(","), row.split(","), strict=True))
+        assert 0.0 <= float(values["malignancy_probability"]) <= 1.0
+        assert values["composition"] in ("solid", "part-solid", "ground-glass")
+        assert 2.0 < float(values["diameter_mm"]) < 40.0
+    assert (out / "nodule_report.md").exists() == rated
+    if rated:
+        report = (out / "nodule_report.md").read_text()
+        assert "malignancy AUC (rating >= 4 against <= 2)" in report
+        assert (out / "roc.png").stat().st_size > 1000

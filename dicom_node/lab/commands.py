@@ -13,6 +13,7 @@ import torch
 
 from dicom_node import __version__
 from dicom_node.lab.cases import load_cases
+from dicom_node.lab.nodule_report import nodule_report, write_predictions
 from dicom_node.lab.report import evaluate_and_report
 from inference.detector import (
     MODEL_NAME,
@@ -22,8 +23,10 @@ from inference.detector import (
     sha256_of,
 )
 from inference.findings import ModelInfo
+from inference.lab.characterize import characterize
 from inference.lab.evaluation import threshold_for_fp_rate
 from inference.lab.experiments import synthetic_outcomes
+from inference.lab.nodule_folder import read_nodule_folder
 from inference.lab.training import TrainingConfig, make_background, save_weights, train_model
 
 
@@ -83,3 +86,19 @@ def evaluate(
         raise ValueError(f"no annotated cases (a LIDC XML beside a CT series) under {where}")
     evaluate_and_report(detector, cases, out, seed, synthetic_scans)
     print(f"report: {out / 'evaluation.md'}")
+
+
+def evaluate_nodules(folder: Path, out: Path, weights: Path, device_name: str) -> None:
+    """Ratings of every nodule of ``folder`` (laid out like lidc-nodules) into
+    ``out/nodule_predictions.csv``; against the readers' where the folder has their ratings."""
+    detector = NoduleDetector.from_weights(weights, device_name)
+    vois = read_nodule_folder(folder)
+    if not vois:
+        raise ValueError(f"{folder / 'metadata.csv'} lists no nodule")
+    out.mkdir(parents=True, exist_ok=True)
+    predictions = characterize(detector, vois)
+    write_predictions(predictions, out / "nodule_predictions.csv")
+    print(f"predictions: {out / 'nodule_predictions.csv'} ({len(predictions)} nodules)")
+    if any(v.ratings.malignancy is not None or v.ratings.texture is not None for v in vois):
+        nodule_report(vois, predictions, out)
+        print(f"report: {out / 'nodule_report.md'}")

@@ -26,17 +26,17 @@ EXIT_OK, EXIT_SOME_REJECTED, EXIT_USAGE, EXIT_NONE_ANALYZED = 0, 1, 2, 3
 
 def _train(args: argparse.Namespace) -> int:
     from dicom_node.lab.commands import train
+    from inference.lab.nodule_folder import NoduleSplit
+    from inference.lab.training import TrainingConfig
 
-    train(
-        args.data,
-        args.out,
-        args.seed,
-        args.positives,
-        args.negatives,
-        args.epochs,
-        args.fp_per_scan,
-        args.device,
-    )
+    given = {
+        name: getattr(args, name)
+        for name in ("seed", "synthetic", "transplanted", "voi_views", "negatives", "epochs")
+        if getattr(args, name) is not None
+    }
+    config = TrainingConfig(**given)
+    split = NoduleSplit(seed=args.split_seed)
+    train(args.data, args.out, config, args.nodules, split, args.fp_per_scan, args.device)
     return EXIT_OK
 
 
@@ -183,10 +183,26 @@ def build_parser() -> argparse.ArgumentParser:
         "data", nargs="+", type=Path, help="LIDC-IDRI case folders or .tar.xz archives"
     )
     train.add_argument("--out", type=Path, default=DEFAULT_WEIGHTS)
-    train.add_argument("--seed", type=int, default=20261126)
-    train.add_argument("--positives", type=int, default=3000)
-    train.add_argument("--negatives", type=int, default=3000)
-    train.add_argument("--epochs", type=int, default=8)
+    train.add_argument(
+        "--nodules",
+        type=Path,
+        default=None,
+        help="a folder of real nodules laid out like lidc-nodules: its training patients are "
+        "pasted into the scans and teach the rating heads",
+    )
+    # Unset numbers take TrainingConfig's defaults (see docs/model-card.md).
+    train.add_argument("--seed", type=int)
+    train.add_argument(
+        "--split-seed",
+        type=int,
+        default=20261203,
+        help="how the nodule folder's patients fall into train, calibration and validation",
+    )
+    train.add_argument("--synthetic", type=int, help="synthetic positive patches")
+    train.add_argument("--transplanted", type=int, help="patches of pasted real nodules")
+    train.add_argument("--voi-views", type=int, help="patches of real nodules as their VOI")
+    train.add_argument("--negatives", type=int, help="negative patches")
+    train.add_argument("--epochs", type=int)
     train.add_argument(
         "--fp-per-scan", type=float, default=1.0, help="budget the operating point is chosen for"
     )

@@ -14,7 +14,16 @@ from inference.patches import patch_geometric_centre
 
 
 def _tiny(seed: int) -> TrainingConfig:
-    return TrainingConfig(seed=seed, positives=8, negatives=8, phantoms=1, epochs=1, batch_size=8)
+    return TrainingConfig(
+        seed=seed,
+        synthetic=8,
+        transplanted=4,
+        voi_views=4,
+        negatives=8,
+        phantoms=1,
+        epochs=1,
+        batch_size=8,
+    )
 
 
 def test_same_seed_same_weights_other_seed_other_weights() -> None:
@@ -39,10 +48,11 @@ def test_positive_patch_labels_match_its_mask() -> None:
         # The offset label points from the patch's middle to the nodule's centre of mass.
         middle = patch_geometric_centre(np.full(3, 16))
         expected = (centre - middle) * config.spacing_mm
-        assert np.linalg.norm(np.asarray(labels["offset_mm"]) - expected) < 2.0
-        assert 0 <= int(labels["composition"]) < len(COMPOSITIONS)  # type: ignore[call-overload]
-        assert 0.0 < float(labels["malignancy"]) < 1.0  # type: ignore[arg-type]
-        assert float(labels["diameter_mm"]) >= 3.0  # type: ignore[arg-type]
+        assert np.linalg.norm(labels.offset_mm - expected) < 2.0
+        assert 0 <= labels.composition < len(COMPOSITIONS)
+        # Synthetic nodules teach no malignancy: only the readers' ratings do.
+        assert np.isnan(labels.malignancy) and labels.calcified == 0.0
+        assert labels.diameter_mm >= 2.5
 
 
 def test_training_shows_progress_bars_with_eta(capsys: pytest.CaptureFixture[str]) -> None:
@@ -52,3 +62,40 @@ def test_training_shows_progress_bars_with_eta(capsys: pytest.CaptureFixture[str
         assert stage in err, f"no progress bar for {stage!r}"
     # tqdm's [elapsed<remaining]: the ETA.
     assert re.search(r"\[\d\d:\d\d<\d\d:\d\d", err)
+
+
+@pytest.fixture(scope="module")
+def real_nodules(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    from inference.lab.nodule_folder import read_nodule_folder
+    from tests.test_transplant import small_folder
+
+    return read_nodule_folder(small_folder(tmp_path_factory.mktemp("nodules"), rows=6))
+
+
+def test_real_nodule_patches_carry_the_readers_labels_and_their_mask(real_nodules) -> None:  # type: ignore[no-untyped-def]
+    from inference.lab.training import transplanted_patch, voi_view_patch
+
+    rng = np.random.default_rng(1)
+    config = NetworkConfig()
+    background = phantom_background(rng, config)
+    middle = patch_geometric_centre(np.full(3, 16))
+    for voi in real_nodules:
+        for patch, mask, labels in (
+            transplanted_patch(background, voi, rng, config.patch_voxels),
+            voi_view_patch(voi, rng, config.patch_voxels, config.spacing_mm),
+        ):
+            assert patch.shape == mask.shape == (32, 32, 32) and mask.any()
+            expected = (np.argwhere(mask).mean(axis=0) - middle) * config.spacing_mm
+            assert np.linalg.norm(labels.offset_mm - expected) < 2.0
+            assert labels.malignancy == (voi.ratings.malignancy - 1) / 4
+            assert COMPOSITIONS[labels.composition] == voi.ratings.composition
+            assert labels.calcified == float(voi.ratings.calcified)
+            assert labels.diameter_mm == voi.ratings.diameter_mm
+
+
+def test_training_with_real_nodules_shows_their_sources(real_nodules, capsys) -> None:  # type: ignore[no-untyped-def]
+    trained = train_model([], _tiny(4), torch.device("cpu"), real_nodules, log=lambda _: None)
+    err = capsys.readouterr().err
+    assert "transplanted real nodules" in err and "real nodules as VOIs" in err
+    patients = len({v.patient_id for v in real_nodules})
+    assert trained.record["real_nodules"] == {"nodules": 6, "patients": patients}

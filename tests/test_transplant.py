@@ -12,8 +12,8 @@ from scipy import ndimage
 
 from inference.lab.nodule_folder import (
     NoduleFolderError,
+    NoduleSplit,
     read_nodule_folder,
-    validation_patients,
 )
 from inference.lab.transplant import (
     FEATHER_MM,
@@ -75,13 +75,15 @@ def test_a_folder_without_a_required_column_names_it(tmp_path: Path) -> None:
         read_nodule_folder(folder)
 
 
-def test_the_validation_split_is_by_patient_and_ignores_input_order() -> None:
-    patients = {f"P{n:03d}" for n in range(400)}
-    held = validation_patients(patients, 0.2, seed=11)
-    again = validation_patients(set(sorted(patients, reverse=True)), 0.2, seed=11)
-    other = validation_patients(patients, 0.2, seed=12)
-    assert held == again and held != other
-    assert 60 <= len(held) <= 100
+def test_the_split_is_by_patient_and_the_same_in_any_order() -> None:
+    patients = [f"P{n:03d}" for n in range(400)]
+    split = NoduleSplit(seed=11)
+    parts = {p: split.part(p) for p in patients}
+    again = {p: NoduleSplit(seed=11).part(p) for p in reversed(patients)}
+    other = {p: NoduleSplit(seed=12).part(p) for p in patients}
+    assert parts == again and parts != other
+    counts = {part: sum(v == part for v in parts.values()) for part in set(parts.values())}
+    assert 60 <= counts["validation"] <= 100 and 25 <= counts["calibration"] <= 55
 
 
 @pytest.fixture(scope="module")

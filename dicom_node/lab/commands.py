@@ -7,6 +7,7 @@ sentence the command line prints; progress goes to the terminal.
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -26,31 +27,36 @@ from inference.findings import ModelInfo
 from inference.lab.characterize import characterize
 from inference.lab.evaluation import threshold_for_fp_rate
 from inference.lab.experiments import synthetic_outcomes
-from inference.lab.nodule_folder import read_nodule_folder
+from inference.lab.nodule_folder import NoduleSplit, read_nodule_folder
 from inference.lab.training import TrainingConfig, make_background, save_weights, train_model
 
 
 def train(
     data: list[Path],
     out: Path,
-    seed: int,
-    positives: int,
-    negatives: int,
-    epochs: int,
+    config: TrainingConfig,
+    nodules: Path | None,
+    split: NoduleSplit,
     fp_per_scan: float,
     device_name: str,
 ) -> None:
-    """Train on every case under ``data``; the operating point is chosen on fresh synthetic
-    scans for ``fp_per_scan`` false positives per scan and stored with the weights."""
+    """Train on every case under ``data`` and the training patients of the nodule folder;
+    the operating point is chosen on fresh scans of those cases holding synthetic nodules and
+    the calibration patients' real ones, for ``fp_per_scan`` false positives per scan, and
+    stored with the weights. The folder's validation patients are never used."""
     device = pick_device(device_name)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     cases = load_cases(data)
     if not cases:
         raise ValueError(f"no annotated cases found under {', '.join(map(str, data))}")
-    print(f"training on {len(cases)} scan(s) + phantoms, device {device}")
-    config = TrainingConfig(seed=seed, positives=positives, negatives=negatives, epochs=epochs)
+    vois = read_nodule_folder(nodules) if nodules is not None else []
+    learn, calibrate = split.select(vois, "train"), split.select(vois, "calibration")
+    print(
+        f"training on {len(cases)} scan(s) + phantoms and {len(learn)} real nodule(s), "
+        f"device {device}"
+    )
     backgrounds = [make_background(c.volume, c.avoid_mm, config.network) for c in cases]
-    trained = train_model(backgrounds, config, device)
+    trained = train_model(backgrounds, config, device, learn)
     model, record, temperature = trained.model, trained.record, trained.temperature
     detector = NoduleDetector(
         model,
@@ -58,10 +64,20 @@ def train(
         ModelInfo(MODEL_NAME, __version__, "unsaved"),
         device,
     )
-    outcomes, _ = synthetic_outcomes(detector, cases, seed + 1, 3, 4, "calibration", describe=False)
+    outcomes, _ = synthetic_outcomes(
+        detector, cases, config.seed + 1, 3, 4, "calibration", describe=False, real=calibrate
+    )
     threshold = threshold_for_fp_rate(outcomes, fp_per_scan)
     operating_point = {"threshold": threshold, "temperature": temperature, "max_findings": 10}
     record["operating_point"] = {**operating_point, "chosen_for_fp_per_scan": fp_per_scan}
+    record["nodule_split"] = {
+        "folder": str(nodules) if nodules is not None else None,
+        **asdict(split),
+        "patients": {
+            part: len({v.patient_id for v in split.select(vois, part)})
+            for part in ("train", "calibration", "validation")
+        },
+    }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(save_weights(model, record, operating_point, __version__))
     record["weights_sha256"] = sha256_of(out)

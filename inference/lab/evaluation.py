@@ -7,11 +7,14 @@ lesion) count neither way; everything else is a false positive.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from inference.lab.synthesis import NoduleSpec, insert_nodule, random_spec
+from inference.lab.nodule_folder import NoduleVOI
+from inference.lab.synthesis import insert_nodule, random_spec
+from inference.lab.transplant import Placement, paste_nodule
 from inference.measure import measure
 from inference.volume import Volume
 
@@ -103,13 +106,15 @@ def synthetic_scan(
     rng: np.random.Generator,
     count: int,
     min_separation_mm: float = 40.0,
-) -> tuple[Volume, list[Reference], list[NoduleSpec]]:
-    """A copy of ``volume`` with ``count`` synthetic nodules at lung points; their truth is
-    measured on the scan's own grid exactly as the engine measures its findings."""
+    real: Sequence[NoduleVOI] = (),
+) -> tuple[Volume, list[Reference]]:
+    """A copy of ``volume`` with ``count`` nodules at lung points: half of them real ones
+    from ``real`` pasted in (when given), the others synthetic. Their truth is measured on
+    the scan's own grid exactly as the engine measures its findings."""
     image = volume.array.copy()
     spacing_kji = np.asarray(volume.spacing[::-1])
     chosen: list[np.ndarray] = []
-    references, specs = [], []
+    references = []
     for _ in range(count * 50):
         if len(chosen) == count:
             break
@@ -120,23 +125,33 @@ def synthetic_scan(
             and np.min(np.linalg.norm(np.asarray(others) - point, axis=1)) < min_separation_mm
         ):
             continue
-        spec = random_spec(rng, min_mm=4.0)
         centre_kji = volume.world_to_index(point)[::-1]
-        mask = insert_nodule(image, spec, centre_kji, spacing_kji, rng)
+        if real and rng.random() < 0.5:
+            voi = real[int(rng.integers(len(real)))]
+            placement = Placement.random(centre_kji, rng)
+            mask = paste_nodule(image, spacing_kji, voi, placement, rng)
+            composition, malignant = voi.ratings.composition, voi.ratings.malignant
+            name = f"real {voi.key}"
+        else:
+            spec = random_spec(rng, min_mm=4.0)
+            mask = insert_nodule(image, spec, centre_kji, spacing_kji, rng)
+            composition, malignant = spec.composition, None
+            name = f"synthetic {spec.composition}"
+        if not mask.any():
+            continue
         m = measure(mask, image, tuple(spacing_kji))
         centre = volume.index_to_world(np.argwhere(mask).mean(axis=0)[::-1])
         references.append(
             Reference(
                 (float(centre[0]), float(centre[1]), float(centre[2])),
                 m.diameter_mm,
-                spec.composition,
-                bool(rng.random() < spec.malignancy_probability),
-                name=f"synthetic {spec.composition} {spec.diameter_mm:.1f} mm",
+                composition,
+                malignant,
+                name=f"{name} {m.diameter_mm:.1f} mm",
             )
         )
-        specs.append(spec)
         chosen.append(point)
-    return volume.with_array(image), references, specs
+    return volume.with_array(image), references
 
 
 def auc(scores: np.ndarray, labels: np.ndarray) -> float | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,6 +12,7 @@ from tqdm import tqdm
 from inference.detector import NoduleDetector, prepare
 from inference.findings import NoduleFinding
 from inference.lab.evaluation import Reference, ScanOutcome, synthetic_scan
+from inference.lab.nodule_folder import NoduleVOI
 from inference.lab.training import aerated_lung
 from inference.volume import Volume
 
@@ -26,6 +29,12 @@ class Case:
     @property
     def avoid_mm(self) -> np.ndarray:
         return np.array([r.center_mm for r in self.references]).reshape(-1, 3)
+
+
+def seeded(seed: int, *keys: object) -> np.random.Generator:
+    """A generator for one named draw, the same on any machine and in any call order."""
+    digest = hashlib.sha256(":".join(map(str, (seed, *keys))).encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "big"))
 
 
 def lung_points_mm(
@@ -45,20 +54,28 @@ def synthetic_outcomes(
     nodules_per_scan: int,
     label: str,
     describe: bool = True,
+    real: Sequence[NoduleVOI] = (),
 ) -> tuple[list[ScanOutcome], list[dict[str, object]]]:
-    """Insert nodules into each case's lungs (away from its own nodules) and score the detector.
+    """Insert nodules (synthetic, and real ones from ``real`` where given) into each case's
+    lungs, away from its own nodules, and score the detector.
 
     Returns the outcomes and, per synthetic nodule, what the detector made of it at the
     operating point (for diameter error and malignancy AUC).
     """
-    rng = np.random.default_rng(seed)
     outcomes, rows = [], []
     spacing = detector.model.config.spacing_mm
+    cases = sorted(cases, key=lambda c: c.name)
     jobs = [(case, n) for case in cases for n in range(scans_per_case)]
-    points = {case.name: lung_points_mm(case.volume, spacing, rng) for case in cases}
+    points = {
+        case.name: lung_points_mm(case.volume, spacing, seeded(seed, case.name, "points"))
+        for case in cases
+    }
     for case, n in tqdm(jobs, desc=f"{label} scans", unit="scan"):
-        volume, refs, _ = synthetic_scan(
-            case.volume, points[case.name], case.avoid_mm, rng, nodules_per_scan
+        # Each scan draws from its own generator, named by case and number: what a scan
+        # holds does not depend on which other cases were given, or in which order.
+        rng = seeded(seed, case.name, n)
+        volume, refs = synthetic_scan(
+            case.volume, points[case.name], case.avoid_mm, rng, nodules_per_scan, real=real
         )
         # The case's own nodules stay in the scan: they are excluded regions, not false positives.
         refs += [

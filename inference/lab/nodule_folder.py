@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -169,16 +169,25 @@ def read_nodule_folder(folder: Path) -> list[NoduleVOI]:
     return nodules
 
 
-def validation_patients(patients: set[str], fraction: float, seed: int) -> set[str]:
-    """The patients held out for validation: each by a hash of (seed, patient ID), so the
-    split is the same on any machine and in any input order, and never splits a patient."""
+@dataclass(frozen=True)
+class NoduleSplit:
+    """Patients split three ways: ``train`` (the model learns from them), ``calibration``
+    (its operating point is chosen on them) and ``validation`` (only ever scored). Each
+    patient falls by a hash of (seed, patient ID): the same on any machine and in any input
+    order, and never split."""
 
-    def draw(patient: str) -> float:
-        digest = hashlib.sha256(f"{seed}:{patient}".encode()).digest()
-        return int.from_bytes(digest[:8], "big") / 2**64
+    seed: int
+    validation_fraction: float = 0.2
+    calibration_fraction: float = 0.1
 
-    return {p for p in patients if draw(p) < fraction}
+    def part(self, patient_id: str) -> str:
+        digest = hashlib.sha256(f"{self.seed}:{patient_id}".encode()).digest()
+        draw = int.from_bytes(digest[:8], "big") / 2**64
+        if draw < self.validation_fraction:
+            return "validation"
+        if draw < self.validation_fraction + self.calibration_fraction:
+            return "calibration"
+        return "train"
 
-
-def rating_names() -> list[str]:
-    return [f.name for f in fields(Ratings)]
+    def select(self, nodules: list[NoduleVOI], part: str) -> list[NoduleVOI]:
+        return [n for n in nodules if self.part(n.patient_id) == part]

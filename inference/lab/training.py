@@ -1,9 +1,17 @@
-"""Training Res-MTNet on synthetic nodules in real lungs, reproducibly, with progress bars.
+"""Training Res-MTNet on real and synthetic nodules in real lungs, reproducibly, with
+progress bars.
 
-Positives are synthetic nodules blended into the lungs of the given scans (never within
-``AVOID_MM`` of an annotated nodule, so that a case's own nodules never become training
-positives or negatives) and of synthetic chest phantoms. Negatives are the candidates the
-blob search finds in the same lungs: vessels, airway walls, pleura.
+Positives come from three sources: synthetic nodules blended into the lungs of the given scans
+and of synthetic chest phantoms (exact masks, every size and composition); real nodules of a
+nodule folder pasted into those lungs (real textures at new places); and the same real nodules
+as their own VOI shows them (what ``evaluate --nodules`` sees). Nothing is placed within
+``AVOID_MM`` of a scan's annotated nodules, so that a case's own nodules never become training
+positives or negatives. Negatives are the candidates the blob search finds in the same lungs:
+vessels and their junctions, airway walls, pleura, fissures, scars.
+
+Each head learns only where its label is known: malignancy, calcification and the LIDC
+characteristics from the radiologists' ratings of real nodules, composition and size from
+both sources, detection and the mask from all.
 """
 
 from __future__ import annotations
@@ -11,7 +19,7 @@ from __future__ import annotations
 import io
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -21,10 +29,12 @@ from tqdm import tqdm
 
 from inference.candidates import find_candidates
 from inference.detector import MODEL_NAME, prepare
+from inference.lab.nodule_folder import NoduleVOI, Ratings
 from inference.lab.synthesis import chest_phantom, insert_nodule, random_spec
-from inference.measure import measure
-from inference.network import COMPOSITIONS, NetworkConfig, ResMTNet, build_model
+from inference.lab.transplant import Placement, paste_nodule, voi_mask_patch, voi_patch
+from inference.network import CHARACTERISTICS, COMPOSITIONS, NetworkConfig, ResMTNet, build_model
 from inference.patches import crop_cube, extract_patches, patch_geometric_centre
+from inference.transforms import NETWORK_HU_WINDOW, normalize_hu
 from inference.volume import Volume
 
 #: Patches for training are cut this far from any annotated nodule (a 40 mm patch's corner
@@ -32,8 +42,10 @@ from inference.volume import Volume
 AVOID_MM = 45.0
 LOSS_WEIGHTS = {
     "detection": 1.0,
-    "malignancy": 0.5,
+    "malignancy": 1.0,
     "composition": 0.5,
+    "calcification": 0.5,
+    "characteristics": 0.5,
     "diameter": 1.0,
     "offset": 1.0,
     "mask": 1.0,
@@ -43,14 +55,17 @@ LOSS_WEIGHTS = {
 @dataclass(frozen=True)
 class TrainingConfig:
     seed: int = 20261126
-    positives: int = 3000
-    negatives: int = 3000
+    #: Positive patches of each source, and negative patches.
+    synthetic: int = 2000
+    transplanted: int = 2000
+    voi_views: int = 1500
+    negatives: int = 4000
     phantoms: int = 2
-    epochs: int = 8
+    epochs: int = 10
     batch_size: int = 32
     learning_rate: float = 2e-3
     validation_fraction: float = 0.1
-    network: NetworkConfig = field(default_factory=NetworkConfig)
+    network: NetworkConfig = field(default_factory=lambda: NetworkConfig(rating_heads=True))
 
 
 @dataclass
@@ -97,6 +112,43 @@ def phantom_background(rng: np.random.Generator, config: NetworkConfig) -> Backg
     return make_background(volume, np.zeros((0, 3)), config)
 
 
+UNKNOWN = float("nan")
+
+
+@dataclass(frozen=True)
+class Labels:
+    """What one positive patch teaches; NaN (composition -1) where its source does not say."""
+
+    offset_mm: np.ndarray  # nodule centre minus the patch's geometric centre, (k, j, i)
+    diameter_mm: float  # volume-equivalent sphere diameter
+    composition: int = -1
+    malignancy: float = UNKNOWN  # 0..1: LIDC rating (1-5) mapped to (r - 1) / 4
+    calcified: float = UNKNOWN
+    characteristics: tuple[float, ...] = (UNKNOWN,) * len(CHARACTERISTICS)
+
+
+def rated_labels(ratings: Ratings, offset_mm: np.ndarray, mask_diameter_mm: float) -> Labels:
+    """Labels from readers' ratings; the diameter from theirs where given, else the mask's."""
+
+    def scaled(value: int | None) -> float:
+        return UNKNOWN if value is None else (value - 1) / 4.0
+
+    return Labels(
+        offset_mm=offset_mm,
+        diameter_mm=ratings.diameter_mm if ratings.diameter_mm else mask_diameter_mm,
+        composition=COMPOSITIONS.index(ratings.composition) if ratings.composition else -1,
+        malignancy=scaled(ratings.malignancy),
+        calcified=UNKNOWN if ratings.calcified is None else float(ratings.calcified),
+        characteristics=tuple(scaled(getattr(ratings, name)) for name in CHARACTERISTICS),
+    )
+
+
+def equivalent_diameter_mm(mask: np.ndarray, spacing_kji: np.ndarray) -> float:
+    """The diameter of the sphere of the mask's volume: what LIDC's diameters follow."""
+    volume = float(mask.sum()) * float(np.prod(spacing_kji))
+    return float((6.0 * volume / np.pi) ** (1.0 / 3.0))
+
+
 @dataclass
 class PatchSet:
     """Training patches and their labels, in memory (float16 halves the footprint)."""
@@ -104,46 +156,132 @@ class PatchSet:
     patches: np.ndarray  # (N, P, P, P) float16 in [0, 1]
     masks: np.ndarray  # (N, P, P, P) bool
     nodule: np.ndarray  # (N,)
-    malignancy: np.ndarray
-    composition: np.ndarray  # int index into COMPOSITIONS
-    diameter_mm: np.ndarray
-    offset_mm: np.ndarray  # (N, 3)
+    malignancy: np.ndarray  # NaN where unknown
+    composition: np.ndarray  # int index into COMPOSITIONS, -1 where unknown
+    calcified: np.ndarray  # NaN where unknown
+    diameter_mm: np.ndarray  # NaN for negatives
+    offset_mm: np.ndarray  # (N, 3), NaN for negatives
+    characteristics: np.ndarray  # (N, len(CHARACTERISTICS)), NaN where unknown
+
+    @classmethod
+    def empty(cls, count: int, size: int) -> PatchSet:
+        nan = np.float32("nan")
+        return cls(
+            patches=np.zeros((count, size, size, size), dtype=np.float16),
+            masks=np.zeros((count, size, size, size), dtype=bool),
+            nodule=np.zeros(count, dtype=np.float32),
+            malignancy=np.full(count, nan, dtype=np.float32),
+            composition=np.full(count, -1, dtype=np.int64),
+            calcified=np.full(count, nan, dtype=np.float32),
+            diameter_mm=np.full(count, nan, dtype=np.float32),
+            offset_mm=np.full((count, 3), nan, dtype=np.float32),
+            characteristics=np.full((count, len(CHARACTERISTICS)), nan, dtype=np.float32),
+        )
+
+    def put(
+        self, n: int, patch: np.ndarray, mask: np.ndarray | None, labels: Labels | None
+    ) -> None:
+        """Row ``n``: a positive with its labels, or (``labels`` None) a negative."""
+        self.patches[n] = patch
+        if labels is None:
+            return
+        assert mask is not None
+        self.masks[n] = mask
+        self.nodule[n] = 1.0
+        self.malignancy[n] = labels.malignancy
+        self.composition[n] = labels.composition
+        self.calcified[n] = labels.calcified
+        self.diameter_mm[n] = labels.diameter_mm
+        self.offset_mm[n] = labels.offset_mm
+        self.characteristics[n] = labels.characteristics
 
     def subset(self, index: np.ndarray) -> PatchSet:
         return PatchSet(**{k: v[index] for k, v in self.__dict__.items()})
 
 
-def positive_patch(
-    background: Background, rng: np.random.Generator, size: int
-) -> tuple[np.ndarray, np.ndarray, dict[str, float | int | np.ndarray]]:
-    spacing = np.asarray(background.work.spacing[::-1])
+def _nodule_site(background: Background, rng: np.random.Generator) -> np.ndarray:
+    """A random voxel of aerated lung away from the scan's own nodules."""
     lung_voxels = aerated_lung(background.work.array, background.lungs, step=2)
     while True:
         centre = lung_voxels[rng.integers(len(lung_voxels))]
         if background.allowed(centre[None])[0]:
-            break
-    spec = random_spec(rng)
-    margin = size
-    lo = centre - margin
-    crop = crop_cube(background.work.array, lo, 2 * margin)
-    nodule_centre = np.full(3, float(margin)) + rng.uniform(-0.5, 0.5, 3)
-    mask = insert_nodule(
-        crop, spec, nodule_centre, spacing, rng, slice_blur_mm=float(rng.uniform(0, 1.5))
-    )
-    patch_centre = np.round(nodule_centre + _jitter(spec.diameter_mm / 2.0, rng) / spacing).astype(
-        int
-    )
+            return centre
+
+
+def _cut(
+    crop: np.ndarray,
+    mask: np.ndarray,
+    nodule_centre: np.ndarray,
+    radius_mm: float,
+    spacing: np.ndarray,
+    rng: np.random.Generator,
+    size: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The training patch around a nodule placed in ``crop``: centred off the nodule as a
+    candidate would be; returns the patch, its mask, and the offset label."""
+    patch_centre = np.round(nodule_centre + _jitter(radius_mm, rng) / spacing).astype(int)
     patch = extract_patches(crop, patch_centre[None], size)[0]
     half = size // 2
     box = tuple(slice(c - half, c + half) for c in patch_centre)
-    m = measure(mask, crop, tuple(spacing))
-    labels: dict[str, float | int | np.ndarray] = {
-        "malignancy": spec.malignancy_probability,
-        "composition": COMPOSITIONS.index(spec.composition),
-        "diameter_mm": m.diameter_mm,
-        "offset_mm": (nodule_centre - patch_geometric_centre(patch_centre)) * spacing,
-    }
-    return patch, mask[box], labels
+    centroid = np.argwhere(mask).mean(axis=0)
+    offset = (centroid - patch_geometric_centre(patch_centre)) * spacing
+    return patch, mask[box], offset
+
+
+def transplanted_patch(
+    background: Background, voi: NoduleVOI, rng: np.random.Generator, size: int
+) -> tuple[np.ndarray, np.ndarray, Labels]:
+    """A real nodule pasted into aerated lung of ``background``, turned and flipped."""
+    spacing = np.asarray(background.work.spacing[::-1])
+    centre = _nodule_site(background, rng)
+    crop = crop_cube(background.work.array, centre - size, 2 * size)
+    placement = Placement.random(np.full(3, float(size)) + rng.uniform(-0.5, 0.5, 3), rng)
+    mask = paste_nodule(crop, spacing, voi, placement, rng)
+    diameter = equivalent_diameter_mm(mask, spacing)
+    patch, patch_mask, offset = _cut(
+        crop, mask, placement.centre_kji, diameter / 2, spacing, rng, size
+    )
+    return patch, patch_mask, rated_labels(voi.ratings, offset, diameter)
+
+
+def voi_view_patch(
+    voi: NoduleVOI, rng: np.random.Generator, size: int, spacing_mm: float
+) -> tuple[np.ndarray, np.ndarray, Labels]:
+    """A real nodule as its VOI alone shows it, off-centre, turned and flipped."""
+    spacing = np.full(3, spacing_mm)
+    middle = patch_geometric_centre(np.full(3, size // 2))
+    radius = equivalent_diameter_mm(voi.mask, np.asarray(voi.image.spacing[::-1])) / 2
+    placement = Placement.random(middle - _jitter(radius, rng) / spacing, rng)
+    cube = voi_patch(voi, spacing_mm, size, placement)
+    mask = voi_mask_patch(voi, spacing_mm, size, placement)
+    patch = normalize_hu(np.clip(cube, *NETWORK_HU_WINDOW))
+    offset = (placement.centre_kji - middle) * spacing
+    return patch, mask, rated_labels(voi.ratings, offset, equivalent_diameter_mm(mask, spacing))
+
+
+def positive_patch(
+    background: Background, rng: np.random.Generator, size: int
+) -> tuple[np.ndarray, np.ndarray, Labels]:
+    """A synthetic nodule blended into aerated lung of ``background``: exact mask, known
+    size and composition; no malignancy label (only readers' ratings teach that)."""
+    spacing = np.asarray(background.work.spacing[::-1])
+    centre = _nodule_site(background, rng)
+    spec = random_spec(rng)
+    crop = crop_cube(background.work.array, centre - size, 2 * size)
+    nodule_centre = np.full(3, float(size)) + rng.uniform(-0.5, 0.5, 3)
+    mask = insert_nodule(
+        crop, spec, nodule_centre, spacing, rng, slice_blur_mm=float(rng.uniform(0, 1.5))
+    )
+    patch, patch_mask, offset = _cut(
+        crop, mask, nodule_centre, spec.diameter_mm / 2, spacing, rng, size
+    )
+    labels = Labels(
+        offset_mm=offset,
+        diameter_mm=equivalent_diameter_mm(mask, spacing),
+        composition=COMPOSITIONS.index(spec.composition),
+        calcified=0.0,
+    )
+    return patch, patch_mask, labels
 
 
 #: Candidates land off a nodule's centre, by up to its radius for large ones: the network
@@ -158,23 +296,29 @@ def _jitter(radius_mm: float, rng: np.random.Generator) -> np.ndarray:
 
 
 def build_patch_set(
-    backgrounds: list[Background], config: TrainingConfig, rng: np.random.Generator
+    backgrounds: list[Background],
+    nodules: list[NoduleVOI],
+    config: TrainingConfig,
+    rng: np.random.Generator,
 ) -> PatchSet:
+    """Every training patch, positives of the three sources first, then negatives. Without
+    real nodules the real sources are left out."""
     size = config.network.patch_voxels
-    n_pos, n_neg = config.positives, config.negatives
-    patches = np.zeros((n_pos + n_neg, size, size, size), dtype=np.float16)
-    masks = np.zeros((n_pos + n_neg, size, size, size), dtype=bool)
-    malignancy = np.zeros(n_pos + n_neg, dtype=np.float32)
-    composition = np.zeros(n_pos + n_neg, dtype=np.int64)
-    diameter = np.zeros(n_pos + n_neg, dtype=np.float32)
-    offset = np.zeros((n_pos + n_neg, 3), dtype=np.float32)
-    for n in tqdm(range(n_pos), desc="synthetic nodules", unit="patch"):
-        patch, mask, labels = positive_patch(backgrounds[n % len(backgrounds)], rng, size)
-        patches[n], masks[n] = patch, mask
-        malignancy[n] = float(labels["malignancy"])
-        composition[n] = int(labels["composition"])
-        diameter[n] = float(labels["diameter_mm"])
-        offset[n] = labels["offset_mm"]
+    real = config.transplanted + config.voi_views if nodules else 0
+    n_pos = config.synthetic + real
+    data = PatchSet.empty(n_pos + config.negatives, size)
+    for n in tqdm(range(config.synthetic), desc="synthetic nodules", unit="patch"):
+        data.put(n, *positive_patch(backgrounds[n % len(backgrounds)], rng, size))
+    if nodules:
+        start = config.synthetic
+        order = rng.permutation(config.transplanted) % len(nodules)
+        for n, v in enumerate(tqdm(order, desc="transplanted real nodules", unit="patch")):
+            background = backgrounds[n % len(backgrounds)]
+            data.put(start + n, *transplanted_patch(background, nodules[v], rng, size))
+        start += config.transplanted
+        order = rng.permutation(config.voi_views) % len(nodules)
+        for n, v in enumerate(tqdm(order, desc="real nodules as VOIs", unit="patch")):
+            data.put(start + n, *voi_view_patch(nodules[v], rng, size, config.network.spacing_mm))
     negatives: list[tuple[int, np.ndarray]] = []
     for b, background in enumerate(tqdm(backgrounds, desc="hard negatives", unit="scan")):
         cands = np.array(
@@ -185,12 +329,14 @@ def build_patch_set(
         lung = lung[rng.choice(len(lung), size=min(len(lung), 200), replace=False)]
         lung = lung[background.allowed(lung)]
         negatives += [(b, c) for c in cands] + [(b, c) for c in lung]
-    pick = rng.choice(len(negatives), size=n_neg, replace=len(negatives) < n_neg)
+    pick = rng.choice(
+        len(negatives), size=config.negatives, replace=len(negatives) < config.negatives
+    )
     for n, idx in enumerate(pick):
         b, centre = negatives[idx]
-        patches[n_pos + n] = extract_patches(backgrounds[b].work.array, centre[None], size)[0]
-    nodule = np.concatenate([np.ones(n_pos), np.zeros(n_neg)]).astype(np.float32)
-    return PatchSet(patches, masks, nodule, malignancy, composition, diameter, offset)
+        patch = extract_patches(backgrounds[b].work.array, centre[None], size)[0]
+        data.put(n_pos + n, patch, None, None)
+    return data
 
 
 def augment(batch: dict[str, torch.Tensor], rng: random.Random) -> dict[str, torch.Tensor]:
@@ -206,23 +352,51 @@ def augment(batch: dict[str, torch.Tensor], rng: random.Random) -> dict[str, tor
     return {**batch, "patches": x, "masks": m, "offset_mm": off}
 
 
+def _known_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor | None:
+    known = torch.isfinite(target)
+    if not known.any():
+        return None
+    return F.binary_cross_entropy_with_logits(logits[known], target[known])
+
+
 def multitask_loss(
     model: ResMTNet, batch: dict[str, torch.Tensor]
 ) -> tuple[torch.Tensor, dict[str, float]]:
+    """The heads' losses, each on the patches whose label for it is known (absent keys:
+    unknown everywhere)."""
     out = model(batch["patches"])
     pos = batch["nodule"] > 0.5
     terms = {"detection": F.binary_cross_entropy_with_logits(out.nodule_logit, batch["nodule"])}
+    candidates: dict[str, torch.Tensor | None] = {}
     if pos.any():
-        terms["malignancy"] = F.binary_cross_entropy_with_logits(
-            out.malignancy_logit[pos], batch["malignancy"][pos]
-        )
-        terms["composition"] = F.cross_entropy(
-            out.composition_logits[pos], batch["composition"][pos]
-        )
-        terms["diameter"] = F.smooth_l1_loss(
-            out.diameter_mm[pos] / 10.0, batch["diameter_mm"][pos] / 10.0
-        )
-        terms["offset"] = F.smooth_l1_loss(out.offset_mm[pos] / 5.0, batch["offset_mm"][pos] / 5.0)
+        candidates["malignancy"] = _known_bce(out.malignancy_logit[pos], batch["malignancy"][pos])
+        composition = batch["composition"][pos]
+        known = composition >= 0
+        if known.any():
+            candidates["composition"] = F.cross_entropy(
+                out.composition_logits[pos][known], composition[known]
+            )
+        diameter = batch["diameter_mm"][pos]
+        known = torch.isfinite(diameter)
+        if known.any():
+            candidates["diameter"] = F.smooth_l1_loss(
+                out.diameter_mm[pos][known] / 10.0, diameter[known] / 10.0
+            )
+        offset = batch["offset_mm"][pos]
+        known = torch.isfinite(offset).all(dim=1)
+        if known.any():
+            candidates["offset"] = F.smooth_l1_loss(
+                out.offset_mm[pos][known] / 5.0, offset[known] / 5.0
+            )
+        if out.calcification_logit is not None and "calcified" in batch:
+            candidates["calcification"] = _known_bce(
+                out.calcification_logit[pos], batch["calcified"][pos]
+            )
+        if out.characteristics is not None and "characteristics" in batch:
+            candidates["characteristics"] = _known_bce(
+                out.characteristics[pos], batch["characteristics"][pos]
+            )
+    terms.update({k: v for k, v in candidates.items() if v is not None})
     assert out.mask_logits is not None
     target = batch["masks"].float()
     probs = torch.sigmoid(out.mask_logits)
@@ -245,8 +419,10 @@ def to_batch(data: PatchSet, index: np.ndarray, device: torch.device) -> dict[st
         "nodule": torch.from_numpy(data.nodule[index]).to(device),
         "malignancy": torch.from_numpy(data.malignancy[index]).to(device),
         "composition": torch.from_numpy(data.composition[index]).to(device),
+        "calcified": torch.from_numpy(data.calcified[index]).to(device),
         "diameter_mm": torch.from_numpy(data.diameter_mm[index]).to(device),
         "offset_mm": torch.from_numpy(data.offset_mm[index]).to(device),
+        "characteristics": torch.from_numpy(data.characteristics[index]).to(device),
     }
 
 
@@ -278,13 +454,15 @@ def train_model(
     backgrounds: list[Background],
     config: TrainingConfig,
     device: torch.device,
+    nodules: Sequence[NoduleVOI] = (),
     log: Callable[[str], None] = print,
 ) -> TrainedModel:
-    """Train from scratch; returns the model, its score temperature and a record of how."""
+    """Train from scratch on ``backgrounds`` (plus phantoms) and the real ``nodules``;
+    returns the model, its score temperature and a record of how."""
     seed_everything(config.seed)
     rng = np.random.default_rng(config.seed)
     phantoms = [phantom_background(rng, config.network) for _ in range(config.phantoms)]
-    data = build_patch_set(backgrounds + phantoms, config, rng)
+    data = build_patch_set(backgrounds + phantoms, list(nodules), config, rng)
     order = rng.permutation(len(data.nodule))
     n_val = int(len(order) * config.validation_fraction)
     val, trn = data.subset(order[:n_val]), data.subset(order[n_val:])
@@ -324,7 +502,13 @@ def train_model(
         "loss_weights": LOSS_WEIGHTS,
         "history": history,
         "temperature": temperature,
-        "training_patches": {"positives": config.positives, "negatives": config.negatives},
+        "training_patches": {
+            "synthetic": config.synthetic,
+            "transplanted": config.transplanted if nodules else 0,
+            "voi_views": config.voi_views if nodules else 0,
+            "negatives": config.negatives,
+        },
+        "real_nodules": {"nodules": len(nodules), "patients": len({v.patient_id for v in nodules})},
         "backgrounds": len(backgrounds),
         "model": MODEL_NAME,
     }

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
 
     from dicom_node.config import NodeConfig
+    from inference.lab.training import TrainingConfig
 
 log = logging.getLogger("dicom_node")
 
@@ -27,22 +28,57 @@ EXIT_OK, EXIT_SOME_REJECTED, EXIT_USAGE, EXIT_NONE_ANALYZED = 0, 1, 2, 3
 def _train(args: argparse.Namespace) -> int:
     from dicom_node.lab.commands import train
     from inference.lab.nodule_folder import NoduleSplit
+
+    split = NoduleSplit(seed=args.split_seed)
+    train(
+        args.data,
+        args.out,
+        _training_config(args),
+        args.nodules,
+        split,
+        args.fp_per_scan,
+        args.device,
+    )
+    return EXIT_OK
+
+
+def _training_config(args: argparse.Namespace) -> TrainingConfig:
     from inference.lab.training import TrainingConfig
 
     given = {
         name: getattr(args, name)
         for name in ("seed", "synthetic", "transplanted", "voi_views", "negatives", "epochs")
-        if getattr(args, name) is not None
+        if getattr(args, name, None) is not None
     }
-    config = TrainingConfig(**given)
-    split = NoduleSplit(seed=args.split_seed)
-    train(args.data, args.out, config, args.nodules, split, args.fp_per_scan, args.device)
-    return EXIT_OK
+    return TrainingConfig(**given)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from dicom_node.lab.commands import evaluate, evaluate_nodules
+    from dicom_node.lab.commands import evaluate, evaluate_cross_case, evaluate_nodules
+    from inference.lab.nodule_folder import NoduleSplit
 
+    if args.cross_case:
+        if args.nodules is None or not args.data:
+            print(
+                "dicom-node evaluate --cross-case: name the annotated cases and --nodules FOLDER",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        evaluate_cross_case(
+            args.data,
+            args.luna_csv,
+            args.nodules,
+            args.out,
+            _training_config(args),
+            NoduleSplit(seed=args.split_seed),
+            seeds,
+            args.fp_per_scan,
+            args.device,
+            args.transplant_scans,
+            args.synthetic_scans,
+        )
+        return EXIT_OK
     if not args.data and args.nodules is None:
         print(
             "dicom-node evaluate: name annotated cases (LIDC-IDRI folders or archives), "
@@ -152,6 +188,22 @@ def _resend(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _training_arguments(parser: argparse.ArgumentParser) -> None:
+    """What shapes a training run besides its seed: the nodule folder's split, the patches
+    and the epochs. Unset numbers take TrainingConfig's defaults (docs/model-card.md)."""
+    parser.add_argument(
+        "--split-seed",
+        type=int,
+        default=20261203,
+        help="how the nodule folder's patients fall into train, calibration and validation",
+    )
+    parser.add_argument("--synthetic", type=int, help="synthetic positive patches")
+    parser.add_argument("--transplanted", type=int, help="patches of pasted real nodules")
+    parser.add_argument("--voi-views", type=int, help="patches of real nodules as their VOI")
+    parser.add_argument("--negatives", type=int, help="negative patches")
+    parser.add_argument("--epochs", type=int)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from inference.detector import DEFAULT_WEIGHTS
 
@@ -190,19 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="a folder of real nodules laid out like lidc-nodules: its training patients are "
         "pasted into the scans and teach the rating heads",
     )
-    # Unset numbers take TrainingConfig's defaults (see docs/model-card.md).
     train.add_argument("--seed", type=int)
-    train.add_argument(
-        "--split-seed",
-        type=int,
-        default=20261203,
-        help="how the nodule folder's patients fall into train, calibration and validation",
-    )
-    train.add_argument("--synthetic", type=int, help="synthetic positive patches")
-    train.add_argument("--transplanted", type=int, help="patches of pasted real nodules")
-    train.add_argument("--voi-views", type=int, help="patches of real nodules as their VOI")
-    train.add_argument("--negatives", type=int, help="negative patches")
-    train.add_argument("--epochs", type=int)
+    _training_arguments(train)
     train.add_argument(
         "--fp-per-scan", type=float, default=1.0, help="budget the operating point is chosen for"
     )
@@ -221,7 +262,25 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         help="a folder laid out like lidc-nodules (metadata.csv, images, masks): writes "
-        "nodule_predictions.csv, and a report where it has the readers' ratings",
+        "nodule_predictions.csv, and a report where it has the readers' ratings; with "
+        "--cross-case, its training patients train the protocol's models",
+    )
+    _training_arguments(evaluate)
+    evaluate.add_argument(
+        "--cross-case",
+        action="store_true",
+        help="the cross-case protocol: per held-out case and seed, train without it (with "
+        "--nodules' training patients), choose the operating point without it, score it",
+    )
+    evaluate.add_argument("--seeds", default="1,2,3", help="training seeds, comma-separated")
+    evaluate.add_argument(
+        "--transplant-scans",
+        type=int,
+        default=12,
+        help="with --cross-case: scans of the held-out case holding pasted validation nodules",
+    )
+    evaluate.add_argument(
+        "--fp-per-scan", type=float, default=1.0, help="budget the operating point is chosen for"
     )
     evaluate.add_argument("--out", type=Path, required=True)
     evaluate.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)

@@ -15,6 +15,7 @@ import torch
 from dicom_node import __version__
 from dicom_node.lab.cases import load_cases
 from dicom_node.lab.nodule_report import nodule_report, write_predictions
+from dicom_node.lab.protocol_report import write_protocol_report
 from dicom_node.lab.report import evaluate_and_report
 from inference.detector import (
     MODEL_NAME,
@@ -25,9 +26,9 @@ from inference.detector import (
 )
 from inference.findings import ModelInfo
 from inference.lab.characterize import characterize
-from inference.lab.evaluation import threshold_for_fp_rate
-from inference.lab.experiments import synthetic_outcomes
+from inference.lab.experiments import choose_threshold
 from inference.lab.nodule_folder import NoduleSplit, read_nodule_folder
+from inference.lab.protocol import cross_case
 from inference.lab.training import TrainingConfig, make_background, save_weights, train_model
 
 
@@ -64,10 +65,7 @@ def train(
         ModelInfo(MODEL_NAME, __version__, "unsaved"),
         device,
     )
-    outcomes, _ = synthetic_outcomes(
-        detector, cases, config.seed + 1, 3, 4, "calibration", describe=False, real=calibrate
-    )
-    threshold = threshold_for_fp_rate(outcomes, fp_per_scan)
+    threshold = choose_threshold(detector, cases, config.seed + 1, calibrate, fp_per_scan)
     operating_point = {"threshold": threshold, "temperature": temperature, "max_findings": 10}
     record["operating_point"] = {**operating_point, "chosen_for_fp_per_scan": fp_per_scan}
     record["nodule_split"] = {
@@ -118,3 +116,46 @@ def evaluate_nodules(folder: Path, out: Path, weights: Path, device_name: str) -
     if any(v.ratings.malignancy is not None or v.ratings.texture is not None for v in vois):
         nodule_report(vois, predictions, out)
         print(f"report: {out / 'nodule_report.md'}")
+
+
+def evaluate_cross_case(
+    data: list[Path],
+    luna_csv: Path | None,
+    nodules: Path,
+    out: Path,
+    config: TrainingConfig,
+    split: NoduleSplit,
+    seeds: list[int],
+    fp_per_scan: float,
+    device_name: str,
+    transplant_scans: int,
+    synthetic_scans: int,
+) -> None:
+    """The cross-case protocol (:mod:`inference.lab.protocol`) on the annotated cases under
+    ``data``: one model per held-out case and seed, each trained and calibrated without it."""
+    cases = load_cases(data, luna_csv)
+    if len(cases) < 2:
+        raise ValueError(f"the cross-case protocol needs two annotated cases; found {len(cases)}")
+    vois = read_nodule_folder(nodules)
+    runs = cross_case(
+        cases,
+        vois,
+        split,
+        config,
+        seeds,
+        fp_per_scan,
+        pick_device(device_name),
+        transplant_scans,
+        synthetic_scans,
+    )
+    settings = {
+        "cases": [c.name for c in cases],
+        "seeds": seeds,
+        "fp_per_scan": fp_per_scan,
+        "transplant_scans": transplant_scans,
+        "synthetic_scans": synthetic_scans,
+        "nodules": str(nodules),
+        "split": asdict(split),
+        "training": {k: v for k, v in asdict(config).items() if k not in ("seed", "network")},
+    }
+    print(f"report: {write_protocol_report(runs, out, settings)}")

@@ -107,10 +107,11 @@ def synthetic_scan(
     count: int,
     min_separation_mm: float = 40.0,
     real: Sequence[NoduleVOI] = (),
+    real_fraction: float = 0.5,
 ) -> tuple[Volume, list[Reference]]:
-    """A copy of ``volume`` with ``count`` nodules at lung points: half of them real ones
-    from ``real`` pasted in (when given), the others synthetic. Their truth is measured on
-    the scan's own grid exactly as the engine measures its findings."""
+    """A copy of ``volume`` with ``count`` nodules at lung points: a ``real_fraction`` of
+    them real ones from ``real`` pasted in (when given), the others synthetic. Their truth is
+    measured on the scan's own grid exactly as the engine measures its findings."""
     image = volume.array.copy()
     spacing_kji = np.asarray(volume.spacing[::-1])
     chosen: list[np.ndarray] = []
@@ -126,7 +127,7 @@ def synthetic_scan(
         ):
             continue
         centre_kji = volume.world_to_index(point)[::-1]
-        if real and rng.random() < 0.5:
+        if real and rng.random() < real_fraction:
             voi = real[int(rng.integers(len(real)))]
             placement = Placement.random(centre_kji, rng)
             mask = paste_nodule(image, spacing_kji, voi, placement, rng)

@@ -11,7 +11,12 @@ from tqdm import tqdm
 
 from inference.detector import NoduleDetector, prepare
 from inference.findings import NoduleFinding
-from inference.lab.evaluation import Reference, ScanOutcome, synthetic_scan
+from inference.lab.evaluation import (
+    Reference,
+    ScanOutcome,
+    synthetic_scan,
+    threshold_for_fp_rate,
+)
 from inference.lab.nodule_folder import NoduleVOI
 from inference.lab.training import aerated_lung
 from inference.volume import Volume
@@ -55,6 +60,7 @@ def synthetic_outcomes(
     label: str,
     describe: bool = True,
     real: Sequence[NoduleVOI] = (),
+    real_fraction: float = 0.5,
 ) -> tuple[list[ScanOutcome], list[dict[str, object]]]:
     """Insert nodules (synthetic, and real ones from ``real`` where given) into each case's
     lungs, away from its own nodules, and score the detector.
@@ -75,7 +81,13 @@ def synthetic_outcomes(
         # holds does not depend on which other cases were given, or in which order.
         rng = seeded(seed, case.name, n)
         volume, refs = synthetic_scan(
-            case.volume, points[case.name], case.avoid_mm, rng, nodules_per_scan, real=real
+            case.volume,
+            points[case.name],
+            case.avoid_mm,
+            rng,
+            nodules_per_scan,
+            real=real,
+            real_fraction=real_fraction,
         )
         # The case's own nodules stay in the scan: they are excluded regions, not false positives.
         refs += [
@@ -131,3 +143,30 @@ def nodule_row(ref: Reference, findings: list[NoduleFinding], scan: str) -> dict
             lung_rads=best.lung_rads,
         )
     return row
+
+
+#: Calibration scans per case and nodules per scan the operating point is chosen on.
+CALIBRATION_SCANS, CALIBRATION_NODULES = 3, 4
+
+
+def choose_threshold(
+    detector: NoduleDetector,
+    cases: list[Case],
+    seed: int,
+    real: Sequence[NoduleVOI],
+    fp_per_scan: float,
+) -> float:
+    """The score threshold for ``fp_per_scan`` false positives per scan, chosen on fresh
+    scans of ``cases`` holding synthetic nodules and the ``real`` ones (calibration
+    patients'), never on a scan the detector is then scored on."""
+    outcomes, _ = synthetic_outcomes(
+        detector,
+        cases,
+        seed,
+        CALIBRATION_SCANS,
+        CALIBRATION_NODULES,
+        "calibration",
+        describe=False,
+        real=real,
+    )
+    return threshold_for_fp_rate(outcomes, fp_per_scan)

@@ -1,0 +1,52 @@
+"""The cross-case protocol: each held-out case is scored by models that never saw its lungs,
+with an operating point chosen without it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import inference.lab.protocol as protocol
+from dicom_node.lab.cases import load_cases
+from dicom_node.lab.protocol_report import write_protocol_report
+from inference.lab.nodule_folder import NoduleSplit, read_nodule_folder
+from inference.lab.training import TrainingConfig
+from tests.test_transplant import small_folder
+
+
+@pytest.mark.slow
+def test_a_held_out_case_never_trains_its_own_model(
+    lidc_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cases = load_cases([lidc_root])
+    nodules = read_nodule_folder(small_folder(tmp_path, rows=12))
+    used: list[int] = []
+    real_background = protocol.make_background
+    monkeypatch.setattr(
+        protocol,
+        "make_background",
+        lambda volume, *rest: used.append(id(volume)) or real_background(volume, *rest),
+    )
+    tiny = TrainingConfig(
+        synthetic=16, transplanted=8, voi_views=8, negatives=16, phantoms=1, epochs=1, batch_size=8
+    )
+    split = NoduleSplit(seed=5, validation_fraction=0.4, calibration_fraction=0.3)
+    runs = protocol.cross_case(cases, nodules, split, tiny, [7], 1.0, torch.device("cpu"), 1, 1)
+    by_name = {c.name: c for c in cases}
+    assert [r.held_out for r in runs] == sorted(by_name)
+    for run, backgrounds in zip(runs, (used[:1], used[1:]), strict=True):
+        # The held-out case's volume never became a training background of its runs.
+        assert backgrounds == [id(by_name[n].volume) for n in run.trained_on]
+        assert run.held_out not in run.trained_on
+        assert np.isfinite(run.threshold)
+        assert [n.name for n in run.real] == [
+            r.name for r in by_name[run.held_out].annotated or by_name[run.held_out].references
+        ]
+        assert run.transplanted is not None and run.transplanted.targets > 0
+        assert run.synthetic is not None and run.synthetic.scans == 1
+    report = write_protocol_report(runs, tmp_path / "out", {"seeds": [7]}).read_text()
+    for name in by_name:
+        assert f"## Held out: {name}" in report

@@ -16,6 +16,7 @@ both sources, detection and the mask from all.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import random
@@ -25,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 from tqdm import tqdm
 
 from inference.candidates import find_candidates
@@ -76,6 +78,16 @@ class Background:
     lungs: np.ndarray
     avoid_kji: np.ndarray  # (n, 3) voxels of annotated nodules
 
+    @functools.cached_property
+    def pleural_band(self) -> np.ndarray:
+        """(n, 3) aerated voxels within :data:`PLEURAL_BAND_MM` of the lungs' edge: where a
+        nodule placed touches the pleura or a fissure broadly."""
+        spacing = np.asarray(self.work.spacing[::-1])
+        depth = ndimage.distance_transform_edt(self.lungs[::2, ::2, ::2], sampling=2 * spacing)
+        band = (depth > 0) & (depth <= PLEURAL_BAND_MM)
+        voxels = np.argwhere(band) * 2
+        return voxels[self.work.array[tuple(voxels.T)] < AERATED_HU]
+
     def allowed(self, points_kji: np.ndarray) -> np.ndarray:
         if len(self.avoid_kji) == 0:
             return np.ones(len(points_kji), dtype=bool)
@@ -83,6 +95,10 @@ class Background:
         d = np.linalg.norm((points_kji[:, None] - self.avoid_kji[None]) * spacing, axis=2)
         return d.min(axis=1) > AVOID_MM
 
+
+#: Nodules this close to the lungs' edge touch the pleura; a share of them is placed there.
+PLEURAL_BAND_MM = 6.0
+PLEURAL_SHARE = 0.25
 
 #: A nodule centre must lie in aerated lung: the lung mask also holds vessels, hila and the
 #: mediastinal recesses its closing fills in, where a solid nodule would be invisible.
@@ -200,8 +216,11 @@ class PatchSet:
 
 
 def _nodule_site(background: Background, rng: np.random.Generator) -> np.ndarray:
-    """A random voxel of aerated lung away from the scan's own nodules."""
+    """A random voxel of aerated lung away from the scan's own nodules; one time in four
+    against the pleura."""
     lung_voxels = aerated_lung(background.work.array, background.lungs, step=2)
+    if rng.random() < PLEURAL_SHARE and len(background.pleural_band):
+        lung_voxels = background.pleural_band
     while True:
         centre = lung_voxels[rng.integers(len(lung_voxels))]
         if background.allowed(centre[None])[0]:
@@ -279,7 +298,10 @@ def positive_patch(
         offset_mm=offset,
         diameter_mm=equivalent_diameter_mm(mask, spacing),
         composition=COMPOSITIONS.index(spec.composition),
-        calcified=0.0,
+        calcified=float(spec.calcified),
+        # Benign calcification patterns teach the malignancy head "low"; nothing else
+        # synthetic says anything about malignancy.
+        malignancy=0.0 if spec.calcified else UNKNOWN,
     )
     return patch, patch_mask, labels
 

@@ -7,6 +7,10 @@ from typing import Any
 
 import numpy as np
 
+#: A lesion whose longest axial diameter exceeds this is a mass, not a nodule (Fleischner
+#: glossary: a nodule measures up to 3 cm).
+MASS_LONG_AXIS_MM = 30.0
+
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -34,6 +38,8 @@ class FindingSummary:
     malignancy_probability: float
     lung_rads: str
     score: float
+    #: "nodule" or "mass"; records written before masses were told apart hold nodules.
+    finding: str = "nodule"
 
     def to_json(self) -> dict[str, object]:
         return {**asdict(self), "center_mm": list(self.center_mm)}
@@ -81,9 +87,14 @@ class NoduleFinding:
         return (self.long_axis_mm + self.short_axis_mm) / 2.0
 
     @property
+    def kind(self) -> str:
+        """ "mass" beyond :data:`MASS_LONG_AXIS_MM`, else "nodule"."""
+        return "mass" if self.long_axis_mm > MASS_LONG_AXIS_MM else "nodule"
+
+    @property
     def label(self) -> str:
         """The name shared by the SR tracking identifier, the SEG segment and the key image."""
-        return f"Nodule {self.id}"
+        return f"{self.kind.capitalize()} {self.id}"
 
     def axial_mask(self, k: int, rows: int, columns: int) -> np.ndarray:
         """The mask on source slice ``k``, as a full-size (rows, columns) image."""
@@ -109,6 +120,7 @@ class NoduleFinding:
             malignancy_probability=round(self.malignancy_probability, 3),
             lung_rads=self.lung_rads,
             score=round(self.score, 4),
+            finding=self.kind,
         )
 
     def to_json(self) -> dict[str, object]:

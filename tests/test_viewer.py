@@ -118,7 +118,7 @@ def test_ohif_shows_the_study_with_the_nodes_results(
         pacs.stop()
     # The study browser lists the CT and each of the node's objects, by their series.
     browser_text = report["studyBrowser"]
-    for shown in ("CT", "SR", "SEG", "Res-MTNet nodules", "Res-MTNet nodule segmentation",
+    for shown in ("CT", "SR", "SEG", "Res-MTNet lung findings", "Res-MTNet nodule segmentation",
                   "Res-MTNet key images", str(ct_images)):  # fmt: skip
         assert shown in browser_text, f"{shown!r} not in OHIF's study browser"
     # The key images (opened first) and the CT render: the viewport holds an image.

@@ -373,3 +373,36 @@ def test_sr_seg_and_key_images_name_the_same_device(results) -> None:  # type: i
     }
     assert len(set(devices.values())) == 1, devices
     assert devices["sr"][1] == f"{MODEL.name} {MODEL.version}"
+
+
+def test_a_mass_is_written_as_a_mass_in_sr_seg_and_key_images(
+    nodule_series, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    folder, _, centre = nodule_series
+    (series,), _, _ = read_series([folder])
+    # A 34 mm solid lesion: over the 30 mm that makes a mass.
+    mass = _sphere_finding(series, (centre[0] + 8.0, centre[1], centre[2]), 34.0, 1)
+    assert mass.kind == "mass" and mass.label == "Mass 1" and mass.lung_rads == "4B"
+    objects = build_results(series, [mass], MODEL)
+    assert objects.seg is not None
+    paths = {}
+    for name, ds in (("sr", objects.sr), ("seg", objects.seg), ("key", objects.key_images[0])):
+        paths[name] = tmp_path / f"{name}.dcm"
+        write_atomically(ds, paths[name])
+        tool = _require("dciodvfy")
+        run = subprocess.run([tool, str(paths[name])], capture_output=True, text=True, check=False)
+        assert [
+            line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")
+        ] == []
+    report = subprocess.run(
+        [_require("dsrdump"), str(paths["sr"])], capture_output=True, text=True, check=True
+    ).stdout
+    assert '(4147007,SCT,"Mass")' in report and "27925004" not in report
+    assert '"Tracking Identifier")="Mass 1"' in report
+    assert "(1 mass)" in objects.sr.SeriesDescription
+    (segment,) = pydicom.dcmread(paths["seg"]).SegmentSequence
+    assert segment.SegmentedPropertyTypeCodeSequence[0].CodeValue == "4147007"
+    assert segment.SegmentLabel == "Mass 1"
+    key = pydicom.dcmread(paths["key"])
+    assert key.ImageComments.startswith("Mass 1.")
+    assert mass.summary().to_json()["finding"] == "mass"

@@ -151,11 +151,7 @@ def build_results(
             _output_series("seg", "Res-MTNet nodule segmentation", SEG_SERIES, amends),
             frames,
         ).build()
-    summary = (
-        f"Res-MTNet nodules ({len(findings)} found)"
-        if findings
-        else "Res-MTNet nodules (none found)"
-    )
+    summary = f"{model.name} lung findings ({_count(findings)})"
     sr = NoduleReport(
         series.slices,
         findings,
@@ -175,3 +171,17 @@ def build_results(
         frames,
     ).build()
     return ResultObjects(sr, seg, list(keys), tracking)
+
+
+PLURALS = {"nodule": "nodules", "mass": "masses"}
+
+
+def _count(findings: list[NoduleFinding]) -> str:
+    """ "none found", "2 nodules", "1 nodule, 1 mass": what a series list shows of the SR."""
+    kinds = [f.kind for f in findings]
+    counted = [
+        f"{kinds.count(k)} {k if kinds.count(k) == 1 else PLURALS[k]}"
+        for k in PLURALS
+        if k in kinds
+    ]
+    return ", ".join(counted) or "none found"

@@ -14,6 +14,9 @@ from pydicom.sr.coding import Code
 PRIVATE_SCHEME = "99RESMTNET"
 
 NODULE = Code("27925004", "SCT", "Nodule")  # CID 6102 / CID 3428 finding
+MASS = Code("4147007", "SCT", "Mass")  # CID 6102 / CID 3428 finding
+#: The finding type of each kind a finding may be (NoduleFinding.kind).
+FINDING_TYPES = {"nodule": NODULE, "mass": MASS}
 LUNG = Code("39607008", "SCT", "Lung")  # CID 6109 Lung anatomical site
 LATERALITY = {
     "left": Code("7771000", "SCT", "Left"),  # CID 244 Laterality

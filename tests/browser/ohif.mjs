@@ -30,7 +30,7 @@ try {
   await settle(page);
   report.ctViewport = await page.locator("body").innerText();
   await page.screenshot({ path: `${shots}/ohif-ct.png` });
-  await page.getByText("Res-MTNet nodules", { exact: false }).dblclick();
+  await page.getByText("Res-MTNet lung findings", { exact: false }).dblclick();
   // The SR display tool draws each measurement's outline with a text box of its labels (SVG),
   // once the slice is rendered; moving the pointer over the image makes it render again.
   const labelled = page.locator("svg text", { hasText: "Diameter" });

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +12,7 @@ import torch
 from scipy import ndimage
 
 from inference.candidates import bounding_box, find_candidates
-from inference.findings import ModelInfo, NoduleFinding
+from inference.findings import CALCIUM_HU, ModelInfo, NoduleFinding
 from inference.lungrads import lung_rads_category
 from inference.lungs import segment_lungs
 from inference.measure import axial_axes, measure
@@ -262,6 +262,11 @@ class NoduleDetector:
                     composition=COMPOSITIONS[int(np.argmax(out["composition_logits"][n]))],
                     malignancy_probability=float(1.0 / (1.0 + np.exp(-out["malignancy_logit"][n]))),
                     midline_x_mm=midline_x_mm,
+                    calcification_probability=float(
+                        1.0 / (1.0 + np.exp(-out["calcification_logit"][n]))
+                    )
+                    if "calcification_logit" in out
+                    else None,
                 )
             )
         findings.sort(key=lambda f: f.score, reverse=True)
@@ -322,6 +327,7 @@ def finding_from_mask(
     composition: str,
     malignancy_probability: float,
     midline_x_mm: float | None = None,
+    calcification_probability: float | None = None,
 ) -> NoduleFinding:
     """Measure a nodule mask (a box of the source grid at ``origin_kji``) into a finding.
 
@@ -335,8 +341,9 @@ def finding_from_mask(
     m = measure(mask, hu, spacing_kji)
     solid = axial_axes(mask[m.axial_slice] & (hu[m.axial_slice] >= SOLID_PART_HU), spacing_kji[1:])
     centre_mm = source.index_to_world((np.argwhere(mask).mean(axis=0) + np.array(origin_kji))[::-1])
+    calcium = 100.0 * float(np.mean(hu[mask] >= CALCIUM_HU))
     shift = np.array([i0, j0], dtype=float)
-    return NoduleFinding(
+    finding = NoduleFinding(
         id=0,
         score=score,
         center_mm=(float(centre_mm[0]), float(centre_mm[1]), float(centre_mm[2])),
@@ -346,11 +353,7 @@ def finding_from_mask(
         mean_hu=m.mean_hu,
         composition=composition,
         malignancy_probability=malignancy_probability,
-        lung_rads=lung_rads_category(
-            composition,
-            m.axes.long_axis_mm / 2 + m.axes.short_axis_mm / 2,
-            (solid.long_axis_mm + solid.short_axis_mm) / 2.0,
-        ),
+        lung_rads="",
         axial_slice=m.axial_slice + k0,
         long_axis_ij=_segment(m.axes.long_ends_ij + shift),
         short_axis_ij=_segment(m.axes.short_ends_ij + shift),
@@ -361,7 +364,16 @@ def finding_from_mask(
         else "left"
         if centre_mm[0] > midline_x_mm
         else "right",
+        calcified_volume_percent=calcium,
+        calcification_probability=calcification_probability,
     )
+    category = lung_rads_category(
+        composition,
+        finding.diameter_mm,
+        (solid.long_axis_mm + solid.short_axis_mm) / 2.0,
+        finding.calcified,
+    )
+    return replace(finding, lung_rads=category)
 
 
 def _midline_x_mm(work: Volume, lungs: np.ndarray) -> float:

@@ -7,6 +7,13 @@ from typing import Any
 
 import numpy as np
 
+#: Voxels at least this dense are calcium (what a nodule "calcified" means in HU).
+CALCIUM_HU = 200.0
+#: A nodule is reported calcified (benign pattern: Lung-RADS 1) only when the calcification
+#: head says so and at least this share of its voxels is calcium: both, because calling a
+#: cancer benign is the costly error.
+CALCIFIED_PROBABILITY = 0.5
+CALCIFIED_MIN_PERCENT = 10.0
 #: A lesion whose longest axial diameter exceeds this is a mass, not a nodule (Fleischner
 #: glossary: a nodule measures up to 3 cm).
 MASS_LONG_AXIS_MM = 30.0
@@ -40,6 +47,10 @@ class FindingSummary:
     score: float
     #: "nodule" or "mass"; records written before masses were told apart hold nodules.
     finding: str = "nodule"
+    #: Share of the nodule's voxels at calcium density (%), and the calcification head's
+    #: probability (None for weights without that head, and for older records).
+    calcified_volume_percent: float = 0.0
+    calcification_probability: float | None = None
 
     def to_json(self) -> dict[str, object]:
         return {**asdict(self), "center_mm": list(self.center_mm)}
@@ -74,6 +85,8 @@ class NoduleFinding:
     mask: np.ndarray = field(repr=False)
     mask_origin_kji: tuple[int, int, int] = (0, 0, 0)
     laterality: str | None = None  # "left" or "right" lung, when the lungs could be told apart
+    calcified_volume_percent: float = 0.0
+    calcification_probability: float | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.malignancy_probability <= 1.0:
@@ -85,6 +98,15 @@ class NoduleFinding:
     def diameter_mm(self) -> float:
         """Lung-RADS mean diameter: the average of long and short axis."""
         return (self.long_axis_mm + self.short_axis_mm) / 2.0
+
+    @property
+    def calcified(self) -> bool:
+        """A benign calcification: the head and the voxels agree (see CALCIFIED_*)."""
+        return (
+            self.calcification_probability is not None
+            and self.calcification_probability >= CALCIFIED_PROBABILITY
+            and self.calcified_volume_percent >= CALCIFIED_MIN_PERCENT
+        )
 
     @property
     def kind(self) -> str:
@@ -121,6 +143,10 @@ class NoduleFinding:
             lung_rads=self.lung_rads,
             score=round(self.score, 4),
             finding=self.kind,
+            calcified_volume_percent=round(self.calcified_volume_percent, 1),
+            calcification_probability=None
+            if self.calcification_probability is None
+            else round(self.calcification_probability, 3),
         )
 
     def to_json(self) -> dict[str, object]:

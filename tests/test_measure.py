@@ -91,3 +91,39 @@ def test_lung_rads_v2022_baseline_table(
 def test_lung_rads_rejects_unknown_composition() -> None:
     with pytest.raises(ValueError, match="composition must be"):
         lung_rads_category("calcified", 5.0)
+
+
+def test_a_benign_calcification_is_lung_rads_1_whatever_its_size() -> None:
+    assert lung_rads_category("solid", 12.0, 12.0, calcified=True) == "1"
+    assert lung_rads_category("solid", 12.0, 12.0, calcified=False) == "4A"
+
+
+@pytest.mark.parametrize(
+    ("core_hu", "probability", "category"),
+    [(600.0, 0.9, "1"), (600.0, 0.2, "4A"), (40.0, 0.9, "4A")],
+)
+def test_only_calcium_the_head_also_sees_makes_a_nodule_benign(
+    core_hu: float, probability: float, category: str
+) -> None:
+    """Lung-RADS 1 needs both: calcium in the voxels and the calcification head's word."""
+    from inference.detector import finding_from_mask
+    from inference.volume import Volume
+
+    spacing = (0.7, 0.7, 0.7)
+    mask = _ellipsoid((6.0, 6.0, 6.0), spacing)
+    core = _ellipsoid((3.5, 3.5, 3.5), spacing)
+    hu = np.where(core, core_hu, np.where(mask, 35.0, -850.0)).astype(np.float32)
+    volume = Volume(hu, (0.0, 0.0, 0.0), spacing, np.eye(3))
+    finding = finding_from_mask(
+        volume,
+        mask,
+        (0, 0, 0),
+        score=0.9,
+        composition="solid",
+        malignancy_probability=0.1,
+        calcification_probability=probability,
+    )
+    assert finding.lung_rads == category
+    assert finding.calcified_volume_percent == pytest.approx(
+        100.0 * (core.sum() if core_hu > 200 else 0) / mask.sum(), abs=0.1
+    )

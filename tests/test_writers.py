@@ -87,7 +87,8 @@ def test_sr_renders_with_dsrdump(results) -> None:  # type: ignore[no-untyped-de
     assert "Imaging Measurement Report" in text
     assert text.count('"Tracking Identifier")="Nodule 1"') == 3
     assert '(27925004,SCT,"Nodule")' in text
-    assert '"Long Axis")' in text and '"Lung-RADS v2022 category (baseline)"' in text
+    assert '"Long Axis")' in text
+    assert '"Lung Imaging Reporting and Data System category")=(lungrads22-4A,' in text
     # Nodule 1 sits at x = -40 mm (LPS): the patient's right lung.
     assert '"Laterality")=(24028007,SCT,"Right")' in text
 
@@ -260,6 +261,14 @@ def test_nodule_group_coded_like_the_field_writes_it(results) -> None:  # type: 
     ours = _sr_groups(pydicom.dcmread(results[2]["sr"]))["Nodule 1"][0]
     for concept in ("finding", "finding category", "finding site"):
         assert _coded(ours)[concept] == _coded(theirs)[concept]
+    # Lung-RADS under SNOMED CT's observable; every code value fits CodeValue (16 characters).
+    names = {
+        child.ConceptNameCodeSequence[0].CodeValue: child
+        for child in ours.ContentSequence
+        if child.ValueType == "CODE"
+    }
+    assert "1362105002" in names
+    assert all(len(child.ConceptCodeSequence[0].CodeValue) <= 16 for child in names.values())
     assert (
         example.ContentTemplateSequence[0].TemplateIdentifier
         == pydicom.dcmread(results[2]["sr"]).ContentTemplateSequence[0].TemplateIdentifier

@@ -1,8 +1,9 @@
 """Coded concepts used in the results, each with where it comes from.
 
-Concepts with no public code (nodule composition, the Lung-RADS category value) use the
-private scheme ``99RESMTNET``, declared in the SR's Coding Scheme Identification Sequence as
-PS3.3 C.12.1.1.2.1 asks for a private designator.
+Standard codes wherever one exists (SNOMED CT, DCM, UCUM; docs/conformance.md lists them).
+Concepts with no public code (solid and part-solid composition, the Lung-RADS category
+values, the calcification head's probability) use the private scheme ``99RESMTNET``,
+declared in the SR's Coding Scheme Identification Sequence as PS3.3 C.12.1.1.2.1 asks.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ LONG_AXIS = Code("103339001", "SCT", "Long Axis")  # CID 7470
 SHORT_AXIS = Code("103340004", "SCT", "Short Axis")  # CID 7470
 VOLUME = Code("118565006", "SCT", "Volume")  # CID 7470
 MEAN_ATTENUATION = Code("112181", "DCM", "Mean Attenuation Coefficient")  # CID 7180 context
+#: CID 6142 Calculated Value: the share of the nodule's volume at calcium density.
+CALCIFICATION_EXTENT = Code("112019", "DCM", "Calcification extent as percent of volume")
 PROBABILITY_OF_CANCER = Code("111047", "DCM", "Probability of cancer")  # CID 6040
 CT_CHEST = Code("24627-2", "LN", "CT Chest")  # CID 100 procedure reported
 FINDING = codes.DCM.Finding
@@ -37,6 +40,7 @@ MM = Code("mm", "UCUM", "millimeter")
 MM3 = Code("mm3", "UCUM", "cubic millimeter")
 HU = Code("[hnsf'U]", "UCUM", "Hounsfield unit")
 PROBABILITY = Code("{probability}", "UCUM", "probability")
+PERCENT = Code("%", "UCUM", "percent")
 
 COMPOSITION = Code("composition", PRIVATE_SCHEME, "Nodule composition")
 COMPOSITION_VALUES = {
@@ -44,7 +48,13 @@ COMPOSITION_VALUES = {
     "part-solid": Code("part-solid", PRIVATE_SCHEME, "Part-solid"),
     "ground-glass": Code("112120", "DCM", "Ground glass opacity"),  # no code for the other two
 }
-LUNG_RADS = Code("lung-rads-v2022", PRIVATE_SCHEME, "Lung-RADS v2022 category (baseline)")
+#: SNOMED CT's observable for the category; its values have no public codes.
+LUNG_RADS = Code("1362105002", "SCT", "Lung Imaging Reporting and Data System category")
+#: Private code values stay within CodeValue's 16 characters (longer ones would move to
+#: LongCodeValue, which not every reader knows).
+PROBABILITY_OF_CALCIFICATION = Code(
+    "p-calcification", PRIVATE_SCHEME, "Probability of calcification"
+)
 NO_NODULE = Code("no-nodule", PRIVATE_SCHEME, "No nodule detected")
 
 
@@ -58,4 +68,5 @@ def private_scheme_identification() -> Dataset:
 
 
 def lung_rads_code(category: str) -> Code:
-    return Code(f"lung-rads-{category}", PRIVATE_SCHEME, f"Lung-RADS {category}")
+    """A v2022 baseline category value (the report is a baseline reading: no prior study)."""
+    return Code(f"lungrads22-{category}", PRIVATE_SCHEME, f"Lung-RADS v2022 {category} (baseline)")

@@ -90,6 +90,7 @@ class NoduleKeyImages:
         return [
             f"{finding.label}: {finding.diameter_mm:.1f} mm ({finding.long_axis_mm:.1f} x "
             f"{finding.short_axis_mm:.1f}), {finding.composition}"
+            + (", calcified" if finding.calcified else "")
             + (f", {finding.laterality} lung" if finding.laterality else ""),
             f"Lung-RADS {finding.lung_rads} (baseline)  malignancy {finding.malignancy_probability:.0%}"
             f"  score {finding.score:.2f}",

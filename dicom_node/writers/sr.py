@@ -157,6 +157,22 @@ class NoduleReport(TrackedFindingsWriter):
                 hd.sr.Measurement(
                     name=codes.MEAN_ATTENUATION, value=round(finding.mean_hu, 1), unit=codes.HU
                 ),
+                hd.sr.Measurement(
+                    name=codes.CALCIFICATION_EXTENT,
+                    value=round(finding.calcified_volume_percent, 1),
+                    unit=codes.PERCENT,
+                ),
+                *(
+                    [
+                        hd.sr.Measurement(
+                            name=codes.PROBABILITY_OF_CALCIFICATION,
+                            value=round(finding.calcification_probability, 3),
+                            unit=codes.PROBABILITY,
+                        )
+                    ]
+                    if finding.calcification_probability is not None
+                    else []
+                ),
             ],
         )
         centre = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(

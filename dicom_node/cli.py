@@ -87,7 +87,14 @@ def _evaluate(args: argparse.Namespace) -> int:
         )
         return EXIT_USAGE
     if args.nodules is not None:
-        evaluate_nodules(args.nodules, args.out, args.weights, args.device)
+        evaluate_nodules(
+            args.nodules,
+            args.out,
+            args.weights,
+            args.device,
+            NoduleSplit(seed=args.split_seed),
+            args.patients,
+        )
     if not args.data:
         return EXIT_OK
     evaluate(
@@ -264,6 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="a folder laid out like lidc-nodules (metadata.csv, images, masks): writes "
         "nodule_predictions.csv, and a report where it has the readers' ratings; with "
         "--cross-case, its training patients train the protocol's models",
+    )
+    evaluate.add_argument(
+        "--patients",
+        choices=["train", "calibration", "validation"],
+        default=None,
+        help="with --nodules: only these patients of the folder by --split-seed (the model "
+        "card's figures: validation, which the shipped weights never saw); default all",
     )
     _training_arguments(evaluate)
     evaluate.add_argument(

@@ -102,11 +102,21 @@ def evaluate(
     print(f"report: {out / 'evaluation.md'}")
 
 
-def evaluate_nodules(folder: Path, out: Path, weights: Path, device_name: str) -> None:
-    """Ratings of every nodule of ``folder`` (laid out like lidc-nodules) into
-    ``out/nodule_predictions.csv``; against the readers' where the folder has their ratings."""
+def evaluate_nodules(
+    folder: Path,
+    out: Path,
+    weights: Path,
+    device_name: str,
+    split: NoduleSplit,
+    part: str | None,
+) -> None:
+    """Ratings of every nodule of ``folder`` (laid out like lidc-nodules), or of one ``part``
+    of its patients by ``split``, into ``out/nodule_predictions.csv``; against the readers'
+    where the folder has their ratings."""
     detector = NoduleDetector.from_weights(weights, device_name)
     vois = read_nodule_folder(folder)
+    if part is not None:
+        vois = split.select(vois, part)
     if not vois:
         raise ValueError(f"{folder / 'metadata.csv'} lists no nodule")
     out.mkdir(parents=True, exist_ok=True)

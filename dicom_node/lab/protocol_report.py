@@ -33,6 +33,16 @@ def _real(run: Run) -> str:
     return "; ".join(parts) or "none marked"
 
 
+def _morphologies(detections: list[Detection]) -> str:
+    totals: dict[str, list[int]] = {}
+    for d in detections:
+        for morphology, (found, targets) in d.by_morphology.items():
+            counts = totals.setdefault(morphology, [0, 0])
+            counts[0] += found
+            counts[1] += targets
+    return ", ".join(f"{m} {f}/{t}" for m, (f, t) in sorted(totals.items())) or "-"
+
+
 def _spread(values: list[float]) -> str:
     values = [v for v in values if not np.isnan(v)]
     if not values:
@@ -81,6 +91,10 @@ def write_protocol_report(runs: list[Run], out: Path, settings: dict[str, object
             + _spread([r.transplanted.sensitivity_at_1_fp for r in mine if r.transplanted])
             + "; synthetic CPM "
             + _spread([r.synthetic.cpm for r in mine if r.synthetic])
+            + ".",
+            "",
+            "Synthetic nodules found at the operating point, by morphology (all seeds): "
+            + _morphologies([r.synthetic for r in mine if r.synthetic])
             + ".",
             "",
         ]

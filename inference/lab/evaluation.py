@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from inference.lab.nodule_folder import NoduleVOI
-from inference.lab.synthesis import insert_nodule, random_spec
+from inference.lab.synthesis import MORPHOLOGIES, insert_nodule, random_spec
 from inference.lab.transplant import Placement, paste_nodule
 from inference.measure import measure
 from inference.volume import Volume
@@ -33,6 +33,8 @@ class Reference:
     malignant: bool | None = None
     excluded: bool = False
     name: str = ""
+    #: What kind of nodule it is: a synthetic morphology, or "real" for a pasted one.
+    morphology: str | None = None
 
 
 @dataclass
@@ -132,12 +134,13 @@ def synthetic_scan(
             placement = Placement.random(centre_kji, rng)
             mask = paste_nodule(image, spacing_kji, voi, placement, rng)
             composition, malignant = voi.ratings.composition, voi.ratings.malignant
-            name = f"real {voi.key}"
+            name, morphology = f"real {voi.key}", "real"
         else:
-            spec = random_spec(rng, min_mm=4.0)
+            # Every morphology equally often, so each one's sensitivity can be read.
+            spec = random_spec(rng, min_mm=4.0, morphology=str(rng.choice(MORPHOLOGIES)))
             mask = insert_nodule(image, spec, centre_kji, spacing_kji, rng)
             composition, malignant = spec.composition, None
-            name = f"synthetic {spec.composition}"
+            name, morphology = f"synthetic {spec.morphology} {spec.composition}", spec.morphology
         if not mask.any():
             continue
         m = measure(mask, image, tuple(spacing_kji))
@@ -149,6 +152,7 @@ def synthetic_scan(
                 composition,
                 malignant,
                 name=f"{name} {m.diameter_mm:.1f} mm",
+                morphology=morphology,
             )
         )
         chosen.append(point)

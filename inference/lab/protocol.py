@@ -54,10 +54,20 @@ class Detection:
     false_positives: int
     cpm: float
     sensitivity_at_1_fp: float
+    #: (found, targets) at the threshold, per morphology of the nodules.
+    by_morphology: dict[str, tuple[int, int]]
 
     @classmethod
     def of(cls, outcomes: list[ScanOutcome], threshold: float) -> Detection:
         fps, sens, cpm = froc(outcomes)
+        tally: dict[str, list[int]] = {}
+        for outcome in outcomes:
+            found = outcome.found(threshold)
+            for r, ref in enumerate(outcome.references):
+                if not ref.excluded:
+                    counts = tally.setdefault(ref.morphology or "unknown", [0, 0])
+                    counts[0] += r in found
+                    counts[1] += 1
         return cls(
             scans=len(outcomes),
             targets=sum(o.targets() for o in outcomes),
@@ -65,6 +75,7 @@ class Detection:
             false_positives=sum(o.false_positives(threshold) for o in outcomes),
             cpm=cpm,
             sensitivity_at_1_fp=float(sens[fps <= 1.0].max()) if np.any(fps <= 1.0) else 0.0,
+            by_morphology={k: (v[0], v[1]) for k, v in sorted(tally.items())},
         )
 
     @property

@@ -39,7 +39,8 @@ def analyze_paths(
     Returns the command's exit status: every series analyzed, some rejected or files
     unreadable, or nothing analyzed.
     """
-    rules = load_config(config).eligibility
+    settings = load_config(config)
+    rules = settings.eligibility
     started = time.perf_counter()
     with unpacked(paths) as folders:
         series_list, rejected, unreadable = read_series(folders, rules)
@@ -49,7 +50,11 @@ def analyze_paths(
     if not series_list and not rejected:
         print("no DICOM series found")
         return EXIT_NONE_ANALYZED
-    detector = NoduleDetector.from_weights(weights, device) if series_list else None
+    detector = (
+        NoduleDetector.from_weights(weights, device, settings.detection.min_diameter_mm)
+        if series_list
+        else None
+    )
     out.mkdir(parents=True, exist_ok=True)
     records: list[dict[str, object]] = []
     for uid, reason in rejected.items():

@@ -23,6 +23,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("dicom_node")
 
 EXIT_OK, EXIT_SOME_REJECTED, EXIT_USAGE, EXIT_NONE_ANALYZED = 0, 1, 2, 3
+#: The smallest nodule reported by default (chosen by the cross-case protocol: see
+#: docs/model-card.md); config.yaml's detection.min_diameter_mm overrides it at run time.
+MIN_DIAMETER_MM = 4.0
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -37,6 +40,7 @@ def _train(args: argparse.Namespace) -> int:
         args.nodules,
         split,
         args.fp_per_scan,
+        args.min_diameter_mm,
         args.device,
     )
     return EXIT_OK
@@ -77,6 +81,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             args.device,
             args.transplant_scans,
             args.synthetic_scans,
+            MIN_DIAMETER_MM,
         )
         return EXIT_OK
     if not args.data and args.nodules is None:
@@ -253,6 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
     _training_arguments(train)
     train.add_argument(
         "--fp-per-scan", type=float, default=1.0, help="budget the operating point is chosen for"
+    )
+    train.add_argument(
+        "--min-diameter-mm",
+        type=float,
+        default=MIN_DIAMETER_MM,
+        help="smallest nodule the operating point reports (stored with the weights)",
     )
     train.add_argument("--device", default="auto")
     train.set_defaults(func=_train)

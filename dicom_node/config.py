@@ -132,6 +132,14 @@ class WorkerSettings(JobSettings):
     max_backoff_seconds: Seconds = 600.0
 
 
+class DetectionSettings(_Section):
+    """What the detector reports (the rest of its operating point comes with the weights)."""
+
+    #: Nodules smaller than this (mm, by the network's size estimate) are not reported.
+    #: Unset: the size the weights were calibrated with (docs/model-card.md).
+    min_diameter_mm: Annotated[float, Field(ge=0)] | None = None
+
+
 class SelectionSettings(_Section):
     """Which series of a study are analyzed. Patterns are Python regular expressions,
     matched case-insensitively anywhere in the Series Description."""
@@ -295,6 +303,7 @@ class NodeConfig(_Section):
     workers: WorkerSettings = WorkerSettings()
     selection: SelectionSettings = SelectionSettings()
     eligibility: EligibilityRules = EligibilityRules()
+    detection: DetectionSettings = DetectionSettings()
     sender: SenderSettings = SenderSettings()
     security: SecuritySettings = SecuritySettings()
     dashboard: DashboardSettings = DashboardSettings()

@@ -89,7 +89,11 @@ class Node:
         workers = self.config.workers.count if "worker" in roles else 0
         for n in range(workers):
             # Each worker loads the model once and keeps it for every series it analyzes.
-            detector = NoduleDetector.from_weights(self.weights, self.config.workers.device)
+            detector = NoduleDetector.from_weights(
+                self.weights,
+                self.config.workers.device,
+                self.config.detection.min_diameter_mm,
+            )
             worker = AnalysisWorker(self.db, self.config, detector, self.results, self.stopping)
             runner = JobRunner(self.db, worker, f"{identity}/worker{n}", self.abandon)
             self._spawn(f"worker{n}", runner.run_once)

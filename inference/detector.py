@@ -45,6 +45,9 @@ class OperatingPoint:
     threshold: float = 0.5
     temperature: float = 1.0
     max_findings: int = 10
+    #: Detections whose estimated diameter is below this are not reported (the size the
+    #: network's diameter head gives, before the mask is measured).
+    min_diameter_mm: float = 0.0
 
 
 def sha256_of(path: Path) -> str:
@@ -101,6 +104,7 @@ class ScoredCandidates:
     centres_kji: np.ndarray  # refined, on the work grid
     points_mm: np.ndarray  # the same, in LPS mm
     scores: np.ndarray  # calibrated, 0..1
+    diameters_mm: np.ndarray  # the diameter head's estimate
     keep: np.ndarray  # indices surviving non-maximum suppression, best first
     midline_x_mm: float  # x (LPS) halfway across the lungs: patient left lies above it
 
@@ -136,8 +140,14 @@ class NoduleDetector:
         self.batch_size = batch_size
 
     @classmethod
-    def from_weights(cls, path: Path = DEFAULT_WEIGHTS, device: str = "auto") -> NoduleDetector:
-        """Load weights written by ``dicom-node train``; their config rebuilds the network."""
+    def from_weights(
+        cls,
+        path: Path = DEFAULT_WEIGHTS,
+        device: str = "auto",
+        min_diameter_mm: float | None = None,
+    ) -> NoduleDetector:
+        """Load weights written by ``dicom-node train``; their config rebuilds the network.
+        ``min_diameter_mm`` replaces the smallest reported size stored with them."""
         if not path.is_file():
             raise FileNotFoundError(f"weights file not found: {path}")
         try:
@@ -148,6 +158,8 @@ class NoduleDetector:
             model = build_model(config)
             model.load_state_dict(checkpoint["state_dict"])
             operating_point = OperatingPoint(**checkpoint["operating_point"])
+            if min_diameter_mm is not None:
+                operating_point = replace(operating_point, min_diameter_mm=min_diameter_mm)
             version = str(checkpoint["version"])
         except Exception as exc:  # torch.load and load_state_dict raise many kinds
             raise ValueError(
@@ -161,8 +173,11 @@ class NoduleDetector:
         """Findings at the stored operating point, measured and classified."""
         clock = _Stopwatch()
         scored = self.score(volume, clock)
-        keep = scored.keep[scored.scores[scored.keep] >= self.operating_point.threshold]
-        keep = keep[: self.operating_point.max_findings]
+        point = self.operating_point
+        passing = (scored.scores[scored.keep] >= point.threshold) & (
+            scored.diameters_mm[scored.keep] >= point.min_diameter_mm
+        )
+        keep = scored.keep[passing][: point.max_findings]
         findings = self._describe(
             volume, scored.work, scored.centres_kji[keep], scored.scores[keep], scored.midline_x_mm
         )
@@ -184,7 +199,9 @@ class NoduleDetector:
         refined = patch_geometric_centre(centres) + outputs["offset_mm"] / spacing_kji
         keep = self._suppress(refined * spacing_kji, scores, outputs["diameter_mm"])
         points = work.index_to_world(refined[:, ::-1]) if len(refined) else np.zeros((0, 3))
-        return ScoredCandidates(work, refined, points, scores, keep, _midline_x_mm(work, lungs))
+        return ScoredCandidates(
+            work, refined, points, scores, outputs["diameter_mm"], keep, _midline_x_mm(work, lungs)
+        )
 
     def _run(
         self, image: np.ndarray, centres: np.ndarray, with_mask: bool

@@ -17,6 +17,8 @@ COMPOSITIONS = ("solid", "part-solid", "ground-glass")
 #: learning what readers see in a nodule's edge and shape shapes the trunk the malignancy
 #: head reads from.
 CHARACTERISTICS = ("margin", "spiculation", "lobulation", "sphericity", "subtlety")
+#: Sizes enter the malignancy logit as log(diameter / this).
+TYPICAL_DIAMETER_MM = 8.0
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,10 @@ class ResMTNet(nn.Module):
         self.offset = TaskHead(w3, hidden, 3)
         self.mask = MaskDecoder(config.widths)
         self.calcification = TaskHead(w3, hidden, 1) if config.rating_heads else None
+        # Regression informing classification: the malignancy logit also reads the nodule's
+        # own estimated size (readers' malignancy ratings follow size closely), through one
+        # learnt weight; the size estimate itself is not bent by it (detached).
+        self.size_to_malignancy = nn.Parameter(torch.zeros(1)) if config.rating_heads else None
         self.characteristics = (
             TaskHead(w3, hidden, len(CHARACTERISTICS)) if config.rating_heads else None
         )
@@ -125,11 +131,16 @@ class ResMTNet(nn.Module):
         for stage in self.stages:
             features.append(stage(features[-1]))
         pooled = features[-1].mean(dim=(2, 3, 4))
+        diameter = F.softplus(self.diameter(pooled)[:, 0]) * 10.0
+        malignancy = self.malignancy(pooled)[:, 0]
+        if self.size_to_malignancy is not None:
+            size = torch.log(diameter.detach().clamp(min=1.0) / TYPICAL_DIAMETER_MM)
+            malignancy = malignancy + self.size_to_malignancy * size
         return TaskOutputs(
             nodule_logit=self.detection(pooled)[:, 0],
-            malignancy_logit=self.malignancy(pooled)[:, 0],
+            malignancy_logit=malignancy,
             composition_logits=self.composition(pooled),
-            diameter_mm=F.softplus(self.diameter(pooled)[:, 0]) * 10.0,
+            diameter_mm=diameter,
             offset_mm=self.offset(pooled) * 5.0,
             mask_logits=self.mask(features) if with_mask else None,
             calcification_logit=self.calcification(pooled)[:, 0] if self.calcification else None,

@@ -121,3 +121,17 @@ def test_scan_without_lungs_gives_no_findings_and_no_error() -> None:
     )
     result = detector.detect(volume)
     assert result.findings == [] and result.candidates == 0
+
+
+def test_nodules_below_the_smallest_reported_size_are_not_reported() -> None:
+    from inference.detector import DEFAULT_WEIGHTS, NoduleDetector
+
+    if not DEFAULT_WEIGHTS.exists():
+        pytest.skip("shipped weights missing")
+    spec = NoduleSpec(12.0, "solid", "round", 0.4, 40.0, -550.0, seed=1)
+    volume, _, centre_mm = _phantom_with_nodule(spec)
+    every = NoduleDetector.from_weights(DEFAULT_WEIGHTS, "cpu", min_diameter_mm=0.0)
+    large_only = NoduleDetector.from_weights(DEFAULT_WEIGHTS, "cpu", min_diameter_mm=20.0)
+    found = every.detect(volume).findings
+    assert any(np.linalg.norm(np.subtract(f.center_mm, centre_mm)) < 6 for f in found)
+    assert large_only.detect(volume).findings == []

@@ -41,12 +41,13 @@ def test_a_held_out_case_never_trains_its_own_model(
         # The held-out case's volume never became a training background of its runs.
         assert backgrounds == [id(by_name[n].volume) for n in run.trained_on]
         assert run.held_out not in run.trained_on
-        assert np.isfinite(run.threshold)
-        assert [n.name for n in run.real] == [
-            r.name for r in by_name[run.held_out].annotated or by_name[run.held_out].references
-        ]
-        assert run.transplanted is not None and run.transplanted.targets > 0
-        assert run.synthetic is not None and run.synthetic.scans == 1
-    report = write_protocol_report(runs, tmp_path / "out", {"seeds": [7]}).read_text()
+        marked = by_name[run.held_out].annotated or by_name[run.held_out].references
+        thresholds = [a.threshold for a in run.sizes]
+        assert [a.min_diameter_mm for a in run.sizes] == list(protocol.MIN_DIAMETERS_MM)
+        assert all(np.isfinite(thresholds))
+        for at in run.sizes:
+            assert [n.name for n in at.real] == [r.name for r in marked]
+            assert at.transplanted.targets > 0 and at.synthetic.scans == 1
+    report = write_protocol_report(runs, tmp_path / "out", {"seeds": [7]}, 4.0).read_text()
     for name in by_name:
         assert f"## Held out: {name}" in report

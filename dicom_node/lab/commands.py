@@ -26,7 +26,7 @@ from inference.detector import (
 )
 from inference.findings import ModelInfo
 from inference.lab.characterize import characterize
-from inference.lab.experiments import choose_threshold
+from inference.lab.experiments import calibration_outcomes, choose_threshold
 from inference.lab.nodule_folder import NoduleSplit, read_nodule_folder
 from inference.lab.protocol import cross_case
 from inference.lab.training import TrainingConfig, make_background, save_weights, train_model
@@ -39,6 +39,7 @@ def train(
     nodules: Path | None,
     split: NoduleSplit,
     fp_per_scan: float,
+    min_diameter_mm: float,
     device_name: str,
 ) -> None:
     """Train on every case under ``data`` and the training patients of the nodule folder;
@@ -65,8 +66,14 @@ def train(
         ModelInfo(MODEL_NAME, __version__, "unsaved"),
         device,
     )
-    threshold = choose_threshold(detector, cases, config.seed + 1, calibrate, fp_per_scan)
-    operating_point = {"threshold": threshold, "temperature": temperature, "max_findings": 10}
+    outcomes = calibration_outcomes(detector, cases, config.seed + 1, calibrate)
+    threshold = choose_threshold(outcomes, fp_per_scan, min_diameter_mm)
+    operating_point = {
+        "threshold": threshold,
+        "temperature": temperature,
+        "max_findings": 10,
+        "min_diameter_mm": min_diameter_mm,
+    }
     record["operating_point"] = {**operating_point, "chosen_for_fp_per_scan": fp_per_scan}
     record["nodule_split"] = {
         "folder": str(nodules) if nodules is not None else None,
@@ -140,6 +147,7 @@ def evaluate_cross_case(
     device_name: str,
     transplant_scans: int,
     synthetic_scans: int,
+    min_diameter_mm: float,
 ) -> None:
     """The cross-case protocol (:mod:`inference.lab.protocol`) on the annotated cases under
     ``data``: one model per held-out case and seed, each trained and calibrated without it."""
@@ -168,4 +176,4 @@ def evaluate_cross_case(
         "split": asdict(split),
         "training": {k: v for k, v in asdict(config).items() if k not in ("seed", "network")},
     }
-    print(f"report: {write_protocol_report(runs, out, settings)}")
+    print(f"report: {write_protocol_report(runs, out, settings, min_diameter_mm)}")

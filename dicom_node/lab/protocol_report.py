@@ -1,5 +1,6 @@
-"""``dicom-node evaluate --cross-case``: the protocol's runs as ``cross_case.json`` and a
-markdown table per held-out case, one row per seed, with the spread across seeds."""
+"""``dicom-node evaluate --cross-case``: the protocol's runs as ``cross_case.json`` and, per
+held-out case, a table per seed at the chosen smallest size, the spread across seeds, and how
+each smallest reported size would have done."""
 
 from __future__ import annotations
 
@@ -9,12 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
-from inference.lab.protocol import Detection, Run
+from inference.lab.protocol import MIN_DIAMETERS_MM, AtSize, Detection, Run
 
 
-def _detection(d: Detection | None) -> str:
-    if d is None:
-        return "-"
+def _detection(d: Detection) -> str:
     low, high = d.sensitivity_interval
     return (
         f"{d.found}/{d.targets} = {d.sensitivity:.2f} ({low:.2f}-{high:.2f}), "
@@ -23,14 +22,21 @@ def _detection(d: Detection | None) -> str:
     )
 
 
-def _real(run: Run) -> str:
+def _real(at: AtSize) -> str:
     parts = []
-    for n in run.real:
+    for n in at.real:
         what = "found" if n.found else "missed"
         score = f"score {n.score:.4f}, rank {n.rank}" if n.score is not None else "no candidate"
         kind = "" if n.target else " (not a LUNA16 target)"
         parts.append(f"{n.name}{kind}, {n.diameter_mm:.1f} mm: {what} ({score})")
     return "; ".join(parts) or "none marked"
+
+
+def _spread(values: list[float]) -> str:
+    values = [v for v in values if not np.isnan(v)]
+    if not values:
+        return "-"
+    return f"{np.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
 
 
 def _morphologies(detections: list[Detection]) -> str:
@@ -43,14 +49,10 @@ def _morphologies(detections: list[Detection]) -> str:
     return ", ".join(f"{m} {f}/{t}" for m, (f, t) in sorted(totals.items())) or "-"
 
 
-def _spread(values: list[float]) -> str:
-    values = [v for v in values if not np.isnan(v)]
-    if not values:
-        return "-"
-    return f"median {np.median(values):.3f} (range {min(values):.3f}-{max(values):.3f})"
-
-
-def write_protocol_report(runs: list[Run], out: Path, settings: dict[str, object]) -> Path:
+def write_protocol_report(
+    runs: list[Run], out: Path, settings: dict[str, object], chosen_mm: float
+) -> Path:
+    """``chosen_mm``: the smallest reported size the per-seed tables show."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "cross_case.json").write_text(
         json.dumps({"settings": settings, "runs": [asdict(r) for r in runs]}, indent=1) + "\n"
@@ -62,42 +64,53 @@ def write_protocol_report(runs: list[Run], out: Path, settings: dict[str, object
         "and phantoms; real nodules of the training patients), its operating point chosen on "
         "calibration scans of the other cases, then scored on the held-out case: its "
         "reader-marked nodules and false positives, validation patients' real nodules pasted "
-        "into its lungs, and synthetic nodules there. Sensitivities with 95 % Wilson intervals.",
+        "into its lungs, and synthetic nodules there. Sensitivities with 95 % Wilson intervals; "
+        "across seeds, the median (range).",
         "",
         f"Settings: `{json.dumps(settings)}`",
         "",
     ]
     for held_out in sorted({r.held_out for r in runs}):
         mine = [r for r in runs if r.held_out == held_out]
+        chosen = [r.at(chosen_mm) for r in mine]
         lines += [
             f"## Held out: {held_out} (trained on {', '.join(mine[0].trained_on)})",
+            "",
+            f"Smallest reported size {chosen_mm:g} mm.",
             "",
             "| seed | threshold | reader-marked nodules at the operating point | false positives "
             "on the scan | pasted real nodules (validation patients) | synthetic nodules |",
             "| --- | --- | --- | --- | --- | --- |",
         ]
         lines += [
-            f"| {r.seed} | {r.threshold:.4f} | {_real(r)} | {r.real_false_positives} | "
-            f"{_detection(r.transplanted)} | {_detection(r.synthetic)} |"
-            for r in mine
+            f"| {r.seed} | {a.threshold:.4f} | {_real(a)} | {a.real_false_positives} | "
+            f"{_detection(a.transplanted)} | {_detection(a.synthetic)} |"
+            for r, a in zip(mine, chosen, strict=True)
         ]
         lines += [
             "",
-            "Across seeds: false positives on the scan "
-            + _spread([float(r.real_false_positives) for r in mine])
-            + "; pasted real nodules, sensitivity at the operating point "
-            + _spread([r.transplanted.sensitivity for r in mine if r.transplanted])
-            + ", at 1 FP/scan "
-            + _spread([r.transplanted.sensitivity_at_1_fp for r in mine if r.transplanted])
-            + "; synthetic CPM "
-            + _spread([r.synthetic.cpm for r in mine if r.synthetic])
-            + ".",
-            "",
             "Synthetic nodules found at the operating point, by morphology (all seeds): "
-            + _morphologies([r.synthetic for r in mine if r.synthetic])
+            + _morphologies([a.synthetic for a in chosen])
             + ".",
             "",
+            "By smallest reported size (each with its own threshold from the calibration scans):",
+            "",
+            "| smallest size (mm) | false positives on the scan | reader-marked nodules found "
+            "| pasted: sensitivity | pasted: FP/scan | pasted: sensitivity at 1 FP/scan "
+            "| synthetic: sensitivity |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
         ]
+        for size in MIN_DIAMETERS_MM:
+            at = [r.at(size) for r in mine]
+            lines.append(
+                f"| {size:g} | {_spread([float(a.real_false_positives) for a in at])} | "
+                f"{_spread([float(sum(n.found for n in a.real)) for a in at])} | "
+                f"{_spread([a.transplanted.sensitivity for a in at])} | "
+                f"{_spread([a.transplanted.false_positives_per_scan for a in at])} | "
+                f"{_spread([a.transplanted.sensitivity_at_1_fp for a in at])} | "
+                f"{_spread([a.synthetic.sensitivity for a in at])} |"
+            )
+        lines.append("")
     path = out / "cross_case.md"
     path.write_text("\n".join(lines))
     return path

@@ -45,6 +45,8 @@ class ScanOutcome:
     references: list[Reference]
     scores: np.ndarray
     points_mm: np.ndarray
+    #: The diameter head's estimate per detection (empty: not known, never filtered).
+    diameters_mm: np.ndarray = field(default_factory=lambda: np.zeros(0))
     hit: np.ndarray = field(init=False)  # reference index per detection, -1 none, -2 excluded
 
     def __post_init__(self) -> None:
@@ -61,6 +63,17 @@ class ScanOutcome:
                     best = r
             if best is not None:
                 self.hit[n] = -2 if self.references[best].excluded else best
+
+    def at_least(self, min_diameter_mm: float) -> ScanOutcome:
+        """The same scan with only the detections of at least ``min_diameter_mm``."""
+        keep = self.diameters_mm >= min_diameter_mm
+        return ScanOutcome(
+            self.name,
+            self.references,
+            self.scores[keep],
+            self.points_mm[keep],
+            self.diameters_mm[keep],
+        )
 
     def targets(self) -> int:
         return sum(not r.excluded for r in self.references)

@@ -113,7 +113,9 @@ def score_scan(
     result = detector.detect(volume) if describe else None
     scored = result.scored if result else detector.score(volume)
     keep = scored.keep
-    outcome = ScanOutcome(name, refs, scored.scores[keep], scored.points_mm[keep])
+    outcome = ScanOutcome(
+        name, refs, scored.scores[keep], scored.points_mm[keep], scored.diameters_mm[keep]
+    )
     return outcome, result.findings if result else []
 
 
@@ -149,16 +151,12 @@ def nodule_row(ref: Reference, findings: list[NoduleFinding], scan: str) -> dict
 CALIBRATION_SCANS, CALIBRATION_NODULES = 3, 4
 
 
-def choose_threshold(
-    detector: NoduleDetector,
-    cases: list[Case],
-    seed: int,
-    real: Sequence[NoduleVOI],
-    fp_per_scan: float,
-) -> float:
-    """The score threshold for ``fp_per_scan`` false positives per scan, chosen on fresh
-    scans of ``cases`` holding synthetic nodules and the ``real`` ones (calibration
-    patients'), never on a scan the detector is then scored on."""
+def calibration_outcomes(
+    detector: NoduleDetector, cases: list[Case], seed: int, real: Sequence[NoduleVOI]
+) -> list[ScanOutcome]:
+    """Fresh scans of ``cases`` holding synthetic nodules and the ``real`` ones (calibration
+    patients'), scored: what an operating point is chosen on, never a scan the detector is
+    then scored on."""
     outcomes, _ = synthetic_outcomes(
         detector,
         cases,
@@ -169,4 +167,12 @@ def choose_threshold(
         describe=False,
         real=real,
     )
-    return threshold_for_fp_rate(outcomes, fp_per_scan)
+    return outcomes
+
+
+def choose_threshold(
+    outcomes: list[ScanOutcome], fp_per_scan: float, min_diameter_mm: float = 0.0
+) -> float:
+    """The score threshold for ``fp_per_scan`` false positives per scan on calibration
+    ``outcomes``, counting only detections of at least ``min_diameter_mm``."""
+    return threshold_for_fp_rate([o.at_least(min_diameter_mm) for o in outcomes], fp_per_scan)

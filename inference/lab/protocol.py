@@ -25,12 +25,21 @@ import torch
 from inference.detector import MODEL_NAME, NoduleDetector, OperatingPoint
 from inference.findings import ModelInfo
 from inference.lab.evaluation import Reference, ScanOutcome, froc
-from inference.lab.experiments import Case, choose_threshold, score_scan, synthetic_outcomes
+from inference.lab.experiments import (
+    Case,
+    calibration_outcomes,
+    choose_threshold,
+    score_scan,
+    synthetic_outcomes,
+)
 from inference.lab.nodule_folder import NoduleSplit, NoduleVOI
 from inference.lab.training import TrainingConfig, make_background, train_model
 
 #: Nodules per scan of the held-out case, pasted or synthetic.
 NODULES_PER_SCAN = 4
+#: The smallest reported sizes the protocol compares (mm; 0: every size). Each has its own
+#: threshold, chosen on the calibration scans counting only detections of that size.
+MIN_DIAMETERS_MM = (0.0, 3.0, 4.0, 5.0, 6.0)
 
 
 def wilson(hits: int, total: int) -> tuple[float, float]:
@@ -103,6 +112,18 @@ class RealNodule:
     rank: int | None  # of that detection among all the scan's, 1 = highest
 
 
+@dataclass(frozen=True)
+class AtSize:
+    """The held-out case scored at one smallest reported size and its threshold."""
+
+    min_diameter_mm: float
+    threshold: float
+    real: list[RealNodule]
+    real_false_positives: int
+    transplanted: Detection
+    synthetic: Detection
+
+
 @dataclass
 class Run:
     """One model (one seed) trained without ``held_out`` and scored on it."""
@@ -110,11 +131,10 @@ class Run:
     held_out: str
     trained_on: tuple[str, ...]
     seed: int
-    threshold: float
-    real: list[RealNodule] = field(default_factory=list)
-    real_false_positives: int = 0
-    transplanted: Detection | None = None
-    synthetic: Detection | None = None
+    sizes: list[AtSize] = field(default_factory=list)
+
+    def at(self, min_diameter_mm: float) -> AtSize:
+        return next(a for a in self.sizes if a.min_diameter_mm == min_diameter_mm)
 
 
 def reader_marked(
@@ -174,7 +194,7 @@ def cross_case(
                 ModelInfo(MODEL_NAME, "cross-case", f"seed {seed}"),
                 device,
             )
-            threshold = choose_threshold(detector, others, seed + 1, calibrate, fp_per_scan)
+            calibration = calibration_outcomes(detector, others, seed + 1, calibrate)
             outcome, _ = score_scan(
                 detector, held_out.volume, list(held_out.references), held_out.name, False
             )
@@ -198,18 +218,23 @@ def cross_case(
                 "held-out synthetic",
                 describe=False,
             )
-            runs.append(
-                Run(
-                    held_out=held_out.name,
-                    trained_on=tuple(c.name for c in others),
-                    seed=seed,
-                    threshold=threshold,
-                    real=reader_marked(
-                        outcome, held_out.annotated or held_out.references, threshold
-                    ),
-                    real_false_positives=outcome.false_positives(threshold),
-                    transplanted=Detection.of(transplanted, threshold),
-                    synthetic=Detection.of(synthetic, threshold),
+            run = Run(held_out.name, tuple(c.name for c in others), seed)
+            for size in MIN_DIAMETERS_MM:
+                threshold = choose_threshold(calibration, fp_per_scan, size)
+                scan = outcome.at_least(size)
+                run.sizes.append(
+                    AtSize(
+                        min_diameter_mm=size,
+                        threshold=threshold,
+                        real=reader_marked(
+                            scan, held_out.annotated or held_out.references, threshold
+                        ),
+                        real_false_positives=scan.false_positives(threshold),
+                        transplanted=Detection.of(
+                            [o.at_least(size) for o in transplanted], threshold
+                        ),
+                        synthetic=Detection.of([o.at_least(size) for o in synthetic], threshold),
+                    )
                 )
-            )
+            runs.append(run)
     return runs

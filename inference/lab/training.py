@@ -382,10 +382,13 @@ def _known_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor | Non
 
 
 def multitask_loss(
-    model: ResMTNet, batch: dict[str, torch.Tensor]
+    model: ResMTNet,
+    batch: dict[str, torch.Tensor],
+    composition_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The heads' losses, each on the patches whose label for it is known (absent keys:
-    unknown everywhere)."""
+    unknown everywhere). ``composition_weights`` balances the three compositions (solid
+    nodules outnumber the others many times over among real ones)."""
     out = model(batch["patches"])
     pos = batch["nodule"] > 0.5
     terms = {"detection": F.binary_cross_entropy_with_logits(out.nodule_logit, batch["nodule"])}
@@ -396,7 +399,7 @@ def multitask_loss(
         known = composition >= 0
         if known.any():
             candidates["composition"] = F.cross_entropy(
-                out.composition_logits[pos][known], composition[known]
+                out.composition_logits[pos][known], composition[known], weight=composition_weights
             )
         diameter = batch["diameter_mm"][pos]
         known = torch.isfinite(diameter)
@@ -448,6 +451,15 @@ def to_batch(data: PatchSet, index: np.ndarray, device: torch.device) -> dict[st
     }
 
 
+def composition_weights(composition: np.ndarray) -> torch.Tensor:
+    """Inverse-frequency weights of the known compositions, normalised to mean 1 (a class
+    absent from the patches weighs as the rarest present)."""
+    counts = np.array([np.sum(composition == k) for k in range(len(COMPOSITIONS))], float)
+    counts = np.where(counts > 0, counts, counts[counts > 0].min() if np.any(counts) else 1.0)
+    weights = 1.0 / counts
+    return torch.tensor(weights / weights.mean(), dtype=torch.float32)
+
+
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     """Temperature scaling on held-out patches: scores that mean the same on every scan."""
     best = (math.inf, 1.0)
@@ -495,6 +507,7 @@ def train_model(
         optimiser, config.learning_rate, total_steps=steps
     )
     aug_rng = random.Random(config.seed)
+    weights = composition_weights(trn.composition).to(device)
     history = []
     for epoch in range(config.epochs):
         model.train()
@@ -507,7 +520,7 @@ def train_model(
         running = 0.0
         for n, start in enumerate(bar, start=1):
             batch = augment(to_batch(trn, perm[start : start + config.batch_size], device), aug_rng)
-            loss, _ = multitask_loss(model, batch)
+            loss, _ = multitask_loss(model, batch, weights)
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()

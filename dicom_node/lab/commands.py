@@ -28,7 +28,7 @@ from inference.findings import ModelInfo
 from inference.lab.characterize import characterize
 from inference.lab.experiments import calibration_outcomes, choose_threshold
 from inference.lab.nodule_folder import NoduleSplit, read_nodule_folder
-from inference.lab.protocol import cross_case
+from inference.lab.protocol import Run, cross_case
 from inference.lab.training import TrainingConfig, make_background, save_weights, train_model
 
 
@@ -155,17 +155,6 @@ def evaluate_cross_case(
     if len(cases) < 2:
         raise ValueError(f"the cross-case protocol needs two annotated cases; found {len(cases)}")
     vois = read_nodule_folder(nodules)
-    runs = cross_case(
-        cases,
-        vois,
-        split,
-        config,
-        seeds,
-        fp_per_scan,
-        pick_device(device_name),
-        transplant_scans,
-        synthetic_scans,
-    )
     settings = {
         "cases": [c.name for c in cases],
         "seeds": seeds,
@@ -176,4 +165,20 @@ def evaluate_cross_case(
         "split": asdict(split),
         "training": {k: v for k, v in asdict(config).items() if k not in ("seed", "network")},
     }
-    print(f"report: {write_protocol_report(runs, out, settings, min_diameter_mm)}")
+
+    def report(runs: list[Run]) -> None:
+        path = write_protocol_report(runs, out, settings, min_diameter_mm)
+        print(f"report ({len(runs)} run(s) so far): {path}")
+
+    cross_case(
+        cases,
+        vois,
+        split,
+        config,
+        seeds,
+        fp_per_scan,
+        pick_device(device_name),
+        transplant_scans,
+        synthetic_scans,
+        report,
+    )

@@ -17,6 +17,7 @@ training patch (``training.AVOID_MM``), and here B is not even a training backgr
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -173,10 +174,12 @@ def cross_case(
     device: torch.device,
     transplant_scans: int,
     synthetic_scans: int,
+    on_run: Callable[[list[Run]], None] = lambda runs: None,
 ) -> list[Run]:
     """Every (held-out case, seed) run of the protocol, in a fixed order; the held-out case
     is scored on ``transplant_scans`` scans of pasted validation nodules and
-    ``synthetic_scans`` of synthetic ones, :data:`NODULES_PER_SCAN` each."""
+    ``synthetic_scans`` of synthetic ones, :data:`NODULES_PER_SCAN` each. ``on_run`` gets
+    the runs so far after each one (a run takes most of an hour on 2 CPU cores)."""
     cases = sorted(cases, key=lambda c: c.name)
     learn = split.select(nodules, "train")
     calibrate = split.select(nodules, "calibration")
@@ -237,4 +240,5 @@ def cross_case(
                     )
                 )
             runs.append(run)
+            on_run(runs)
     return runs

@@ -96,7 +96,7 @@ def test_written_objects_match_findings_json(analyzed) -> None:  # type: ignore[
     assert names == sorted(["SR.dcm", "SEG.dcm", *[f"KEY_{i:03d}.dcm" for i in range(1, n + 1)]])
     seg = pydicom.dcmread(folder / "SEG.dcm")
     assert [s.SegmentLabel for s in seg.SegmentSequence] == [
-        f"Nodule {f['id']}" for f in series["findings"]
+        f"{f['finding'].capitalize()} {f['id']}" for f in series["findings"]
     ]
 
 

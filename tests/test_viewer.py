@@ -5,6 +5,7 @@ browser shows; screenshots are kept under out/screenshots."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -101,17 +102,19 @@ def test_ohif_shows_the_study_with_the_nodes_results(
             [require("dsrdump"), str(sr_copy)], capture_output=True, text=True, check=True
         ).stdout
         assert "Imaging Measurement Report" in rendered and '"Diameter"' in rendered
-        diameters = _diameters(
-            next(
-                p
-                for p in Path(node.config.storage.path, "results").rglob("*.dcm")
-                if pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID
-                == Comprehensive3DSRStorage
-            )
-        )
+        results = {
+            pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID: p
+            for p in Path(node.config.storage.path, "results").rglob("*.dcm")
+        }
+        diameters = _diameters(results[Comprehensive3DSRStorage])
+        # What the segmentation panel lists: "Nodule 1", "Mass 2", ... as the SEG names them.
+        labels = [
+            s.SegmentLabel for s in pydicom.dcmread(results[SegmentationStorage]).SegmentSequence
+        ]
+        assert len(labels) == len(diameters)
         SHOTS.mkdir(parents=True, exist_ok=True)
         report = run_browser_script(
-            "ohif.mjs", viewer.url, study, str(ct_images), str(len(diameters)), str(SHOTS)
+            "ohif.mjs", viewer.url, study, str(ct_images), json.dumps(labels), str(SHOTS)
         )
     finally:
         viewer.stop()

@@ -1,10 +1,13 @@
 // OHIF showing a study from Orthanc, as a radiologist opens it: the study browser, the key
 // images, the CT, the SR's measurements one by one, then the SEG.
-// Usage: node ohif.mjs VIEWER_URL STUDY_UID CT_IMAGES SR_MEASUREMENTS SCREENSHOT_DIR;
+// Usage: node ohif.mjs VIEWER_URL STUDY_UID CT_IMAGES SEGMENT_LABELS_JSON SCREENSHOT_DIR
+// (one label per finding, "Nodule 1", "Mass 2", ..., in the SR's order);
 // prints a JSON report (texts the browser shows; screenshots are judged by the caller).
 import { chromium } from "playwright-core";
 
-const [base, study, ctImages, measurements, shots] = process.argv.slice(2);
+const [base, study, ctImages, labelsJson, shots] = process.argv.slice(2);
+const segmentLabels = JSON.parse(labelsJson);
+const measurements = segmentLabels.length;
 const browser = await chromium.launch({
   executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
   // WebGL2 through SwiftShader: headless Chromium has no GPU.
@@ -52,7 +55,7 @@ try {
   report.srLabels = [await page.locator("svg text").allTextContents()];
   await page.screenshot({ path: `${shots}/ohif-sr.png` });
   // Each further measurement: the next arrow jumps to its slice, where it is drawn.
-  for (let step = 1; step < Number(measurements) && badge; step++) {
+  for (let step = 1; step < measurements && badge; step++) {
     const before = report.srLabels[step - 1].join(" ");
     await page.mouse.click(badge.x + badge.width + 50, badge.y + badge.height / 2);
     let labels = [];
@@ -77,8 +80,8 @@ try {
   await page.mouse.click(1582, 100);
   await page.waitForTimeout(2000);
   report.segSlices = [];
-  for (let segment = 1; segment < Number(measurements) + 1; segment++) {
-    await page.getByText(`Nodule ${segment}`, { exact: true }).last().click();
+  for (let segment = 1; segment < measurements + 1; segment++) {
+    await page.getByText(segmentLabels[segment - 1], { exact: true }).last().click();
     await page.waitForTimeout(4000);
     const text = await page.locator("body").innerText();
     report.segSlices.push((text.match(/I:\s*(\d+) \(/) || [])[1] || "");

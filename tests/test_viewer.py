@@ -63,7 +63,9 @@ def test_ohif_shows_the_study_with_the_nodes_results(
         if os.environ.get("CI"):
             raise AssertionError(f"{OHIF_DIST} missing: scripts/test.sh fetches OHIF")
         pytest.skip(f"{OHIF_DIST} missing (scripts/test.sh fetches it)")
-    case = lidc_root / "LIDC-IDRI-0001"
+    # The case on which the shipped weights report more than one finding (its ground-glass
+    # nodule and a small one), so that stepping from one SR measurement to the next is seen.
+    case = lidc_root / "LIDC-IDRI-0002"
     ct_images = len(list(case.rglob("*.dcm")))
     study = str(
         pydicom.dcmread(next(case.rglob("*.dcm")), stop_before_pixels=True).StudyInstanceUID
@@ -108,13 +110,18 @@ def test_ohif_shows_the_study_with_the_nodes_results(
         }
         diameters = _diameters(results[Comprehensive3DSRStorage])
         # What the segmentation panel lists: "Nodule 1", "Mass 2", ... as the SEG names them.
-        labels = [
-            s.SegmentLabel for s in pydicom.dcmread(results[SegmentationStorage]).SegmentSequence
-        ]
-        assert len(labels) == len(diameters)
+        seg = pydicom.dcmread(results[SegmentationStorage])
+        segment_labels = [s.SegmentLabel for s in seg.SegmentSequence]
+        assert len(segment_labels) == len(diameters)
+        # The slices each segment covers: where OHIF may jump to it.
+        covered: dict[int, set[float]] = {}
+        for frame in seg.PerFrameFunctionalGroupsSequence:
+            number = int(frame.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+            z = round(float(frame.PlanePositionSequence[0].ImagePositionPatient[2]), 2)
+            covered.setdefault(number, set()).add(z)
         SHOTS.mkdir(parents=True, exist_ok=True)
         report = run_browser_script(
-            "ohif.mjs", viewer.url, study, str(ct_images), json.dumps(labels), str(SHOTS)
+            "ohif.mjs", viewer.url, study, str(ct_images), json.dumps(segment_labels), str(SHOTS)
         )
     finally:
         viewer.stop()
@@ -129,7 +136,7 @@ def test_ohif_shows_the_study_with_the_nodes_results(
     assert f"/{ct_images})" in report["ctViewport"], "the CT's slice counter"
     assert _viewport_detail(SHOTS / "ohif-ct.png") > 20
     # Each nodule of the SR drawn on its slice, outlined, with its labels as OHIF writes them.
-    assert len(diameters) >= 2
+    assert len(diameters) >= 2, "the stepping checks need a case with two findings or more"
     for step, diameter in enumerate(diameters):
         labels = " ".join(report["srLabels"][step])
         assert f"Diameter: {diameter:.2f} mm" in labels, (step, labels, report["console"])
@@ -141,7 +148,12 @@ def test_ohif_shows_the_study_with_the_nodes_results(
     # overlaid on the slice OHIF jumps to from the segmentation panel: one per nodule.
     assert _annotation_pixels(SHOTS / "ohif-seg.png") > plain + 200, "no segment overlay"
     assert f"/{ct_images})" in report["segViewport"]
-    assert len(set(report["segSlices"])) == len(diameters), report["segSlices"]
+    assert all(report["segSlices"]), report["segSlices"]
+    # Segments on slices of their own are each jumped to on a slice of their own (LIDC-IDRI-0002's
+    # two findings may share their central slice).
+    apart = all(covered[a].isdisjoint(covered[b]) for a in covered for b in covered if a < b)
+    if apart:
+        assert len(set(report["segSlices"])) == len(diameters), report["segSlices"]
     for segment in range(1, len(diameters) + 1):
         overlay = _annotation_pixels(SHOTS / f"ohif-seg-{segment}.png")
         assert overlay > plain + 300, f"segment {segment} not overlaid"

@@ -82,6 +82,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             args.transplant_scans,
             args.synthetic_scans,
             MIN_DIAMETER_MM,
+            [n.strip() for n in args.held_out.split(",") if n.strip()],
         )
         return EXIT_OK
     if not args.data and args.nodules is None:
@@ -298,6 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--nodules' training patients), choose the operating point without it, score it",
     )
     evaluate.add_argument("--seeds", default="1,2,3", help="training seeds, comma-separated")
+    evaluate.add_argument(
+        "--held-out",
+        default="",
+        help="with --cross-case: hold out only these cases (names, comma-separated; default "
+        "every case in turn), e.g. one direction per machine",
+    )
     evaluate.add_argument(
         "--transplant-scans",
         type=int,

@@ -51,3 +51,34 @@ def test_a_held_out_case_never_trains_its_own_model(
     report = write_protocol_report(runs, tmp_path / "out", {"seeds": [7]}, 4.0).read_text()
     for name in by_name:
         assert f"## Held out: {name}" in report
+
+
+@pytest.mark.slow
+def test_held_out_names_run_only_that_direction(lidc_root: Path, tmp_path: Path) -> None:
+    cases = load_cases([lidc_root])
+    nodules = read_nodule_folder(small_folder(tmp_path, rows=12))
+    tiny = TrainingConfig(
+        synthetic=8, transplanted=4, voi_views=4, negatives=8, phantoms=1, epochs=1, batch_size=8
+    )
+    split = NoduleSplit(seed=5, validation_fraction=0.4, calibration_fraction=0.3)
+    second = sorted(c.name for c in cases)[1]
+    runs = protocol.cross_case(
+        cases, nodules, split, tiny, [7], 1.0, torch.device("cpu"), 1, 1, held_out_names=[second]
+    )
+    assert [(r.held_out, r.trained_on) for r in runs] == [
+        (second, tuple(c.name for c in sorted(cases, key=lambda c: c.name) if c.name != second))
+    ]
+
+
+def test_an_unknown_held_out_case_is_named(
+    lidc_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dicom_node.cli import EXIT_USAGE, main
+
+    folder = small_folder(tmp_path, rows=4)
+    args = ["evaluate", str(lidc_root), "--cross-case", "--nodules", str(folder)]
+    code = main([*args, "--held-out", "LIDC-IDRI-9999", "--out", str(tmp_path / "o")])
+    assert code == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "--held-out LIDC-IDRI-9999: not among the annotated cases" in err
+    assert "LIDC-IDRI-0001, LIDC-IDRI-0002" in err

@@ -148,12 +148,20 @@ def evaluate_cross_case(
     transplant_scans: int,
     synthetic_scans: int,
     min_diameter_mm: float,
+    held_out: list[str],
 ) -> None:
     """The cross-case protocol (:mod:`inference.lab.protocol`) on the annotated cases under
-    ``data``: one model per held-out case and seed, each trained and calibrated without it."""
+    ``data``: one model per held-out case and seed, each trained and calibrated without it;
+    only the ``held_out`` cases are held out where named."""
     cases = load_cases(data, luna_csv)
     if len(cases) < 2:
         raise ValueError(f"the cross-case protocol needs two annotated cases; found {len(cases)}")
+    unknown = sorted(set(held_out) - {c.name for c in cases})
+    if unknown:
+        raise ValueError(
+            f"--held-out {', '.join(unknown)}: not among the annotated cases "
+            f"({', '.join(sorted(c.name for c in cases))})"
+        )
     vois = read_nodule_folder(nodules)
     settings = {
         "cases": [c.name for c in cases],
@@ -164,6 +172,7 @@ def evaluate_cross_case(
         "nodules": str(nodules),
         "split": asdict(split),
         "training": {k: v for k, v in asdict(config).items() if k not in ("seed", "network")},
+        "held_out": held_out or "all",
     }
 
     def report(runs: list[Run]) -> None:
@@ -181,4 +190,5 @@ def evaluate_cross_case(
         transplant_scans,
         synthetic_scans,
         report,
+        held_out,
     )

@@ -17,7 +17,7 @@ training patch (``training.AVOID_MM``), and here B is not even a training backgr
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -175,17 +175,22 @@ def cross_case(
     transplant_scans: int,
     synthetic_scans: int,
     on_run: Callable[[list[Run]], None] = lambda runs: None,
+    held_out_names: Collection[str] = (),
 ) -> list[Run]:
     """Every (held-out case, seed) run of the protocol, in a fixed order; the held-out case
     is scored on ``transplant_scans`` scans of pasted validation nodules and
     ``synthetic_scans`` of synthetic ones, :data:`NODULES_PER_SCAN` each. ``on_run`` gets
-    the runs so far after each one (a run takes most of an hour on 2 CPU cores)."""
+    the runs so far after each one (a run takes most of an hour on 2 CPU cores).
+    ``held_out_names``, where given, holds out only those cases (the others still train), so
+    that one direction can run on its own machine or in its own session."""
     cases = sorted(cases, key=lambda c: c.name)
     learn = split.select(nodules, "train")
     calibrate = split.select(nodules, "calibration")
     validate = split.select(nodules, "validation")
     runs = []
     for held_out in cases:
+        if held_out_names and held_out.name not in held_out_names:
+            continue
         others = [c for c in cases if c.name != held_out.name]
         backgrounds = [make_background(c.volume, c.avoid_mm, config.network) for c in others]
         for seed in seeds:

@@ -134,6 +134,19 @@ def test_a_host_over_its_association_rate_is_turned_away_transiently(start_node:
     assert "associations per minute" in _audit(node)[-1].detail
 
 
+def test_associations_past_the_limit_are_rejected_until_one_ends(start_node: Any) -> None:
+    node = start_node(workers={"count": 0}, node={"max_associations": 2})
+    port = node.config.node.port
+    held = [_associate(port) for _ in range(2)]
+    assert all(assoc.is_established for assoc in held)
+    assert _echo(port) == (False, 2)  # rejected-transient: local limit exceeded
+    held.pop().release()
+    wait_for(lambda: _echo(port) == (True, None), 10, "room for a new association")
+    held[0].release()
+    refused = [e for e in _audit(node) if e.outcome == "refused"]
+    assert [e.detail for e in refused] == ["too many simultaneous associations"]
+
+
 def _series(folder: Path, slices: int) -> list[Path]:
     spec = SeriesSpec(slices=slices)
     return write_series(folder, ct_datasets(spec, phantom(spec, None)))

@@ -130,3 +130,13 @@ class GatedAE:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._ae, name)
+
+    def __eq__(self, other: object) -> bool:
+        """pynetdicom counts an AE's associations as the threads whose ``ae == self``: each
+        gated view must count as the AE it views, or ``maximum_associations`` never bites."""
+        if isinstance(other, GatedAE):
+            return other._ae is self._ae
+        return other is self._ae
+
+    def __hash__(self) -> int:
+        return hash(self._ae)

@@ -18,9 +18,13 @@ from pynetdicom.status import (
 
 
 class StoreStatus(IntEnum):
-    """What the storage SCP answers, each the first code of its PS3.4 B.2.3 range."""
+    """What the storage SCP answers: the first code of a PS3.4 B.2.3 range, or a general
+    status of PS3.7 C."""
 
     SUCCESS = 0x0000
+    #: Failure: Duplicate SOP Instance (PS3.7 C): a UID held for another patient, study or
+    #: series.
+    DUPLICATE_INSTANCE = 0x0111
     #: Refused: Out of Resources. Transient: the sender should retry later.
     OUT_OF_RESOURCES = 0xA700
     #: Error: Data Set Does Not Match SOP Class (a required attribute missing or inconsistent).

@@ -108,13 +108,35 @@ _COUNT_INSTANCE = (
 )
 
 
-def series_for(session: Session, record: InstanceRecord, calling_ae: str, peer_host: str) -> int:
-    """The series' row id, creating patient, study and series rows on first sight."""
-    found = session.execute(
-        select(Series.id).where(Series.series_uid == record.series_uid)
-    ).scalar_one_or_none()
-    if found is not None:
-        return int(found)
+class UIDConflict(Exception):
+    """A UID the index already holds for another patient, study or series. Filing the
+    instance under it would put one patient's images into another's series (and analyze
+    that series again), so the receiver refuses it; the message says which UID, reason first
+    (a DIMSE Error Comment keeps 64 characters)."""
+
+
+@dataclass(frozen=True)
+class SeriesPlace:
+    """A series' row and whose it is: every later instance of the series must agree."""
+
+    series_id: int
+    study_uid: str
+    patient: tuple[str, str]  # (Patient ID, Issuer of Patient ID)
+
+    def holds(self, record: InstanceRecord) -> bool:
+        return (
+            record.study_uid == self.study_uid
+            and (record.patient_id, record.issuer) == self.patient
+        )
+
+
+def series_for(
+    session: Session, record: InstanceRecord, calling_ae: str, peer_host: str
+) -> SeriesPlace:
+    """The series' row, creating patient, study and series rows on first sight; raises
+    :class:`UIDConflict` (nothing created) when the study is held for another patient or the
+    series in another study. Checked after the rows are found or created, so that two
+    receivers racing to create them are judged on the row that won."""
     patient = _get_or_create(
         session,
         Patient,
@@ -129,6 +151,8 @@ def series_for(session: Session, record: InstanceRecord, calling_ae: str, peer_h
         accession_number=record.accession_number,
         study_date=record.study_date,
     )
+    if study.patient_id != patient.id:
+        raise UIDConflict(f"StudyInstanceUID already held for another patient: {record.study_uid}")
     now = utcnow()
     series = _get_or_create(
         session,
@@ -143,7 +167,9 @@ def series_for(session: Session, record: InstanceRecord, calling_ae: str, peer_h
         first_received=now,
         last_received=now,
     )
-    return int(series.id)
+    if series.study_id != study.id:
+        raise UIDConflict(f"SeriesInstanceUID already held in another study: {record.series_uid}")
+    return SeriesPlace(int(series.id), record.study_uid, (record.patient_id, record.issuer))
 
 
 def record_instance(
@@ -155,7 +181,8 @@ def record_instance(
     series_id: int,
 ) -> Recorded:
     """Index one instance of the series ``series_id`` (from :func:`series_for`) stored at
-    ``path``. The caller commits only once the file is durable."""
+    ``path``. The caller commits only once the file is durable. An instance already indexed
+    is a resend, unless it is indexed in another series: :class:`UIDConflict`."""
     now = utcnow()
     values = {
         "sop_uid": record.sop_uid,
@@ -179,6 +206,8 @@ def record_instance(
         existing = connection.execute(
             select(Instance.series_id).where(Instance.sop_uid == record.sop_uid)
         ).scalar_one()
+        if existing != series_id:
+            raise UIDConflict(f"SOPInstanceUID already held in another series: {record.sop_uid}")
         return Recorded(int(existing), new=False)
     return Recorded(series_id, new=True, arrivals=count_arrival(connection, series_id))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import time
 from collections.abc import Iterator
@@ -11,7 +12,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import select
 
 from dicom_node.config import SecuritySettings
@@ -19,13 +20,14 @@ from dicom_node.dimse import StoreStatus
 from dicom_node.receive.ingest import (
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION,
+    IdentityConflict,
     InstanceRefused,
     Receiver,
     file_meta_header,
 )
 from storage.database import open_database
 from storage.files import FileStore, FreeSpace
-from storage.models import Instance, Series
+from storage.models import Instance, Patient, Series, Study
 from tests.dicom_factory import SeriesSpec, ct_datasets, phantom
 
 
@@ -121,3 +123,53 @@ def test_a_resend_restores_a_file_the_index_names_but_the_disk_lost(receiver: Re
     with receiver.db() as session:
         series = session.scalars(select(Series)).one()
     assert series.version == 2  # it completes again, and its analysis sees the slice
+
+
+def _other_patient(ds: Dataset, *, study: bool = True, series: bool = True) -> Dataset:
+    """A copy of ``ds`` for another patient: with a new study and series UID unless told."""
+    other = copy.deepcopy(ds)
+    other.PatientID, other.PatientName = "OTHER-42", "Other^Patient"
+    if study:
+        other.StudyInstanceUID = generate_uid()
+    if series:
+        other.SeriesInstanceUID = generate_uid()
+    return other
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({}, "SOPInstanceUID already held in another series"),
+        ({"study": False}, "StudyInstanceUID already held for another patient"),
+        ({"study": False, "series": False}, "StudyInstanceUID already held for another patient"),
+    ],
+)
+def test_a_uid_held_for_another_patient_is_refused_and_leaves_the_first_alone(
+    receiver: Receiver, tmp_path: Path, change: dict[str, bool], reason: str
+) -> None:
+    spec = SeriesSpec(slices=2)
+    first = ct_datasets(spec, phantom(spec, None))
+    for ds in first:
+        receiver.ingest(_encoded(ds), "SCANNER", "127.0.0.1")
+    with pytest.raises(IdentityConflict, match=reason) as refused:
+        receiver.ingest(_encoded(_other_patient(first[0], **change)), "SCANNER", "127.0.0.1")
+    assert refused.value.status == StoreStatus.DUPLICATE_INSTANCE
+    with receiver.db() as session:
+        series = session.scalars(select(Series)).one()
+        assert series.version == 2  # not counted again, so not analyzed again
+        assert len(session.scalars(select(Instance)).all()) == 2
+        assert session.scalars(select(Patient)).one().patient_id == first[0].PatientID
+    held = {Path(p) for p in (tmp_path / "store").rglob("*.dcm") if p.parent.name != ".spare"}
+    assert len(held) == 2 and all(first[0].SeriesInstanceUID in str(p) for p in held)
+
+
+def test_a_series_uid_held_in_another_study_is_refused(receiver: Receiver) -> None:
+    spec = SeriesSpec(slices=1)
+    (ds,) = ct_datasets(spec, phantom(spec, None))
+    receiver.ingest(_encoded(ds), "SCANNER", "127.0.0.1")
+    moved = copy.deepcopy(ds)
+    moved.StudyInstanceUID, moved.SOPInstanceUID = generate_uid(), generate_uid()
+    with pytest.raises(IdentityConflict, match="SeriesInstanceUID already held in another study"):
+        receiver.ingest(_encoded(moved), "SCANNER", "127.0.0.1")
+    with receiver.db() as session:
+        assert len(session.scalars(select(Study)).all()) == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import socket
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from typing import Any
 
 import pydicom
 import pytest
+from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
@@ -145,6 +147,28 @@ def test_associations_past_the_limit_are_rejected_until_one_ends(start_node: Any
     held[0].release()
     refused = [e for e in _audit(node) if e.outcome == "refused"]
     assert [e.detail for e in refused] == ["too many simultaneous associations"]
+
+
+def test_a_sop_instance_uid_of_another_patient_is_refused_with_a_comment_and_audited(
+    start_node: Any,
+) -> None:
+    node = start_node(workers={"count": 0})
+    spec = SeriesSpec(slices=1)
+    (first,) = ct_datasets(spec, phantom(spec, None))
+    second = copy.deepcopy(first)
+    second.PatientID, second.StudyInstanceUID = "OTHER-42", generate_uid()
+    second.SeriesInstanceUID = generate_uid()
+    assoc = _associate(node.config.node.port)
+    answers = [assoc.send_c_store(ds) for ds in (first, second)]
+    assoc.release()
+    assert [int(a.Status) for a in answers] == [StoreStatus.SUCCESS, 0x0111]
+    comment = "SOPInstanceUID already held in another series: " + first.SOPInstanceUID
+    assert answers[1].ErrorComment == comment[:64]  # LO: at most 64 characters
+    wait_for(
+        lambda: any(e.event == "identity-conflict" for e in _audit(node)), 10, "the audit event"
+    )
+    conflict = next(e for e in _audit(node) if e.event == "identity-conflict")
+    assert conflict.outcome == "refused" and first.SOPInstanceUID in conflict.detail
 
 
 def _series(folder: Path, slices: int) -> list[Path]:

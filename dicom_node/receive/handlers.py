@@ -22,7 +22,12 @@ from dicom_node.observe import metrics
 from dicom_node.observe.audit import AuditRecord, AuditTrail
 from dicom_node.pipeline.completion import SeriesCompletion
 from dicom_node.receive.access import AccessPolicy, GatedAE, Verdict
-from dicom_node.receive.ingest import InstanceRefused, Receiver, file_meta_header
+from dicom_node.receive.ingest import (
+    IdentityConflict,
+    InstanceRefused,
+    Receiver,
+    file_meta_header,
+)
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +218,8 @@ class StorageHandlers:
             )
             if transfer is not None:
                 transfer.refused += 1
+            if isinstance(exc, IdentityConflict):
+                self._record(event, "identity-conflict", "refused", detail=str(exc))
             metrics.INSTANCES_REFUSED.labels(f"0x{exc.status:04X}").inc()
             return dimse.with_comment(exc.status, str(exc))
         except Exception:  # the node keeps serving; the sender may retry this one

@@ -80,6 +80,11 @@ class InstanceRefused(Exception):
         self.status = status
 
 
+class IdentityConflict(InstanceRefused):
+    """Refused because one of its UIDs is held for another patient, study or series: a
+    sender's error that could mix two patients, so it is audited, not only logged."""
+
+
 @dataclass(frozen=True)
 class Ingested:
     series_id: int
@@ -317,7 +322,7 @@ class Receiver:
         self.max_instances_per_series = max_instances_per_series
         self.db = db
         self.engine: Engine = db.kw["bind"]
-        self._series_ids: dict[str, int] = {}
+        self._series: dict[str, index.SeriesPlace] = {}
         self._lock = threading.Lock()
         self._writer = ThreadPoolExecutor(max_workers=16, thread_name_prefix="store")
 
@@ -363,7 +368,7 @@ class Receiver:
                 # A concurrent receiver created the same series, or the cached series row is
                 # gone: look it up afresh once, then report rather than crash.
                 with self._lock:
-                    self._series_ids.pop(record.series_uid, None)
+                    self._series.pop(record.series_uid, None)
                 if attempt == 2:
                     raise InstanceRefused(
                         StoreStatus.OUT_OF_RESOURCES, "index conflict; retry"
@@ -417,23 +422,31 @@ class Receiver:
         peer_host: str,
     ) -> Ingested:
         path = self.files.path_for(record.study_uid, record.series_uid, record.sop_uid)
-        series_id = self._series_ids.get(record.series_uid)
-        if series_id is None:  # first sight of the series in this process: the ORM creates it
-            with self.db.begin() as session:
-                series_id = index.series_for(session, record, calling_ae, peer_host)
-        # Then a bare connection: an ORM session per instance costs more than its statements.
-        # The row is committed while the file is still being made durable and named: a crash
-        # before both are done can leave a row naming a file that is not there, for an
-        # instance never acknowledged; its resend restores the file, and the analysis worker
-        # drops the rows of instances that never came back (index.forget_instances).
+        place = self._series.get(record.series_uid)
         try:
+            # A bare connection: an ORM session per instance costs more than its statements.
+            # The row is committed while the file is still being made durable and named: a
+            # crash before both are done can leave a row naming a file that is not there, for
+            # an instance never acknowledged; its resend restores the file, and the analysis
+            # worker drops the rows of instances that never came back (index.forget_instances).
             with self.engine.begin() as connection:
-                recorded = index.record_instance(connection, record, path, size, digest, series_id)
+                if place is None or not place.holds(record):
+                    # First sight of the series in this process, or an instance that disagrees
+                    # with it: the ORM finds or creates its rows in the same transaction, so
+                    # that a refused instance leaves no patient, study or series behind.
+                    with self.db(bind=connection) as session:
+                        place = index.series_for(session, record, calling_ae, peer_host)
+                        session.flush()
+                recorded = index.record_instance(
+                    connection, record, path, size, digest, place.series_id
+                )
                 if recorded.arrivals > self.max_instances_per_series:
                     raise _SeriesFull
-        except _SeriesFull:
+        except (_SeriesFull, index.UIDConflict) as exc:
             if not placing.result().already_present:
                 self.files.discard(path)
+            if isinstance(exc, index.UIDConflict):
+                raise IdentityConflict(StoreStatus.DUPLICATE_INSTANCE, str(exc)) from None
             raise InstanceRefused(
                 StoreStatus.OUT_OF_RESOURCES,
                 f"series holds {self.max_instances_per_series} instances, the node's limit",
@@ -450,9 +463,9 @@ class Receiver:
                 record.sop_uid,
             )
         with self._lock:
-            self._series_ids[record.series_uid] = series_id
-            if len(self._series_ids) > 10_000:  # a long-running node sees many series
-                self._series_ids.pop(next(iter(self._series_ids)))
+            self._series[record.series_uid] = place
+            if len(self._series) > 10_000:  # a long-running node sees many series
+                self._series.pop(next(iter(self._series)))
         return Ingested(recorded.series_id, recorded.new, record.study_uid)
 
 

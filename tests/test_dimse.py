@@ -11,6 +11,7 @@ def test_every_status_the_node_answers_means_what_its_name_says() -> None:
     meanings = {status.name: STORAGE_SERVICE_CLASS_STATUS[status][1] for status in StoreStatus}
     assert meanings == {
         "SUCCESS": "",
+        "DUPLICATE_INSTANCE": "Duplication SOP Instance",
         "OUT_OF_RESOURCES": "Refused: Out of Resources",
         "MISSING_ATTRIBUTE": "Data Set Does Not Match SOP Class",
         "CANNOT_UNDERSTAND": "Cannot Understand",

@@ -283,6 +283,10 @@ class SecuritySettings(_Section):
     tls: TlsSettings | None = None
 
 
+#: A login token anyone could guess in the throttled rate's lifetime is no token.
+MIN_TOKEN_CHARACTERS = 16
+
+
 class DashboardSettings(_Section):
     """The operators' web page, ``/metrics`` (Prometheus), ``/healthz`` and ``/readyz``."""
 
@@ -290,10 +294,21 @@ class DashboardSettings(_Section):
     #: Loopback by default: another interface only when set here.
     host: str = "127.0.0.1"
     port: Port = 8080
-    #: The login token (better from the environment: DICOM_NODE__DASHBOARD__TOKEN). Unset: one
-    #: is generated at first start into <storage.path>/dashboard-token (owner-only).
+    #: The login token (better from the environment: DICOM_NODE__DASHBOARD__TOKEN), at least
+    #: 16 characters. Unset: one is generated at first start into
+    #: <storage.path>/dashboard-token (owner-only).
     token: str | None = None
     refresh_seconds: Annotated[int, Field(ge=2)] = 10
+
+    @field_validator("token")
+    @classmethod
+    def _long_enough(cls, token: str | None) -> str | None:
+        if token is not None and len(token) < MIN_TOKEN_CHARACTERS:
+            raise ValueError(
+                f"expected at least {MIN_TOKEN_CHARACTERS} characters, got {len(token)} "
+                "(or leave it unset for a generated one)"
+            )
+        return token
 
 
 class NodeConfig(_Section):
@@ -359,6 +374,10 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
                 raise ConfigError(f"{name}: {'.'.join(keys[:depth])} is not a section")
 
 
+#: Keys whose values an error message must not repeat.
+SECRET_KEYS = frozenset({"dashboard.token"})
+
+
 def _one_line(error: Mapping[str, Any]) -> str:
     key = ".".join(str(part) for part in error["loc"])
     message = str(error["msg"]).removeprefix("Value error, ")
@@ -368,6 +387,8 @@ def _one_line(error: Mapping[str, Any]) -> str:
         message = "unknown key"
     if isinstance(error["input"], dict):  # a check across a section names its own key
         return f"{key}.{message}"
+    if key in SECRET_KEYS:  # an error message goes to terminals and logs: never the secret
+        return f"{key}: {message}"
     return f"{key}: {message} (got {error['input']!r})"
 
 

@@ -86,6 +86,31 @@ class Node:
         if swept:
             log.info("removed %d unacknowledged partial file(s) left by a crash", swept)
         identity = f"{socket.gethostname()}:{os.getpid()}"
+        # The listeners first: a port that is taken stops the start before anything runs.
+        if self.config.dashboard.enabled:
+            settings = self.config.dashboard
+            app = build_app(self.config, self.db, self.free_space, lambda: self.models_loaded)
+            self.web = WebServer(app, settings.host, settings.port)
+        if "receiver" in roles:
+            tls = self.config.security.tls
+            try:
+                self.server = start_scp(
+                    self.config.node, self.handlers, server_context(tls) if tls else None
+                )
+            except OSError:
+                if self.web is not None:
+                    self.web.close()
+                raise
+            log.info(
+                "listening as %s on %s:%d%s",
+                self.config.node.ae_title,
+                self.config.node.host,
+                self.config.node.port,
+                " (DICOM TLS)" if tls else "",
+            )
+        if self.web is not None:
+            self.web.start()
+            log.info("dashboard and /metrics on http://%s:%d/", settings.host, settings.port)
         workers = self.config.workers.count if "worker" in roles else 0
         for n in range(workers):
             # Each worker loads the model once and keeps it for every series it analyzes.
@@ -103,24 +128,6 @@ class Node:
             runner = JobRunner(self.db, sender, f"{identity}/sender", self.abandon)
             self._spawn("sender", runner.run_once)
         self._spawn("housekeeping", self._housekeeping, idle=1.0)
-        if self.config.dashboard.enabled:
-            settings = self.config.dashboard
-            app = build_app(self.config, self.db, self.free_space, lambda: self.models_loaded)
-            self.web = WebServer(app, settings.host, settings.port)
-            self.web.start()
-            log.info("dashboard and /metrics on http://%s:%d/", settings.host, settings.port)
-        if "receiver" in roles:
-            tls = self.config.security.tls
-            self.server = start_scp(
-                self.config.node, self.handlers, server_context(tls) if tls else None
-            )
-            log.info(
-                "listening as %s on %s:%d%s",
-                self.config.node.ae_title,
-                self.config.node.host,
-                self.config.node.port,
-                " (DICOM TLS)" if tls else "",
-            )
         log.info(
             "roles: %s; %d worker(s), %d destination(s)",
             ", ".join(r for r in ("receiver", "worker", "sender") if r in roles),

@@ -55,6 +55,10 @@ def test_environment_overrides_file_values() -> None:
         ("selection:\n  series_description_exclude: ['(']\n", "is not a regular expression"),
         ("eligibility:\n  min_slices: -1\n", "eligibility.min_slices: expected a non-negative"),
         ("- a\n- b\n", "expected a mapping of sections"),
+        (
+            "dashboard:\n  token: hunter2\n",
+            "dashboard.token: expected at least 16 characters, got 7 (or",
+        ),
     ],
 )
 def test_wrong_values_are_one_line_naming_the_key(tmp_path: Path, text: str, expected: str) -> None:
@@ -63,7 +67,7 @@ def test_wrong_values_are_one_line_naming_the_key(tmp_path: Path, text: str, exp
     with pytest.raises(ConfigError) as caught:
         load_config(path, environ={})
     assert expected in str(caught.value)
-    assert "\n" not in str(caught.value)
+    assert "\n" not in str(caught.value) and "hunter2" not in str(caught.value)
 
 
 def test_environment_index_beyond_the_list_is_named() -> None:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import re
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +19,18 @@ from storage import queue
 from storage.models import Series
 from storage.states import JobKind
 from tests.dicom_factory import SeriesSpec, ct_datasets, phantom, write_series
-from tests.peers import REPO, Orthanc, run_browser_script, storescu, wait_for
+from tests.peers import (
+    REPO,
+    Orthanc,
+    free_port,
+    node_config,
+    run_browser_script,
+    storescu,
+    wait_for,
+)
+
+#: A dashboard token of the length the config requires.
+TOKEN = "operator-token-0123456789"
 
 
 def _base(node: Any) -> str:
@@ -40,7 +55,7 @@ def _login(client: httpx.Client, token: str) -> httpx.Response:
 
 
 def test_health_ready_and_login_required(start_node: Any) -> None:
-    node = start_node(workers={"count": 0}, dashboard={"token": "s3cret-token"})
+    node = start_node(workers={"count": 0}, dashboard={"token": TOKEN})
     client = _client(node)
     assert client.get("/healthz").text == "ok\n"
     assert client.get("/readyz").text == "ready\n"
@@ -48,7 +63,7 @@ def test_health_ready_and_login_required(start_node: Any) -> None:
     assert client.post("/retry", data={"job": "1"}).status_code == 303
     refused = _login(client, "wrong")
     assert refused.status_code == 401 and "not this node's" in refused.text
-    page = _login(client, "s3cret-token")
+    page = _login(client, TOKEN)
     assert page.status_code == 200 and "Nothing received yet" in page.text
     # A form without the token derived from the login is refused even with the cookie.
     assert client.post("/retry", data={"job": "1"}).status_code == 403
@@ -69,7 +84,7 @@ def delivered_series(start_node: Any, tmp_path: Path) -> Iterator[tuple[Any, htt
     pacs = Orthanc(tmp_path / "pacs").start()
     try:
         node = start_node(
-            dashboard={"token": "t0ken", "refresh_seconds": 60},
+            dashboard={"token": TOKEN, "refresh_seconds": 60},
             destinations=[{"name": "pacs", "ae_title": "ORTHANC", "port": pacs.dicom_port}],
         )
         spec = SeriesSpec()
@@ -77,7 +92,7 @@ def delivered_series(start_node: Any, tmp_path: Path) -> Iterator[tuple[Any, htt
         files = write_series(tmp_path / "ct", datasets)
         assert storescu(node.config.node.port, files).returncode == 0
         client = _client(node)
-        _login(client, "t0ken")
+        _login(client, TOKEN)
         wait_for(lambda: "1 done" in client.get("/").text, 120, "the delivery", interval=1.0)
         yield node, client, str(datasets[0].SeriesInstanceUID)
     finally:
@@ -131,7 +146,7 @@ def test_an_operator_logs_in_sees_the_series_presses_resend_in_chromium(
     shots = REPO / "out" / "screenshots"
     shots.mkdir(parents=True, exist_ok=True)
     report = run_browser_script(
-        "dashboard.mjs", _base(node), "t0ken", series_uid, str(shots), timeout=300
+        "dashboard.mjs", _base(node), TOKEN, series_uid, str(shots), timeout=300
     )
     assert report["loginShown"]
     assert "analyzed" in report["row"] and "1 nodule(s)" in report["row"]
@@ -143,7 +158,7 @@ def test_an_operator_logs_in_sees_the_series_presses_resend_in_chromium(
 
 
 def test_the_queue_shows_what_a_running_job_is_doing(start_node: Any, tmp_path: Path) -> None:
-    node = start_node(workers={"count": 0}, dashboard={"token": "t0ken"})
+    node = start_node(workers={"count": 0}, dashboard={"token": TOKEN})
     spec = SeriesSpec(slices=3)
     files = write_series(tmp_path / "ct", ct_datasets(spec, phantom(spec, None)))
     assert storescu(node.config.node.port, files).returncode == 0
@@ -155,7 +170,7 @@ def test_the_queue_shows_what_a_running_job_is_doing(start_node: Any, tmp_path: 
         assert job is not None
         queue.set_stage(session, job, "detecting nodules")
     client = _client(node)
-    page = _login(client, "t0ken").text
+    page = _login(client, TOKEN).text
     assert "running: detecting nodules" in page
 
 
@@ -164,3 +179,91 @@ def test_readyz_says_what_is_not_ready(start_node: Any) -> None:
     answer = _client(node).get("/readyz")
     assert answer.status_code == 503
     assert answer.text == "not ready: storage below its free-space watermark\n"
+
+
+def test_bad_logins_cookies_and_form_values_get_a_sentence_not_a_500(start_node: Any) -> None:
+    node = start_node(workers={"count": 0}, dashboard={"token": TOKEN})
+    client = _client(node)
+    assert _login(client, "jeton-été-✓").status_code == 401
+    cookie = "dicom_node_session=sesión-ü".encode()
+    assert client.get("/", headers={"Cookie": cookie}).status_code == 303  # to the login page
+    page = _login(client, TOKEN).text
+    form_token = re.search(r'name="form_token" value="([0-9a-f]+)"', page)
+    assert form_token is not None
+    for job in ("abc", "1.5", "٣", ""):
+        answer = client.post("/retry", data={"form_token": form_token.group(1), "job": job})
+        assert answer.status_code == 400 and "job must be a whole number" in answer.text
+    unicode_form = client.post("/retry", data={"form_token": "ﬁ" * 10, "job": "1"})
+    assert unicode_form.status_code == 403
+
+
+def test_failed_logins_are_throttled_per_client(start_node: Any) -> None:
+    node = start_node(workers={"count": 0}, dashboard={"token": TOKEN})
+    client = _client(node)
+    assert [_login(client, f"guess-{n}").status_code for n in range(5)] == [401] * 5
+    answer = _login(client, TOKEN)  # even the right token waits out the minute
+    assert answer.status_code == 429 and "wait a minute" in answer.text
+
+
+def test_each_login_gets_its_own_session_and_logging_out_ends_it(start_node: Any) -> None:
+    node = start_node(workers={"count": 0}, dashboard={"token": TOKEN})
+    first, second = _client(node), _client(node)
+    page, _ = _login(first, TOKEN).text, _login(second, TOKEN)
+    cookie = first.cookies["dicom_node_session"]
+    assert cookie != second.cookies["dicom_node_session"] and TOKEN not in cookie
+    form_token = re.search(r'name="form_token" value="([0-9a-f]+)"', page)
+    assert form_token is not None
+    assert first.post("/logout", data={"form_token": form_token.group(1)}).status_code == 303
+    stolen = httpx.Client(base_url=_base(node), cookies={"dicom_node_session": cookie})
+    assert stolen.get("/").status_code == 303  # the ended session no longer opens the page
+    assert second.get("/").status_code == 200
+
+
+def test_every_page_forbids_framing_sniffing_and_foreign_content(start_node: Any) -> None:
+    node = start_node(workers={"count": 0}, dashboard={"token": TOKEN})
+    client = _client(node)
+    for path in ("/healthz", "/login", "/", "/no-such-page"):
+        headers = client.get(path).headers
+        assert headers["x-frame-options"] == "DENY", path
+        assert headers["x-content-type-options"] == "nosniff", path
+        assert "frame-ancestors 'none'" in headers["content-security-policy"], path
+
+
+def test_health_answers_at_once_while_a_destination_does_not(start_node: Any) -> None:
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts connections, never answers
+    try:
+        port = silent.getsockname()[1]
+        node = start_node(
+            workers={"count": 0},
+            dashboard={"token": TOKEN},
+            destinations=[{"name": "silent", "ae_title": "SILENT", "port": port}],
+        )
+        client = _client(node)
+        page = _login(client, TOKEN).text  # starts the C-ECHO, which waits 3 s for an answer
+        assert re.search(r">\s*checking\s*<", page)
+        started = time.monotonic()
+        assert client.get("/healthz").text == "ok\n" and client.get("/").status_code == 200
+        assert time.monotonic() - started < 2.0  # neither waited for the C-ECHO
+        wait_for(lambda: "unreachable" in client.get("/").text, 30, "the C-ECHO's outcome")
+    finally:
+        silent.close()
+
+
+def test_a_dashboard_port_already_taken_stops_the_start_with_one_line(tmp_path: Path) -> None:
+    taken = socket.create_server(("127.0.0.1", 0))
+    port = taken.getsockname()[1]
+    try:
+        config = node_config(
+            tmp_path / "node", free_port(), workers={"count": 0}, dashboard={"port": port}
+        )
+        done = subprocess.run(
+            [sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        taken.close()
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"dicom-node serve: dashboard cannot listen on 127.0.0.1:{port}")

@@ -14,11 +14,14 @@ import io
 import logging
 import os
 import secrets
+import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import uvicorn
@@ -29,10 +32,13 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.applications import Starlette
+from starlette.datastructures import MutableHeaders
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
 from starlette.templating import Jinja2Templates
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dicom_node.config import Destination, NodeConfig
 from dicom_node.observe import metrics
@@ -59,6 +65,7 @@ TEMPLATES.env.filters["size"] = human_size
 TEMPLATES.env.globals.update(JobState=JobState, FINISHED=FINISHED)
 COOKIE = "dicom_node_session"
 ECHO_CACHE_SECONDS = 30.0
+SESSION_SECONDS = 12 * 3600
 
 
 def dashboard_token(config: NodeConfig) -> str:
@@ -75,18 +82,22 @@ def dashboard_token(config: NodeConfig) -> str:
 
 
 class DestinationEchoes:
-    """C-ECHO of each destination, at most every 30 s: a page refresh should not knock on
-    every PACS each time."""
+    """C-ECHO of each destination, at most every 30 s and in a thread of its own: a page
+    refresh should not knock on every PACS each time, nor wait 3 s for one that is down (the
+    server's event loop, and with it /healthz, would wait too)."""
 
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
-        self._checked = 0.0
-        self._states: dict[str, str] = {}
+        self._checked = -ECHO_CACHE_SECONDS
+        self._states: dict[str, str] = {d.name: "checking" for d in config.destinations}
+        self._checking = False
         self._lock = threading.Lock()
 
     def _echo(self, destination: Destination) -> str:
         if destination.return_to_sender:
             return "return to sender"
+        if destination.tls:
+            return "TLS: not checked"
         ae = AE(ae_title=self.config.node.ae_title)
         ae.add_requested_context(Verification)
         ae.acse_timeout = ae.network_timeout = ae.connection_timeout = 3
@@ -97,15 +108,124 @@ class DestinationEchoes:
         assoc.release()
         return "up" if answer and int(answer.Status) == 0 else "no echo"
 
-    def states(self) -> dict[str, str]:
+    def _check(self) -> None:
+        states = {d.name: self._echo(d) for d in self.config.destinations}
         with self._lock:
-            if time.monotonic() - self._checked > ECHO_CACHE_SECONDS:
-                self._states = {
-                    d.name: ("TLS: not checked" if d.tls else self._echo(d))
-                    for d in self.config.destinations
-                }
-                self._checked = time.monotonic()
+            self._states, self._checked, self._checking = states, time.monotonic(), False
+
+    def states(self) -> dict[str, str]:
+        """The last known states at once; a fresh check starts when they are stale."""
+        with self._lock:
+            stale = time.monotonic() - self._checked > ECHO_CACHE_SECONDS
+            if stale and not self._checking and self.config.destinations:
+                self._checking = True
+                threading.Thread(target=self._check, name="echo", daemon=True).start()
             return dict(self._states)
+
+
+class LoginThrottle:
+    """Failed logins per client address and in all: a guessing client is told to wait, and
+    many clients together cannot guess faster than the node-wide limit."""
+
+    def __init__(self, per_host: int = 5, in_all: int = 30, window: float = 60.0) -> None:
+        self.per_host, self.in_all, self.window = per_host, in_all, window
+        self._failures: deque[tuple[float, str]] = deque()
+        self._lock = threading.Lock()
+
+    def _forget_old(self, now: float) -> None:
+        while self._failures and self._failures[0][0] <= now - self.window:
+            self._failures.popleft()
+
+    def blocked(self, host: str) -> bool:
+        with self._lock:
+            self._forget_old(time.monotonic())
+            mine = sum(1 for _, h in self._failures if h == host)
+            return mine >= self.per_host or len(self._failures) >= self.in_all
+
+    def failed(self, host: str) -> None:
+        with self._lock:
+            self._failures.append((time.monotonic(), host))
+
+
+class Sessions:
+    """Login sessions: a fresh random id per login, known only to this process, ended by
+    logging out or after ``lifetime`` seconds. (A cookie derived from the token could not be
+    revoked, and never changed.)"""
+
+    def __init__(self, lifetime: float = SESSION_SECONDS, most: int = 1000) -> None:
+        self.lifetime, self.most = lifetime, most
+        self._expiry: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def open(self) -> str:
+        session_id = secrets.token_urlsafe(32)
+        now = time.monotonic()
+        with self._lock:
+            for old in [k for k, until in self._expiry.items() if until <= now]:
+                del self._expiry[old]
+            while len(self._expiry) >= self.most:  # the oldest session goes first
+                del self._expiry[next(iter(self._expiry))]
+            self._expiry[session_id] = now + self.lifetime
+        return session_id
+
+    def valid(self, session_id: str) -> bool:
+        with self._lock:
+            return self._expiry.get(session_id, 0.0) > time.monotonic()
+
+    def close(self, session_id: str) -> None:
+        with self._lock:
+            self._expiry.pop(session_id, None)
+
+
+def same(given: str, expected: str) -> bool:
+    """Constant-time comparison of what a client sent, whatever its characters
+    (``hmac.compare_digest`` refuses non-ASCII text with a TypeError)."""
+    return hmac.compare_digest(
+        given.encode("utf-8", "surrogateescape"), expected.encode("utf-8", "surrogateescape")
+    )
+
+
+class BadForm(ValueError):
+    """A form value that is not what the page sends: answered 400 with this sentence."""
+
+
+def form_number(form: Any, name: str) -> int:
+    value = str(form.get(name, ""))
+    if not value.isascii() or not value.isdigit():
+        raise BadForm(f"{name} must be a whole number, not {value[:20]!r}")
+    return int(value)
+
+
+#: What the pages may load and who may frame them: only this node's own content, no
+#: frames (clickjacking), no sniffing of content types.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self'; "
+        "frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
+    ),
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+class SecurityHeaders:
+    """ASGI middleware: :data:`SECURITY_HEADERS` on every response, error pages included."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message).update(SECURITY_HEADERS)
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
 
 
 def build_app(
@@ -115,15 +235,16 @@ def build_app(
     model_ready: Callable[[], bool],
 ) -> Starlette:
     token = dashboard_token(config)
-    session_value = hmac.new(token.encode(), b"session", hashlib.sha256).hexdigest()
     form_value = hmac.new(token.encode(), b"form", hashlib.sha256).hexdigest()
     echoes = DestinationEchoes(config)
+    sessions = Sessions()
+    throttle = LoginThrottle()
     # The deployment-wide gauges, per app: several nodes may run in one (test) process.
     gauges = CollectorRegistry()
     gauges.register(metrics.DatabaseGauges(db, free_space))
 
     def logged_in(request: Request) -> bool:
-        return hmac.compare_digest(request.cookies.get(COOKIE, ""), session_value)
+        return sessions.valid(request.cookies.get(COOKIE, ""))
 
     async def healthz(request: Request) -> Response:
         return PlainTextResponse("ok\n")
@@ -148,19 +269,30 @@ def build_app(
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     async def login(request: Request) -> Response:
-        if request.method == "POST":
-            form = await request.form()
-            if hmac.compare_digest(str(form.get("token", "")), token):
-                response = RedirectResponse("/", 303)
-                response.set_cookie(
-                    COOKIE, session_value, httponly=True, samesite="strict", max_age=12 * 3600
-                )
-                return response
-            log.warning(
-                "dashboard: failed login from %s", request.client.host if request.client else "?"
+        if request.method == "GET":
+            return TEMPLATES.TemplateResponse(request, "login.html", {"failed": False})
+        host = request.client.host if request.client else "?"
+        if throttle.blocked(host):
+            return PlainTextResponse("too many failed logins; wait a minute and try again\n", 429)
+        form = await request.form()
+        if same(str(form.get("token", "")), token):
+            response = RedirectResponse("/", 303)
+            response.set_cookie(
+                COOKIE, sessions.open(), httponly=True, samesite="strict", max_age=SESSION_SECONDS
             )
-            return TEMPLATES.TemplateResponse(request, "login.html", {"failed": True}, 401)
-        return TEMPLATES.TemplateResponse(request, "login.html", {"failed": False})
+            return response
+        throttle.failed(host)
+        log.warning("dashboard: failed login from %s", host)
+        return TEMPLATES.TemplateResponse(request, "login.html", {"failed": True}, 401)
+
+    async def logout(request: Request) -> Response:
+        form = await request.form()
+        if not same(str(form.get("form_token", "")), form_value):
+            return PlainTextResponse("stale or foreign form\n", 403)
+        sessions.close(request.cookies.get(COOKIE, ""))
+        response = RedirectResponse("/login", 303)
+        response.delete_cookie(COOKIE)
+        return response
 
     async def dashboard(request: Request) -> Response:
         if not logged_in(request):
@@ -195,10 +327,13 @@ def build_app(
         if not logged_in(request):
             return RedirectResponse("/login", 303)
         form = await request.form()
-        if not hmac.compare_digest(str(form.get("form_token", "")), form_value):
+        if not same(str(form.get("form_token", "")), form_value):
             return PlainTextResponse("stale or foreign form\n", 403)
         if request.url.path == "/retry":
-            job_id = int(str(form.get("job", "0")))
+            try:
+                job_id = form_number(form, "job")
+            except BadForm as exc:
+                return PlainTextResponse(f"{exc}\n", 400)
             done = retry_job(db, job_id)
             message = f"job {job_id} queued again" if done else f"job {job_id} cannot be retried"
         else:
@@ -225,31 +360,54 @@ def build_app(
         return Response(buffer.getvalue(), media_type="image/png")
 
     return Starlette(
+        middleware=[Middleware(SecurityHeaders)],
         routes=[
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             Route("/metrics", metrics_page),
             Route("/login", login, methods=["GET", "POST"]),
+            Route("/logout", logout, methods=["POST"]),
             Route("/", dashboard),
             Route("/retry", act, methods=["POST"]),
             Route("/resend", act, methods=["POST"]),
             Route("/thumbnails/{instance:int}.png", thumbnail),
-        ]
+        ],
     )
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """The dashboard's socket, bound here rather than by uvicorn: uvicorn reports a taken
+    port from its own thread and exits that thread only, leaving a node that logs a
+    dashboard another process answers."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        return socket.create_server((host, port), family=family)
+    except OSError as exc:
+        raise OSError(
+            f"dashboard cannot listen on {host}:{port} ({exc.strerror or exc}); "
+            "set dashboard.port to a free port, or dashboard.enabled: false"
+        ) from None
+
+
 class WebServer:
-    """uvicorn in a thread of the node's process; stopped with the node."""
+    """uvicorn in a thread of the node's process; stopped with the node. Constructing it
+    takes the port (an OSError names it when it is taken)."""
 
     def __init__(self, app: Starlette, host: str, port: int) -> None:
-        self.server = uvicorn.Server(
-            uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)
+        self.socket = listening_socket(host, port)
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.socket]}, name="dashboard", daemon=True
         )
-        self.thread = threading.Thread(target=self.server.run, name="dashboard", daemon=True)
 
     def start(self) -> None:
         self.thread.start()
 
+    def close(self) -> None:
+        """Give the port back without having served."""
+        self.socket.close()
+
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+        self.socket.close()

@@ -68,6 +68,9 @@ class NodeSettings(_Section):
     #: CT with few round trips.
     max_pdu: Annotated[int, Field(ge=0)] = 4_194_304
     max_associations: Annotated[int, Field(ge=1)] = 16
+    #: A peer silent this long (mid-PDU, in the TLS handshake, or idle in an association)
+    #: is dropped; association negotiation gets at most 30 s of it.
+    timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
     #: SOP classes other than CT and Enhanced CT: refuse them at association, or store them
     #: (kept, indexed, never analyzed).
     other_sop_classes: Literal["refuse", "store"] = "refuse"

@@ -7,6 +7,7 @@ is stored, the state its series must end in and words of the logged reason.
 
 from __future__ import annotations
 
+import struct
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -494,3 +495,26 @@ def cases(robustness: Path | None = None) -> list[Case]:
         ),
     ]
     return real + corpus
+
+
+# Raw PDUs, for peers that misbehave below DIMSE (PS3.8 9.3).
+def _pdu_item(item_type: int, payload: bytes) -> bytes:
+    return struct.pack(">BBH", item_type, 0, len(payload)) + payload
+
+
+def associate_rq(called: str, calling: str, context_id: int = 1) -> bytes:
+    """An A-ASSOCIATE-RQ proposing Verification in one presentation context of that ID."""
+    body = struct.pack(">HH", 1, 0) + called.ljust(16).encode() + calling.ljust(16).encode()
+    body += bytes(32) + _pdu_item(0x10, b"1.2.840.10008.3.1.1.1")
+    abstract = _pdu_item(0x30, b"1.2.840.10008.1.1")
+    transfer = _pdu_item(0x40, ImplicitVRLittleEndian.encode())
+    body += _pdu_item(0x20, bytes([context_id, 0, 0, 0]) + abstract + transfer)
+    user = _pdu_item(0x51, struct.pack(">I", 16384)) + _pdu_item(0x52, b"1.2.3.4")
+    body += _pdu_item(0x50, user)
+    return struct.pack(">BBI", 0x01, 0, len(body)) + body
+
+
+def stalled_pdu(called: str, calling: str) -> bytes:
+    """The first half of an A-ASSOCIATE-RQ: a peer that sends this and then nothing."""
+    whole = associate_rq(called, calling)
+    return whole[: len(whole) // 2]

@@ -3,7 +3,9 @@ that moves them fails here, loudly, instead of quietly dropping a limit or the a
 
 ``receive/handlers.py`` replaces an association's ``_ae`` (the per-caller allowlist of
 ``receive/access.py``), sets its DUL's ``_run_loop_delay`` and swaps its transport's ``recv``
-(the bounded reader). pyproject.toml pins pynetdicom to the minor release checked here.
+(the bounded reader). ``receive/transport.py`` subclasses the threaded server and its
+request handler, checks each PDU as the DUL decodes it and wraps ``Association.kill``.
+pyproject.toml pins pynetdicom to the minor release checked here.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import inspect
 import pynetdicom
 from pynetdicom import AE, acse, dul
 from pynetdicom.association import Association
-from pynetdicom.transport import AssociationSocket
+from pynetdicom.transport import AssociationServer, AssociationSocket, RequestHandler
 
 
 def test_the_pinned_release_is_the_one_installed() -> None:
@@ -41,3 +43,18 @@ def test_the_dul_sleeps_its_run_loop_delay_and_reads_pdus_through_its_sockets_re
     assert "time.sleep(self._run_loop_delay)" in source
     assert "self.socket.recv(6)" in source and "self.socket.recv(pdu_length)" in source
     assert list(inspect.signature(AssociationSocket.recv).parameters) == ["self", "nr_bytes"]
+
+
+def test_the_dul_decodes_each_pdu_through_the_method_the_transport_checks() -> None:
+    source = inspect.getsource(dul.DULServiceProvider._read_pdu_data)
+    assert "pdu, event = self._decode_pdu(bytestream)" in source
+    assert "self.event_queue.put(event)" in source
+
+
+def test_the_server_takes_its_request_handler_and_closes_a_silent_acceptor_by_kill() -> None:
+    assert "request_handler" in inspect.signature(AssociationServer.__init__).parameters
+    assert "server_class" in inspect.signature(AE.make_server).parameters
+    handle = inspect.getsource(RequestHandler.handle)
+    assert "self._create_association()" in handle and "assoc.start()" in handle
+    reactor = inspect.getsource(Association.run_reactor)
+    assert "self.kill()" in reactor and "shutdown_request" in reactor

@@ -21,7 +21,9 @@ from dicom_node.config import AllowedCaller, ConfigError, NodeConfig, SecuritySe
 from dicom_node.dimse import StoreStatus
 from dicom_node.observe.audit import AuditRecord, rfc5424_line
 from dicom_node.receive.access import AccessPolicy
+from dicom_node.receive.handlers import DUL_LOOP_DELAY_SECONDS
 from storage.models import AuditEvent, Instance
+from tests.adversarial import associate_rq, stalled_pdu
 from tests.dicom_factory import SeriesSpec, ct_datasets, phantom, write_series
 from tests.peers import storescu, wait_for
 
@@ -80,6 +82,16 @@ def test_association_rate_is_counted_per_host_over_a_minute() -> None:
     assert not policy.judge("10.0.0.2").over_rate
     now[0] = 61.0
     assert not policy.judge("10.0.0.1").over_rate
+
+
+def test_hosts_quiet_for_a_minute_are_forgotten_by_the_rate_limiter() -> None:
+    now = [0.0]
+    policy = AccessPolicy(SecuritySettings(associations_per_minute=2), clock=lambda: now[0])
+    for n in range(13_000):  # a scan from many addresses
+        policy.judge(f"10.{n // 65536}.{n // 256 % 256}.{n % 256}")
+    now[0] = 61.0
+    policy.judge("10.99.0.1")
+    assert list(policy._recent) == ["10.99.0.1"]
 
 
 def test_a_peer_host_that_is_neither_address_nor_name_stops_the_config() -> None:
@@ -259,3 +271,70 @@ def test_the_database_and_stored_files_are_owner_only(start_node: Any, tmp_path:
     assert len(created) > 4
     loose = [p for p in created if p.stat().st_mode & 0o077]
     assert not loose, f"readable by others: {loose}"
+
+
+def _connect(port: int) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=10)
+
+
+def test_a_connection_from_an_address_no_peer_may_use_is_closed_at_once(start_node: Any) -> None:
+    node = start_node(
+        workers={"count": 0}, security={"peers": [{"ae_title": "FARAWAY", "hosts": ["10.2.3.4"]}]}
+    )
+    with _connect(node.config.node.port) as connection:
+        assert connection.recv(1) == b""  # closed by the node, no request awaited
+    assert node.server.active_associations == []
+    wait_for(lambda: any(e.event == "connection" for e in _audit(node)), 10, "the audit event")
+    (event,) = [e for e in _audit(node) if e.event == "connection"]
+    assert (event.outcome, event.host) == ("refused", "127.0.0.1")
+    assert event.detail == "no peer may call from 127.0.0.1 (security.peers)"
+
+
+def test_a_peer_that_stalls_in_the_middle_of_a_pdu_is_dropped_and_audited(
+    start_node: Any,
+) -> None:
+    node = start_node(workers={"count": 0}, node={"timeout_seconds": 1})
+    port = node.config.node.port
+    with _connect(port) as connection:
+        connection.sendall(stalled_pdu("RESMTNET", "SCANNER"))
+        assert connection.recv(1) == b""
+    wait_for(
+        lambda: any("in the middle of a PDU" in e.detail for e in _audit(node)), 10, "the audit"
+    )
+    (event,) = [e for e in _audit(node) if "in the middle of a PDU" in e.detail]
+    assert event.detail == "connection closed: the peer sent nothing for 1 s in the middle of a PDU"
+    assert _echo(port) == (True, None)
+
+
+def test_an_even_presentation_context_id_is_answered_with_an_abort(start_node: Any) -> None:
+    node = start_node(workers={"count": 0})
+    port = node.config.node.port
+    with _connect(port) as connection:
+        connection.sendall(associate_rq("RESMTNET", "SCANNER", context_id=2))
+        answer = connection.recv(10)
+        assert answer[:1] == b"\x07"  # A-ABORT (PS3.8 9.3.8), then the node closes
+        assert connection.recv(1) == b""
+    assert _echo(port) == (True, None)
+
+
+def test_the_fast_transport_loop_starts_only_once_an_association_is_established(
+    start_node: Any,
+) -> None:
+    node = start_node(workers={"count": 0})
+    port = node.config.node.port
+    with _connect(port):  # connected, sends nothing
+        (idle,) = wait_for(lambda: node.server.active_associations, 10, "its association")
+        assert idle.dul._run_loop_delay > DUL_LOOP_DELAY_SECONDS  # pynetdicom's own pace
+        assoc = _associate(port)
+        (working,) = [a for a in node.server.active_associations if a.is_established]
+        assert working.dul._run_loop_delay == DUL_LOOP_DELAY_SECONDS
+        assoc.release()
+
+
+def test_a_connection_that_never_asks_is_closed_after_the_timeout_and_forgotten(
+    start_node: Any,
+) -> None:
+    node = start_node(workers={"count": 0}, node={"timeout_seconds": 1})
+    with _connect(node.config.node.port) as connection:
+        assert connection.recv(1) == b""
+    wait_for(lambda: not node.handlers._transfers, 10, "the connection's state to go")

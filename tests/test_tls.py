@@ -3,6 +3,7 @@ with TLS enabled, both with mutual authentication by certificates of one test CA
 
 from __future__ import annotations
 
+import socket
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -156,3 +157,29 @@ def test_a_tls_destination_without_certificates_stops_the_config() -> None:
     environ = {"DICOM_NODE__DESTINATIONS": "[{name: pacs, tls: true}]"}
     with pytest.raises(ConfigError, match=r"^destinations: 'pacs' has tls: true but security\.tls"):
         load_config(None, environ=environ)
+
+
+def test_a_silent_connection_on_the_tls_port_holds_up_no_other_caller(
+    start_node: Any, pki: Path
+) -> None:
+    tls = {
+        "certificate": str(pki / "node.crt"),
+        "private_key": str(pki / "node.key"),
+        "ca_certificates": str(pki / "ca.crt"),
+    }
+    node = start_node(workers={"count": 0}, node={"timeout_seconds": 3}, security={"tls": tls})
+    port = node.config.node.port
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as silent:
+        echo = subprocess.run(
+            [
+                require("echoscu"), "+tls", str(pki / "modality.key"),
+                str(pki / "modality.crt"), "+cf", str(pki / "ca.crt"),
+                "-aec", "RESMTNET", "127.0.0.1", str(port),
+            ],
+            capture_output=True,
+            env=DCMTK_ENV,
+            check=False,
+            timeout=30,
+        )  # fmt: skip
+        assert echo.returncode == 0, echo.stderr
+        assert silent.recv(1) == b""  # its handshake timed out on its own thread

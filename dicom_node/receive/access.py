@@ -81,6 +81,7 @@ class AccessPolicy:
         self.per_minute = settings.associations_per_minute
         self.clock = clock
         self._recent: dict[str, deque[float]] = {}
+        self._next_sweep = clock() + 60.0
         self._lock = threading.Lock()
 
     def titles_for(self, host: str) -> tuple[str, ...] | None:
@@ -100,10 +101,16 @@ class AccessPolicy:
             if len(recent) >= self.per_minute:
                 return True
             recent.append(now)
-            if len(self._recent) > 10_000:  # forget hosts not seen for a minute
-                for quiet in [h for h, q in self._recent.items() if not q]:
-                    del self._recent[quiet]
+            if now >= self._next_sweep:
+                self._forget_quiet_hosts(now)
             return False
+
+    def _forget_quiet_hosts(self, now: float) -> None:
+        """Hosts with no association in the last minute: at most one pass a minute, so a
+        scan from thousands of addresses neither grows the table nor slows each association."""
+        for quiet in [h for h, q in self._recent.items() if not q or q[-1] <= now - 60.0]:
+            del self._recent[quiet]
+        self._next_sweep = now + 60.0
 
     def judge(self, host: str) -> Verdict:
         return Verdict(host, self.titles_for(host), self._over_rate(host))

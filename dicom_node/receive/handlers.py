@@ -79,7 +79,12 @@ class BoundedReader:
         if self.in_message > self.max_message:
             self.refused = f"a message over {self.max_message} bytes (security.max_instance_bytes)"
             raise TransferTooLarge(self.refused)
-        return receive_exactly(self.connection, nr_bytes)
+        try:
+            return receive_exactly(self.connection, nr_bytes)
+        except TimeoutError:  # short: pynetdicom then closes the transport (Evt17)
+            waited = self.connection.gettimeout()
+            self.refused = f"the peer sent nothing for {waited:g} s in the middle of a PDU"
+            return bytearray()
 
     def message_done(self) -> None:
         self.in_message = 0
@@ -130,12 +135,21 @@ class StorageHandlers:
             (evt.EVT_CONN_CLOSE, self.on_aborted),
         ]
 
+    def admits(self, host: str) -> bool:
+        """Asked where connections are accepted: a connection from an address no peer may call
+        from is closed there, before it costs a thread. One audit event per host and minute
+        up to its association rate, so a flood cannot fill the audit trail."""
+        if self.access.titles_for(host) != ():
+            return True
+        if not self.access.judge(host).over_rate:
+            detail = f"no peer may call from {host} (security.peers)"
+            log.warning("connection closed: %s", detail)
+            self.audit.record(AuditRecord("connection", "refused", host=host, detail=detail))
+        return False
+
     def on_open(self, event: Event) -> None:
         """Before pynetdicom negotiates: the caller's allowlist and rate (:mod:`access`), and
-        the bounded socket reader. pynetdicom's transport loop sleeps 1 ms whenever its queue
-        is empty, which costs several ms per instance in a CT stream; 0.2 ms keeps it
-        responsive (pydicom/pynetdicom issue 650) at a small CPU cost, only while an
-        association is open."""
+        the bounded socket reader."""
         assoc = event.assoc
         host = str(getattr(event, "address", ("",))[0])
         try:
@@ -145,7 +159,6 @@ class StorageHandlers:
             verdict = Verdict(host, (), over_rate=False)
         assoc._ae = GatedAE(assoc.ae, verdict)  # type: ignore[assignment]
         transfer = Transfer(verdict)
-        assoc.dul._run_loop_delay = DUL_LOOP_DELAY_SECONDS
         transport = assoc.dul.socket
         if transport is not None and transport.socket is not None:
             transfer.reader = BoundedReader(transport.socket, self.max_pdu, self.max_instance_bytes)
@@ -174,6 +187,11 @@ class StorageHandlers:
         )
 
     def on_established(self, event: Event) -> None:
+        """pynetdicom's transport loop sleeps 1 ms whenever its queue is empty, which costs
+        several ms per instance in a CT stream; 0.2 ms keeps it responsive (pydicom/pynetdicom
+        issue 650) at a small CPU cost, only once an association is established: before, a
+        peer that connects and sends nothing would cost that CPU for nothing."""
+        event.assoc.dul._run_loop_delay = DUL_LOOP_DELAY_SECONDS
         self._record(event, "association", "success")
 
     def on_rejected(self, event: Event) -> None:

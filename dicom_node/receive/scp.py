@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ssl
+import threading
 
 from pydicom.uid import (
     JPEG2000,
@@ -19,10 +20,10 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.config import NodeSettings
 from dicom_node.receive.handlers import StorageHandlers
+from dicom_node.receive.transport import GuardedAssociationServer
 from dicom_node.sop_classes import CT_STORAGE_CLASSES
 
 #: Every syntax the node can decode (pylibjpeg's plugins): what scanners and PACS send CT in.
@@ -47,9 +48,9 @@ def build_ae(settings: NodeSettings) -> AE:
     ae.maximum_associations = settings.max_associations
     # A peer that addresses another AE title is misconfigured: reject it at association.
     ae.require_called_aet = True
-    ae.network_timeout = 60
-    ae.acse_timeout = 30
-    ae.dimse_timeout = 60
+    ae.network_timeout = settings.timeout_seconds
+    ae.acse_timeout = min(30.0, settings.timeout_seconds)
+    ae.dimse_timeout = settings.timeout_seconds
     ae.add_supported_context(Verification)
     for sop_class in sorted(CT_STORAGE_CLASSES):
         ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
@@ -62,15 +63,20 @@ def build_ae(settings: NodeSettings) -> AE:
 
 def start_scp(
     settings: NodeSettings, handlers: StorageHandlers, tls: ssl.SSLContext | None = None
-) -> ThreadedAssociationServer:
+) -> GuardedAssociationServer:
     """Listen in background threads (with DICOM TLS only, given ``tls``); ``shutdown()`` on
     the result stops accepting."""
     ae = build_ae(settings)
-    server = ae.start_server(
+    server = ae.make_server(
         (settings.host, settings.port),
-        block=False,
-        evt_handlers=handlers.bindings(),  # type: ignore[arg-type]
         ssl_context=tls,
+        evt_handlers=handlers.bindings(),  # type: ignore[arg-type]
+        server_class=GuardedAssociationServer,
+        admit=handlers.admits,
+        read_timeout=settings.timeout_seconds,
     )
-    assert server is not None  # block=False always returns the server
+    assert isinstance(server, GuardedAssociationServer)
+    # As AE.start_server(block=False) does, with the guarded server class.
+    threading.Thread(target=server.serve_forever, name="dicom-accept", daemon=True).start()
+    ae._servers.append(server)
     return server

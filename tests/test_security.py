@@ -15,11 +15,13 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
-from sqlalchemy import select
+from sqlalchemy import create_engine, select
+from sqlalchemy.orm import sessionmaker
 
 from dicom_node.config import AllowedCaller, ConfigError, NodeConfig, SecuritySettings
 from dicom_node.dimse import StoreStatus
-from dicom_node.observe.audit import AuditRecord, rfc5424_line
+from dicom_node.observe.audit import AuditRecord, AuditTrail, rfc5424_line
+from dicom_node.observe.metrics import REGISTRY
 from dicom_node.receive.access import AccessPolicy
 from dicom_node.receive.handlers import DUL_LOOP_DELAY_SECONDS
 from storage.models import AuditEvent, Instance
@@ -249,6 +251,18 @@ def test_audit_lines_follow_rfc5424_and_reach_a_syslog_collector(
     assert f'studyUID="{study}"' in stored and stored.endswith(
         "3 instance(s) stored; association released"
     )
+
+
+def test_an_audit_event_the_database_cannot_take_is_counted_as_lost(tmp_path: Path) -> None:
+    engine = create_engine(f"sqlite:///{tmp_path / 'missing-folder' / 'audit.db'}")
+    lost = {"sink": "database"}
+
+    def count() -> float:
+        return REGISTRY.get_sample_value("dicom_node_audit_events_lost_total", lost) or 0.0
+
+    before = count()
+    AuditTrail(sessionmaker(engine)).record(AuditRecord("association", "refused"))
+    assert count() == before + 1
 
 
 def test_structured_data_values_are_escaped() -> None:

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import AuditSyslog
+from dicom_node.observe import metrics
 from storage.audit import record_event
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,7 @@ class SyslogSink:
                 else:
                     self._socket.sendall(b"%d " % len(line) + line)
             except OSError as exc:
+                metrics.AUDIT_EVENTS_LOST.labels("syslog").inc()
                 log.error(
                     "audit syslog %s:%d unreachable: %s",
                     self.settings.host,
@@ -125,7 +127,8 @@ class AuditTrail:
                     record.study_uid,
                     record.detail,
                 )
-        except Exception as exc:  # the database may be down: the work goes on, the gap is logged
+        except Exception as exc:  # the database may be down: the work goes on, the gap is counted
             log.error("audit event %s not written: %s", record.event, exc.__class__.__name__)
+            metrics.AUDIT_EVENTS_LOST.labels("database").inc()
         if self.syslog is not None:
             self.syslog.send(rfc5424_line(record, self.app_name))

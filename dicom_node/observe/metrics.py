@@ -28,6 +28,12 @@ INSTANCES_REFUSED = Counter(
     ["status"],
     registry=REGISTRY,
 )
+AUDIT_EVENTS_LOST = Counter(
+    "dicom_node_audit_events_lost",
+    "Audit events not written, by sink (database, syslog): the trail has a gap",
+    ["sink"],
+    registry=REGISTRY,
+)
 SERIES_COMPLETED = Counter(
     "dicom_node_series_completed", "Series completed, by how", ["why"], registry=REGISTRY
 )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -217,3 +219,18 @@ def test_json_log_lines_are_one_object_each(capsys: pytest.CaptureFixture[str]) 
     assert (
         second["message"] == "delivery job 7 failed" and "RuntimeError: boom" in second["exception"]
     )
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_library_warnings_reach_only_the_debug_log(verbose: bool) -> None:
+    script = (
+        "import logging, warnings\n"
+        "from dicom_node.observe.logs import configure\n"
+        f"configure(logging.{'DEBUG' if verbose else 'WARNING'}, json_lines=False)\n"
+        "warnings.warn('one-part patient name', UserWarning)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    if verbose:
+        assert "DEBUG py.warnings: UserWarning: one-part patient name" in run.stderr
+    else:
+        assert run.stderr == ""

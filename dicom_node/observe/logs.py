@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from datetime import UTC, datetime
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -28,7 +29,24 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, ensure_ascii=False)
 
 
+def warning_to_debug_log(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: object = None,
+    line: str | None = None,
+) -> None:
+    """Libraries' warnings (highdicom on a one-part patient name, pydicom on a value outside
+    its VR) are for whoever debugs, not for the user's terminal: the node and the CLI say
+    what matters in their own lines."""
+    logging.getLogger("py.warnings").debug(
+        "%s: %s (%s:%d)", category.__name__, message, filename, lineno
+    )
+
+
 def configure(level: int, json_lines: bool) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if json_lines else logging.Formatter(TEXT_FORMAT))
     logging.basicConfig(level=level, handlers=[handler], force=True)
+    warnings.showwarning = warning_to_debug_log

@@ -14,8 +14,11 @@ stops beating; once the lease runs out, another claims the job.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
+from collections.abc import Callable
 from types import TracebackType
 
 from sqlalchemy.exc import OperationalError
@@ -27,6 +30,44 @@ from storage import queue
 from storage.states import JobKind, JobState
 
 log = logging.getLogger(__name__)
+
+
+def process_identity() -> str:
+    """``host:pid``: the prefix of the names this process's runners hold leases under."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def predecessor_is_gone(
+    worker: str, identity: str, running: Callable[[int], bool] = _running
+) -> bool:
+    """Whether a lease holder was a process of this machine that is no more: a crashed node
+    restarted by systemd. A holder with this very process's ``host:pid`` is a predecessor
+    too (a container restarts with the same pid), since this process holds nothing yet."""
+    host = identity.partition(":")[0]
+    holder, _, rest = worker.partition("/")
+    holder_host, _, holder_pid = holder.partition(":")
+    if holder_host != host or not holder_pid.isdigit() or not rest:
+        return False
+    return holder == identity or not running(int(holder_pid))
+
+
+def take_back_predecessors_jobs(db: sessionmaker[Session], identity: str) -> int:
+    """At start, before any runner claims: end the leases this machine's dead processes left,
+    so their jobs run again now, not once the leases run out. A holder on another machine,
+    or whose pid is alive, keeps its lease (it may be working)."""
+    with db.begin() as session:
+        gone = [w for w in queue.lease_holders(session) if predecessor_is_gone(w, identity)]
+        return queue.expire_leases(session, gone) if gone else 0
 
 
 class HandedBack(Exception):

@@ -8,9 +8,7 @@ Nothing acknowledged is lost: it is on disk and indexed before its C-STORE respo
 from __future__ import annotations
 
 import logging
-import os
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -22,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import NodeConfig
 from dicom_node.deliver.sender import Sender
-from dicom_node.jobs import JobRunner
+from dicom_node.jobs import JobRunner, process_identity, take_back_predecessors_jobs
 from dicom_node.observe.audit import AuditTrail
 from dicom_node.ops.web import WebServer, build_app
 from dicom_node.pipeline.completion import SeriesCompletion
@@ -85,7 +83,10 @@ class Node:
         swept = self.instances.remove_stale_temporaries() + self.results.remove_stale_temporaries()
         if swept:
             log.info("removed %d unacknowledged partial file(s) left by a crash", swept)
-        identity = f"{socket.gethostname()}:{os.getpid()}"
+        identity = process_identity()
+        taken = take_back_predecessors_jobs(self.db, identity)
+        if taken:
+            log.info("took back %d job(s) a crashed process of this machine left running", taken)
         # The listeners first: a port that is taken stops the start before anything runs.
         if self.config.dashboard.enabled:
             settings = self.config.dashboard

@@ -222,6 +222,23 @@ def hand_back(session: Session, job: ClaimedJob) -> None:
     )
 
 
+def lease_holders(session: Session) -> list[str]:
+    """The workers that hold a running job's lease now."""
+    held = select(Job.worker).where(Job.state == JobState.RUNNING).distinct()
+    return [str(worker) for worker in session.scalars(held)]
+
+
+def expire_leases(session: Session, workers: list[str]) -> int:
+    """End the leases of workers known to be dead: their jobs are claimable at once, each
+    attempt counted as a crash is. Returns how many."""
+    result = session.execute(
+        update(Job)
+        .where(Job.state == JobState.RUNNING, Job.worker.in_(workers))
+        .values(lease_expires=utcnow() - timedelta(seconds=1), updated=utcnow())
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
 def reap(session: Session) -> int:
     """Dead-letter jobs whose lease expired on their last attempt (the worker died each time:
     the input may be what kills it). Returns how many."""

@@ -1,5 +1,6 @@
 """A worker process for the lease tests: claims the one analysis job, says so on stdout, and
-works on it until it is killed (``python -m tests.lease_worker DATABASE_URL LEASE_SECONDS``)."""
+works on it until it is killed (``python -m tests.lease_worker DATABASE_URL LEASE_SECONDS
+[--as-node]``: with ``--as-node`` its lease is held under a node's name, ``host:pid/worker0``)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import sys
 import threading
 
 from dicom_node.config import JobSettings
-from dicom_node.jobs import JobHandler, JobRunner, Lease
+from dicom_node.jobs import JobHandler, JobRunner, Lease, process_identity
 from storage import queue
 from storage.database import open_database
 from storage.states import JobKind
@@ -21,17 +22,22 @@ class Forever(JobHandler):
         threading.Event().wait()
 
 
-def main(url: str, lease_seconds: float) -> None:
+def main(url: str, lease_seconds: float, name: str) -> None:
     db = open_database(url)
     handler = Forever(
         JobSettings(
             lease_seconds=lease_seconds, max_attempts=3, backoff_seconds=1, max_backoff_seconds=1
         )
     )
-    runner = JobRunner(db, handler, "doomed-worker", threading.Event())
+    runner = JobRunner(db, handler, name, threading.Event())
     while not runner.run_once():
         threading.Event().wait(0.05)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], float(sys.argv[2]))
+    as_node = sys.argv[3:] == ["--as-node"]
+    main(
+        sys.argv[1],
+        float(sys.argv[2]),
+        f"{process_identity()}/worker0" if as_node else "doomed-worker",
+    )

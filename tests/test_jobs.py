@@ -17,7 +17,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import JobSettings, NodeConfig
 from dicom_node.deliver.sender import Sender
-from dicom_node.jobs import JobHandler, JobRunner, Lease
+from dicom_node.jobs import (
+    JobHandler,
+    JobRunner,
+    Lease,
+    predecessor_is_gone,
+    process_identity,
+    take_back_predecessors_jobs,
+)
 from storage import queue
 from storage.database import open_database
 from storage.models import Job, Patient, Series, Study
@@ -162,6 +169,43 @@ def test_a_killed_workers_job_is_taken_over_once_its_lease_lapses(
     assert ran == 1 and rescuer.runs == ["rescuer"]
     assert time.monotonic() - killed_at <= 10 * LEASE_SECONDS
     assert (job.state, job.attempts, job.worker) == (JobState.DONE, 2, "rescuer")
+
+
+def test_a_restarted_node_takes_back_its_dead_predecessors_jobs_at_once(
+    db: sessionmaker[Session], database_url: str
+) -> None:
+    job_id = _queued_job(db)
+    crashed = subprocess.Popen(
+        [sys.executable, "-m", "tests.lease_worker", database_url, "600", "--as-node"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    try:
+        assert crashed.stdout is not None
+        assert crashed.stdout.readline().strip() == f"claimed {job_id}"
+        identity = process_identity()
+        assert take_back_predecessors_jobs(db, identity) == 0  # alive: its lease holds
+        crashed.send_signal(signal.SIGKILL)
+        crashed.wait(10)
+        assert take_back_predecessors_jobs(db, identity) == 1
+    finally:
+        crashed.kill()
+        crashed.wait()
+    rescuer = Slow(db, seconds=0)
+    assert JobRunner(db, rescuer, f"{identity}/worker0", threading.Event()).run_once() == 1
+    assert (_job(db, job_id).state, _job(db, job_id).attempts) == (JobState.DONE, 2)
+
+
+def test_only_this_machines_dead_processes_count_as_predecessors() -> None:
+    alive = {100}.__contains__
+    me = "ct-node:200"
+    assert predecessor_is_gone("ct-node:300/worker0", me, alive)
+    assert predecessor_is_gone("ct-node:200/sender", me, alive)  # a pid reused after a crash
+    assert not predecessor_is_gone("ct-node:100/worker1", me, alive)
+    assert not predecessor_is_gone("other-host:300/worker0", me, alive)
+    assert not predecessor_is_gone("doomed-worker", me, alive)
 
 
 def test_a_worker_whose_lease_was_taken_over_records_nothing(db: sessionmaker[Session]) -> None:

@@ -31,5 +31,9 @@ def record_event(
     )
 
 
-def recent_events(session: Session, limit: int = 50) -> list[AuditEvent]:
-    return list(session.scalars(select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit)))
+def recent_events(session: Session, limit: int = 50, event: str = "") -> list[AuditEvent]:
+    """The newest events first; with ``event``, only events of that kind."""
+    query = select(AuditEvent)
+    if event:
+        query = query.where(AuditEvent.event == event)
+    return list(session.scalars(query.order_by(AuditEvent.id.desc()).limit(limit)))

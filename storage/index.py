@@ -43,6 +43,7 @@ class InstanceRecord:
     study_uid: str
     accession_number: str
     study_date: str
+    study_description: str
     series_uid: str
     modality: str
     series_description: str
@@ -150,6 +151,7 @@ def series_for(
         patient_id=patient.id,
         accession_number=record.accession_number,
         study_date=record.study_date,
+        description=record.study_description,
     )
     if study.patient_id != patient.id:
         raise UIDConflict(f"StudyInstanceUID already held for another patient: {record.study_uid}")
@@ -480,8 +482,15 @@ def purge_series_images(session: Session, series_id: int) -> list[Path]:
 
 @dataclass(frozen=True)
 class SeriesSummary:
+    """A series as operators look for it in PACS: accession number, study date and
+    description, series description and sender, besides its UID. The patient's name and ID
+    stay out of it (the dashboard is reachable by more people than the PACS)."""
+
     id: int
     series_uid: str
+    accession_number: str
+    study_date: str
+    study_description: str
     description: str
     calling_ae: str
     peer_host: str
@@ -494,9 +503,34 @@ class SeriesSummary:
     key_images: tuple[tuple[int, str], ...]
 
 
-def recent_series(session: Session, limit: int = 30) -> list[SeriesSummary]:
-    rows = list(session.scalars(select(Series).order_by(Series.last_received.desc()).limit(limit)))
-    ids = [s.id for s in rows]
+def recent_series(session: Session, limit: int = 30, accession: str = "") -> list[SeriesSummary]:
+    """The series received last; with ``accession``, only those of studies with that
+    Accession Number."""
+    query = select(Series, Study).join(Study, Series.study_id == Study.id)
+    if accession:
+        query = query.where(Study.accession_number == accession)
+    rows = session.execute(query.order_by(Series.last_received.desc()).limit(limit))
+    return _summaries(session, [(series, study) for series, study in rows])
+
+
+def series_summary(session: Session, series_uid: str) -> SeriesSummary | None:
+    row = session.execute(
+        select(Series, Study)
+        .join(Study, Series.study_id == Study.id)
+        .where(Series.series_uid == series_uid)
+    ).one_or_none()
+    return _summaries(session, [(row[0], row[1])])[0] if row is not None else None
+
+
+def current_findings_json(session: Session, series_id: int) -> str | None:
+    """The current result's ``findings_json``, None before any analysis."""
+    return session.scalar(
+        select(Result.findings_json).where(Result.series_id == series_id, Result.current)
+    )
+
+
+def _summaries(session: Session, rows: list[tuple[Series, Study]]) -> list[SeriesSummary]:
+    ids = [s.id for s, _ in rows]
     counts = {
         series_id: n
         for series_id, n in session.execute(
@@ -523,6 +557,9 @@ def recent_series(session: Session, limit: int = 30) -> list[SeriesSummary]:
         SeriesSummary(
             s.id,
             s.series_uid,
+            study.accession_number,
+            study.study_date,
+            study.description,
             s.description,
             s.calling_ae,
             s.peer_host,
@@ -533,7 +570,7 @@ def recent_series(session: Session, limit: int = 30) -> list[SeriesSummary]:
             current[s.id].nodules if s.id in current else None,
             tuple(images.get(current[s.id].id, ())) if s.id in current else (),
         )
-        for s in rows
+        for s, study in rows
     ]
 
 

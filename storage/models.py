@@ -68,8 +68,9 @@ class Study(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_uid: Mapped[str] = mapped_column(UID, unique=True)
     patient_id: Mapped[int] = mapped_column(ForeignKey("patients.id"))
-    accession_number: Mapped[str] = mapped_column(String(16), default="")
+    accession_number: Mapped[str] = mapped_column(String(16), default="", index=True)
     study_date: Mapped[str] = mapped_column(String(8), default="")
+    description: Mapped[str] = mapped_column(String(64), default="")
 
 
 class Series(Base):
@@ -197,8 +198,8 @@ class AuditEvent(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
-    #: association, instances-stored, delivery.
-    event: Mapped[str] = mapped_column(String(32))
+    #: association, connection, instances-stored, identity-conflict, delivery.
+    event: Mapped[str] = mapped_column(String(32), index=True)
     #: success, refused, failed.
     outcome: Mapped[str] = mapped_column(String(16))
     calling_ae: Mapped[str] = mapped_column(String(16), default="")

@@ -308,6 +308,11 @@ def delivery_counts(session: Session) -> dict[tuple[str, JobState], int]:
     return {(destination, state): int(n) for destination, state, n in rows}
 
 
+def jobs_of_series(session: Session, series_id: int) -> list[Job]:
+    """Every job of one series, analyses and deliveries, oldest first."""
+    return list(session.scalars(select(Job).where(Job.series_id == series_id).order_by(Job.id)))
+
+
 def recent(session: Session, limit: int = 50, state: JobState | None = None) -> list[Job]:
     query = select(Job).order_by(Job.id.desc()).limit(limit)
     if state:

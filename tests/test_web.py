@@ -174,6 +174,54 @@ def test_the_queue_shows_what_a_running_job_is_doing(start_node: Any, tmp_path: 
     assert "running: detecting nodules" in page
 
 
+def test_operators_find_a_series_by_accession_and_open_its_page(
+    start_node: Any, tmp_path: Path
+) -> None:
+    node = start_node(workers={"count": 0}, dashboard={"token": TOKEN})
+    spec = SeriesSpec(slices=3)
+    uids = []
+    for accession, description in (("ACC-CHEST", "CT THORAX"), ("ACC-OTHER", "CT ABDOMEN")):
+        datasets = ct_datasets(spec, phantom(spec, None))
+        for ds in datasets:
+            ds.AccessionNumber, ds.StudyDescription = accession, description
+            ds.SeriesDescription = f"{description} 1.0 B60f"
+        uids.append(str(datasets[0].SeriesInstanceUID))
+        files = write_series(tmp_path / accession, datasets)
+        assert storescu(node.config.node.port, files).returncode == 0
+    client = _client(node)
+    _login(client, TOKEN)
+    found = client.get("/", params={"accession": "ACC-CHEST"}).text
+    assert uids[0] in found and uids[1] not in found
+    assert "CT THORAX" in found and "2026-01-01" in found
+    assert "No series with accession number NOPE" in client.get("/?accession=NOPE").text
+    page = client.get(f"/series/{uids[0]}")
+    assert page.status_code == 200
+    for shown in ("ACC-CHEST", "CT THORAX 1.0 B60f", "SCANNER", "Not analyzed yet", "analyze"):
+        assert shown in page.text
+    assert "Test^Phantom" not in page.text and "PHANTOM1" not in page.text  # no PHI
+    assert client.get("/series/1.2.3.4").status_code == 404
+
+
+def test_a_study_uid_of_another_patient_is_shown_as_refused(
+    start_node: Any, tmp_path: Path
+) -> None:
+    node = start_node(workers={"count": 0}, dashboard={"token": TOKEN})
+    spec = SeriesSpec(slices=1)
+    (first,) = ct_datasets(spec, phantom(spec, None))
+    (second,) = ct_datasets(spec, phantom(spec, None))
+    second.StudyInstanceUID, second.PatientID = first.StudyInstanceUID, "OTHER-7"
+    codes = [
+        storescu(node.config.node.port, write_series(tmp_path / f"s{n}", [ds])).returncode
+        for n, ds in enumerate((first, second))
+    ]
+    assert codes[0] == 0 and codes[1] != 0  # the second refused
+    client = _client(node)
+    _login(client, TOKEN)
+    page = client.get("/").text  # audited before the refusal was answered
+    assert f"StudyInstanceUID already held for another patient: {first.StudyInstanceUID}" in page
+    assert "OTHER-7" not in page
+
+
 def test_readyz_says_what_is_not_ready(start_node: Any) -> None:
     node = start_node(workers={"count": 0}, storage={"min_free_mb": 10**9})
     answer = _client(node).get("/readyz")

@@ -43,7 +43,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from dicom_node.config import Destination, NodeConfig
 from dicom_node.observe import metrics
 from dicom_node.ops.operations import resend_series, retry_job
-from storage import index, queue
+from dicom_node.pipeline.results import ResultRecord
+from storage import audit, index, queue
 from storage.files import FreeSpace
 from storage.models import utcnow
 from storage.states import FINISHED, JobState
@@ -61,7 +62,15 @@ def human_size(size: float) -> str:
     return f"{size:.1f} TB"
 
 
+def dicom_date(value: str) -> str:
+    """A DA value (YYYYMMDD) as operators read it; anything else as it came."""
+    if len(value) == 8 and value.isdigit():
+        return f"{value[:4]}-{value[4:6]}-{value[6:]}"
+    return value
+
+
 TEMPLATES.env.filters["size"] = human_size
+TEMPLATES.env.filters["dicom_date"] = dicom_date
 TEMPLATES.env.globals.update(JobState=JobState, FINISHED=FINISHED)
 COOKIE = "dicom_node_session"
 ECHO_CACHE_SECONDS = 30.0
@@ -297,16 +306,19 @@ def build_app(
     async def dashboard(request: Request) -> Response:
         if not logged_in(request):
             return RedirectResponse("/login", 303)
+        accession = request.query_params.get("accession", "").strip()[:16]
         with db() as session:
             context = {
                 "totals": index.totals(session),
                 "series_states": index.series_states(session),
                 "job_counts": queue.counts(session),
-                "series": index.recent_series(session),
+                "accession": accession,
+                "series": index.recent_series(session, accession=accession),
                 "jobs": queue.recent(session, limit=30),
                 "failed": queue.recent(session, limit=20, state=JobState.FAILED),
                 "deliveries": queue.delivery_counts(session),
                 "stored_bytes": index.stored_bytes(session),
+                "conflicts": audit.recent_events(session, 10, event="identity-conflict"),
             }
         context.update(
             destinations=config.destinations,
@@ -322,6 +334,26 @@ def build_app(
             ),
         )
         return TEMPLATES.TemplateResponse(request, "dashboard.html", context)
+
+    async def series_page(request: Request) -> Response:
+        if not logged_in(request):
+            return RedirectResponse("/login", 303)
+        series_uid = str(request.path_params["uid"])
+        with db() as session:
+            summary = index.series_summary(session, series_uid)
+            if summary is None:
+                return PlainTextResponse(f"no series {series_uid} here\n", 404)
+            jobs = queue.jobs_of_series(session, summary.id)
+            stored = index.current_findings_json(session, summary.id)
+        findings = ResultRecord.from_json(stored).findings if stored is not None else None
+        context = {
+            "s": summary,
+            "jobs": jobs,
+            "findings": findings,
+            "destinations": config.destinations,
+            "form_token": form_value,
+        }
+        return TEMPLATES.TemplateResponse(request, "series.html", context)
 
     async def act(request: Request) -> Response:
         if not logged_in(request):
@@ -371,6 +403,7 @@ def build_app(
             Route("/retry", act, methods=["POST"]),
             Route("/resend", act, methods=["POST"]),
             Route("/thumbnails/{instance:int}.png", thumbnail),
+            Route("/series/{uid}", series_page),
         ],
     )
 

@@ -146,6 +146,7 @@ def read_record(ds: Dataset, transfer_syntax: str) -> index.InstanceRecord:
         study_uid=uids["StudyInstanceUID"],
         accession_number=_text(ds, "AccessionNumber", 16),
         study_date=_text(ds, "StudyDate", 8),
+        study_description=_text(ds, "StudyDescription"),
         series_uid=uids["SeriesInstanceUID"],
         modality=_text(ds, "Modality", 16),
         series_description=_text(ds, "SeriesDescription"),

@@ -4,6 +4,7 @@ with an operating point chosen without it."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import torch
 import inference.lab.protocol as protocol
 from dicom_node.lab.cases import load_cases
 from dicom_node.lab.protocol_report import write_protocol_report
+from inference.lab.evaluation import ScanOutcome
 from inference.lab.nodule_folder import NoduleSplit, read_nodule_folder
 from inference.lab.training import TrainingConfig
 from tests.test_transplant import small_folder
@@ -62,12 +64,32 @@ def test_held_out_names_run_only_that_direction(lidc_root: Path, tmp_path: Path)
     )
     split = NoduleSplit(seed=5, validation_fraction=0.4, calibration_fraction=0.3)
     second = sorted(c.name for c in cases)[1]
+    kept: dict[str, list[dict[str, Any]]] = {}
+
+    def keep(run: protocol.Run, scans: dict[str, list[ScanOutcome]]) -> None:
+        kept.update({group: [o.to_json() for o in outcomes] for group, outcomes in scans.items()})
+
     runs = protocol.cross_case(
-        cases, nodules, split, tiny, [7], 1.0, torch.device("cpu"), 1, 1, held_out_names=[second]
+        cases,
+        nodules,
+        split,
+        tiny,
+        [7],
+        1.0,
+        torch.device("cpu"),
+        1,
+        1,
+        held_out_names=[second],
+        on_scores=keep,
     )
     assert [(r.held_out, r.trained_on) for r in runs] == [
         (second, tuple(c.name for c in sorted(cases, key=lambda c: c.name) if c.name != second))
     ]
+    # Every scored detection is kept, so operating-point rules can be compared afterwards.
+    assert sorted(kept) == ["calibration", "held_out", "synthetic", "transplanted"]
+    (scan,) = kept["held_out"]
+    assert scan["name"] == second
+    assert len(scan["scores"]) == len(scan["hit"]) == len(scan["diameters_mm"]) > 0
 
 
 def test_an_unknown_held_out_case_is_named(

@@ -26,6 +26,7 @@ from inference.detector import (
 )
 from inference.findings import ModelInfo
 from inference.lab.characterize import characterize
+from inference.lab.evaluation import ScanOutcome
 from inference.lab.experiments import calibration_outcomes, choose_threshold
 from inference.lab.nodule_folder import NoduleSplit, read_nodule_folder
 from inference.lab.protocol import Run, cross_case
@@ -179,6 +180,11 @@ def evaluate_cross_case(
         path = write_protocol_report(runs, out, settings, min_diameter_mm)
         print(f"report ({len(runs)} run(s) so far): {path}")
 
+    def keep_scores(run: Run, scans: dict[str, list[ScanOutcome]]) -> None:
+        path = out / f"scores-{run.held_out}-seed{run.seed}.json"
+        groups = {group: [o.to_json() for o in outcomes] for group, outcomes in scans.items()}
+        path.write_text(json.dumps(groups))
+
     cross_case(
         cases,
         vois,
@@ -191,4 +197,5 @@ def evaluate_cross_case(
         synthetic_scans,
         report,
         held_out,
+        keep_scores,
     )

@@ -78,6 +78,17 @@ class ScanOutcome:
     def targets(self) -> int:
         return sum(not r.excluded for r in self.references)
 
+    def to_json(self) -> dict[str, object]:
+        """Every scored detection with what it hit, so that operating-point rules can be
+        compared afterwards without training again."""
+        return {
+            "name": self.name,
+            "targets": self.targets(),
+            "scores": [round(float(s), 6) for s in self.scores],
+            "diameters_mm": [round(float(d), 2) for d in self.diameters_mm],
+            "hit": [int(h) for h in self.hit],
+        }
+
     def found(self, threshold: float) -> set[int]:
         return {
             int(h) for h, s in zip(self.hit, self.scores, strict=True) if h >= 0 and s >= threshold

@@ -176,13 +176,15 @@ def cross_case(
     synthetic_scans: int,
     on_run: Callable[[list[Run]], None] = lambda runs: None,
     held_out_names: Collection[str] = (),
+    on_scores: Callable[[Run, dict[str, list[ScanOutcome]]], None] = lambda run, scans: None,
 ) -> list[Run]:
     """Every (held-out case, seed) run of the protocol, in a fixed order; the held-out case
     is scored on ``transplant_scans`` scans of pasted validation nodules and
     ``synthetic_scans`` of synthetic ones, :data:`NODULES_PER_SCAN` each. ``on_run`` gets
     the runs so far after each one (a run takes most of an hour on 2 CPU cores).
     ``held_out_names``, where given, holds out only those cases (the others still train), so
-    that one direction can run on its own machine or in its own session."""
+    that one direction can run on its own machine or in its own session. ``on_scores`` gets
+    each run's scored scans by group (calibration, held_out, transplanted, synthetic)."""
     cases = sorted(cases, key=lambda c: c.name)
     learn = split.select(nodules, "train")
     calibrate = split.select(nodules, "calibration")
@@ -246,4 +248,11 @@ def cross_case(
                 )
             runs.append(run)
             on_run(runs)
+            scans = {
+                "calibration": calibration,
+                "held_out": [outcome],
+                "transplanted": transplanted,
+                "synthetic": synthetic,
+            }
+            on_scores(run, scans)
     return runs

@@ -66,7 +66,7 @@ def test_held_out_names_run_only_that_direction(lidc_root: Path, tmp_path: Path)
     second = sorted(c.name for c in cases)[1]
     kept: dict[str, list[dict[str, Any]]] = {}
 
-    def keep(run: protocol.Run, scans: dict[str, list[ScanOutcome]]) -> None:
+    def keep(run: protocol.Run, _: object, scans: dict[str, list[ScanOutcome]]) -> None:
         kept.update({group: [o.to_json() for o in outcomes] for group, outcomes in scans.items()})
 
     runs = protocol.cross_case(

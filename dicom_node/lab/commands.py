@@ -180,10 +180,24 @@ def evaluate_cross_case(
         path = write_protocol_report(runs, out, settings, min_diameter_mm)
         print(f"report ({len(runs)} run(s) so far): {path}")
 
-    def keep_scores(run: Run, scans: dict[str, list[ScanOutcome]]) -> None:
-        path = out / f"scores-{run.held_out}-seed{run.seed}.json"
+    def keep_scores(
+        run: Run, detector: NoduleDetector, scans: dict[str, list[ScanOutcome]]
+    ) -> None:
+        """Each run's scored detections and its model, to try operating-point rules and
+        detection-time changes afterwards without training again."""
+        name = f"{run.held_out}-seed{run.seed}"
         groups = {group: [o.to_json() for o in outcomes] for group, outcomes in scans.items()}
-        path.write_text(json.dumps(groups))
+        (out / f"scores-{name}.json").write_text(json.dumps(groups))
+        operating_point = {
+            **asdict(detector.operating_point),
+            "threshold": run.at(min_diameter_mm).threshold,
+            "min_diameter_mm": min_diameter_mm,
+        }
+        record: dict[str, object] = {
+            "cross_case": {"held_out": run.held_out, "seed": run.seed, **settings}
+        }
+        weights = save_weights(detector.model, record, operating_point, __version__)
+        (out / f"model-{name}.pt").write_bytes(weights)
 
     cross_case(
         cases,

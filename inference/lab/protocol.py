@@ -176,7 +176,9 @@ def cross_case(
     synthetic_scans: int,
     on_run: Callable[[list[Run]], None] = lambda runs: None,
     held_out_names: Collection[str] = (),
-    on_scores: Callable[[Run, dict[str, list[ScanOutcome]]], None] = lambda run, scans: None,
+    on_scores: Callable[
+        [Run, NoduleDetector, dict[str, list[ScanOutcome]]], None
+    ] = lambda run, detector, scans: None,
 ) -> list[Run]:
     """Every (held-out case, seed) run of the protocol, in a fixed order; the held-out case
     is scored on ``transplant_scans`` scans of pasted validation nodules and
@@ -184,7 +186,8 @@ def cross_case(
     the runs so far after each one (a run takes most of an hour on 2 CPU cores).
     ``held_out_names``, where given, holds out only those cases (the others still train), so
     that one direction can run on its own machine or in its own session. ``on_scores`` gets
-    each run's scored scans by group (calibration, held_out, transplanted, synthetic)."""
+    each run's model and its scored scans by group (calibration, held_out, transplanted,
+    synthetic)."""
     cases = sorted(cases, key=lambda c: c.name)
     learn = split.select(nodules, "train")
     calibrate = split.select(nodules, "calibration")
@@ -254,5 +257,5 @@ def cross_case(
                 "transplanted": transplanted,
                 "synthetic": synthetic,
             }
-            on_scores(run, scans)
+            on_scores(run, detector, scans)
     return runs

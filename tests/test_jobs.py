@@ -118,6 +118,24 @@ def _poll(runner: JobRunner, until: Callable[[], bool], seconds: float) -> int:
     return ran
 
 
+def _worker_holding(
+    job_id: int, database_url: str, lease_seconds: float, *args: str
+) -> subprocess.Popen[str]:
+    """A worker process (tests/lease_worker.py) once it holds the job's lease."""
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "tests.lease_worker", database_url, str(lease_seconds), *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert worker.stdout is not None
+    if worker.stdout.readline().strip() != f"claimed {job_id}":
+        worker.kill()
+        raise AssertionError(f"the worker process did not claim job {job_id}")
+    return worker
+
+
 def test_a_job_longer_than_its_lease_runs_once_and_finishes(db: sessionmaker[Session]) -> None:
     job_id = _queued_job(db)
     slow = Slow(db, seconds=4 * LEASE_SECONDS)
@@ -140,16 +158,8 @@ def test_a_killed_workers_job_is_taken_over_once_its_lease_lapses(
     db: sessionmaker[Session], database_url: str
 ) -> None:
     job_id = _queued_job(db)
-    doomed = subprocess.Popen(
-        [sys.executable, "-m", "tests.lease_worker", database_url, str(LEASE_SECONDS)],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
+    doomed = _worker_holding(job_id, database_url, LEASE_SECONDS)
     try:
-        assert doomed.stdout is not None
-        assert doomed.stdout.readline().strip() == f"claimed {job_id}"
         time.sleep(2 * LEASE_SECONDS)  # alive and beating: the job stays its own
         assert _job(db, job_id).worker == "doomed-worker"
         rescuer = Slow(db, seconds=0)
@@ -175,16 +185,8 @@ def test_a_restarted_node_takes_back_its_dead_predecessors_jobs_at_once(
     db: sessionmaker[Session], database_url: str
 ) -> None:
     job_id = _queued_job(db)
-    crashed = subprocess.Popen(
-        [sys.executable, "-m", "tests.lease_worker", database_url, "600", "--as-node"],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
+    crashed = _worker_holding(job_id, database_url, 600, "--as-node")
     try:
-        assert crashed.stdout is not None
-        assert crashed.stdout.readline().strip() == f"claimed {job_id}"
         identity = process_identity()
         assert take_back_predecessors_jobs(db, identity) == 0  # alive: its lease holds
         crashed.send_signal(signal.SIGKILL)

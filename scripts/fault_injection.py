@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pydicom
+import yaml
 from pydicom.dataset import Dataset
 from pydicom.uid import Comprehensive3DSRStorage, SegmentationStorage
 from pynetdicom import AE
@@ -199,7 +200,11 @@ def run(cycles: int, size: int, seed: int, work: Path) -> int:
     )
     processes = {role: NodeProcess(config.with_name(f"{role}.yaml")) for role in ROLES}
     for role, node in processes.items():
-        node.config.write_text(config.read_text())
+        # One machine, one process per role: each serves its dashboard on its own port (a
+        # port already taken stops a node's start).
+        settings = yaml.safe_load(config.read_text())
+        settings["dashboard"]["port"] = free_port()
+        node.config.write_text(yaml.safe_dump(settings))
         node.log = config.with_name(f"{role}.log")
 
     def start(role: str) -> None:

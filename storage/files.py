@@ -13,6 +13,8 @@ import os
 import queue
 import re
 import secrets
+import shutil
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -108,10 +110,7 @@ class FileStore:
         self._spares: queue.SimpleQueue[Path] = queue.SimpleQueue()
         self._spare_wanted = threading.Event()
         if spares:
-            spare_dir = self.root / ".spare"
-            spare_dir.mkdir(exist_ok=True, mode=0o700)
-            for leftover in spare_dir.iterdir():  # empty files of an earlier run
-                leftover.unlink(missing_ok=True)
+            spare_dir = _own_spare_folder(self.root / ".spare")
             threading.Thread(
                 target=self._keep_spares, args=(spare_dir, spares), name="spare-files", daemon=True
             ).start()
@@ -225,11 +224,39 @@ class FileStore:
         stale = [
             p
             for p in self.root.rglob(".*.tmp")
-            if p.parent.name != ".spare" and _modified(p) < cutoff
+            if ".spare" not in p.relative_to(self.root).parts and _modified(p) < cutoff
         ]
         for path in stale:
             path.unlink(missing_ok=True)
         return len(stale)
+
+
+def _own_spare_folder(spares: Path) -> Path:
+    """``spares/<host>.<pid>``: each process keeps its own spares, since processes sharing a
+    store (receiving processes, a worker on the same storage) must not take or remove each
+    other's. Folders of this host's processes that are gone are emptied and removed."""
+    host = socket.gethostname()
+    own = spares / f"{host}.{os.getpid()}"
+    spares.mkdir(exist_ok=True, mode=0o700)
+    for entry in spares.iterdir():
+        if not entry.is_dir():  # a spare of the older, shared layout
+            entry.unlink(missing_ok=True)
+            continue
+        name, _, pid = entry.name.rpartition(".")
+        if name == host and pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
+            shutil.rmtree(entry, ignore_errors=True)
+    own.mkdir(exist_ok=True, mode=0o700)
+    return own
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 def _modified(path: Path) -> float:

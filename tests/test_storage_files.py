@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import socket
 import stat
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -64,7 +67,7 @@ def test_stale_temporaries_are_removed_but_not_fresh_ones(tmp_path: Path) -> Non
 
 def test_spare_files_are_used_and_never_left_as_instances(tmp_path: Path) -> None:
     store = FileStore(tmp_path, spares=4)
-    spare_dir = tmp_path / ".spare"
+    spare_dir = tmp_path / ".spare" / f"{socket.gethostname()}.{os.getpid()}"
     deadline = 50
     while len(list(spare_dir.iterdir())) < 4 and deadline:
         deadline -= 1
@@ -77,3 +80,38 @@ def test_spare_files_are_used_and_never_left_as_instances(tmp_path: Path) -> Non
     assert sorted(p.name for p in (tmp_path / STUDY / SERIES).iterdir()) == sorted(
         f"{SOP}.{n}.dcm" for n in range(1, 7)
     )
+
+
+def _spares_ready(folder: Path, count: int) -> set[Path]:
+    for _ in range(100):
+        ready = set(folder.glob("*.tmp")) if folder.exists() else set()
+        if len(ready) >= count:
+            return ready
+        threading.Event().wait(0.05)
+    raise AssertionError(f"{count} spares never appeared in {folder}")
+
+
+def test_another_process_on_the_same_store_leaves_this_ones_spares(tmp_path: Path) -> None:
+    """A receiving process or a worker starting on the same storage once removed the spares
+    another process was writing into: its instance was refused (0xA700)."""
+    host = socket.gethostname()
+    gone = tmp_path / ".spare" / f"{host}.{2**22 + 12345}"  # above Linux's pid_max default
+    gone.mkdir(parents=True)
+    (gone / ".left.tmp").touch()
+    (tmp_path / ".spare" / ".older-layout.tmp").touch()
+    FileStore(tmp_path, spares=4)
+    ours = _spares_ready(tmp_path / ".spare" / f"{host}.{os.getpid()}", 4)
+    assert not gone.exists() and not (tmp_path / ".spare" / ".older-layout.tmp").exists()
+    other = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from storage.files import FileStore; "
+            "FileStore(Path(sys.argv[1]), spares=2); time.sleep(1)",
+            str(tmp_path),
+        ],
+        cwd=Path(__file__).resolve().parents[1],
+        check=True,
+    )
+    assert other.returncode == 0
+    assert all(path.exists() for path in ours)

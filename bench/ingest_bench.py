@@ -1,11 +1,13 @@
 """Ingest rate of the node against DCMTK storescp, Orthanc and pynetdicom's storescp.
 
-Usage: python bench/ingest_bench.py [--slices 300] [--repeat 3] [--concurrent 4]
+Usage: python bench/ingest_bench.py [--slices 300] [--repeat 3] [--concurrent 1,4,8]
+                                    [--receivers 2]
 
 One synthetic CT (512 x 512, 16 bit, explicit VR little endian) is sent by DCMTK's storescu
 over one association on loopback to each receiver in turn, in the same run, so the ratios hold
-on a noisy machine; then split over ``--concurrent`` simultaneous associations. The node runs
-with its durable store and index (SQLite WAL, fsync) and no workers, as ``dicom-node serve``.
+on a noisy machine, and split over each number of simultaneous associations of ``--concurrent``
+(a fresh receiver for each). The node runs with its durable store and index (SQLite WAL,
+fsync) and no workers, as ``dicom-node serve`` with ``node.receivers`` set to ``--receivers``.
 TCP_NODELAY=1 is set for every DCMTK program (storescu, storescp, Orthanc), which otherwise
 stall on Nagle's algorithm. Prints markdown rows for bench/README.md.
 """
@@ -82,7 +84,9 @@ def send(port: int, called: str, groups: list[list[Path]]) -> float:
     for proc in procs:
         _, err = proc.communicate()
         if proc.returncode != 0:
-            raise RuntimeError(f"storescu failed: {err.decode()[-500:]}")
+            raise RuntimeError(
+                f"storescu to {called} failed ({proc.returncode}): {err.decode()[-500:]}"
+            )
     return time.perf_counter() - started
 
 
@@ -130,31 +134,42 @@ def orthanc(work: Path) -> Iterator[tuple[int, str]]:
     pacs.stop()
 
 
-@contextmanager
-def this_node(work: Path) -> Iterator[tuple[int, str]]:
-    port = free_port()
-    config = node_config(
-        work / "node", port, workers={"count": 0}, completion={"quiet_seconds": 3600}
-    )
-    node = NodeProcess(config).start(port)
-    yield port, "RESMTNET"
-    node.stop()
+def this_node(receivers: int) -> Callable[[Path], AbstractContextManager[tuple[int, str]]]:
+    @contextmanager
+    def start(work: Path) -> Iterator[tuple[int, str]]:
+        port = free_port()
+        config = node_config(
+            work / "node",
+            port,
+            node={"receivers": receivers},
+            workers={"count": 0},
+            completion={"quiet_seconds": 3600},
+        )
+        node = NodeProcess(config).start(port)
+        yield port, "RESMTNET"
+        node.stop()
 
-
-RECEIVERS: dict[str, Callable[[Path], AbstractContextManager[tuple[int, str]]]] = {
-    "DCMTK storescp (raw files, no index)": dcmtk_storescp,
-    "Orthanc 1.10 (files + SQLite index)": orthanc,
-    "pynetdicom storescp app (files)": pynetdicom_storescp,
-    "this node (fsync'd files + index, SQLite WAL)": this_node,
-}
+    return start
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--concurrent", type=int, default=4)
+    parser.add_argument(
+        "--concurrent", default="1,4,8", help="simultaneous associations, comma-separated"
+    )
+    parser.add_argument("--receivers", type=int, default=2, help="the node's node.receivers")
     args = parser.parse_args()
+    levels = [int(n) for n in args.concurrent.split(",")]
+    node = f"this node, {args.receivers} receiving process(es) (fsync'd files + SQLite WAL index)"
+    orthanc_name = "Orthanc 1.10 (files + SQLite index)"
+    receivers: dict[str, Callable[[Path], AbstractContextManager[tuple[int, str]]]] = {
+        "DCMTK storescp (raw files, no index)": dcmtk_storescp,
+        orthanc_name: orthanc,
+        "pynetdicom storescp app (files)": pynetdicom_storescp,
+        node: this_node(args.receivers),
+    }
     for tool in ("storescu", "storescp", "echoscu", "Orthanc"):
         if shutil.which(tool) is None:
             print(f"{tool} not found: apt-get install dcmtk orthanc", file=sys.stderr)
@@ -164,38 +179,31 @@ def main() -> int:
         files = write_ct(data, args.slices)
         mb = sum(p.stat().st_size for p in files) / 1e6
         print(f"{platform.node()}, {os.cpu_count()} CPUs; {len(files)} slices, {mb:.0f} MB\n")
-        print(
-            f"| receiver | 1 association: instances/s, median (each round) | "
-            f"{args.concurrent} associations: instances/s |"
-        )
-        print("|---|---|---|")
-        split = [files[n :: args.concurrent] for n in range(args.concurrent)]
+        header = " | ".join(f"{n} association(s): instances/s, median (each round)" for n in levels)
+        print(f"| receiver | {header} |")
+        print("|---" * (len(levels) + 1) + "|")
         # Receivers take turns within each round, so that a slow spell of this shared machine
         # (its disk above all) weighs on all of them alike; ratios are taken round by round.
-        single: dict[str, list[float]] = {name: [] for name in RECEIVERS}
-        parallel: dict[str, list[float]] = {name: [] for name in RECEIVERS}
+        rates = {(name, n): [] for name in receivers for n in levels}
         for run in range(args.repeat):
-            for number, (name, receiver) in enumerate(RECEIVERS.items()):
-                with receiver(Path(tmp) / f"r{number}-{run}") as (port, called):
-                    single[name].append(len(files) / send(port, called, [files]))
-                with receiver(Path(tmp) / f"r{number}-{run}c") as (port, called):
-                    parallel[name].append(len(files) / send(port, called, split))
-        for name in RECEIVERS:
-            print(
-                f"| {name} | {statistics.median(single[name]):.0f} "
-                f"({', '.join(f'{r:.0f}' for r in single[name])}) | "
-                f"{statistics.median(parallel[name]):.0f} "
-                f"({', '.join(f'{r:.0f}' for r in parallel[name])}) |"
+            for number, (name, receiver) in enumerate(receivers.items()):
+                for n in levels:
+                    with receiver(Path(tmp) / f"r{number}-{run}-{n}") as (port, called):
+                        split = [files[k::n] for k in range(n)]
+                        rates[name, n].append(len(files) / send(port, called, split))
+        for name in receivers:
+            cells = " | ".join(
+                f"{statistics.median(rates[name, n]):.0f} "
+                f"({', '.join(f'{r:.0f}' for r in rates[name, n])})"
+                for n in levels
             )
-        node, orthanc_name = list(RECEIVERS)[3], list(RECEIVERS)[1]
-        for label, rates in (
-            ("1 association", single),
-            (f"{args.concurrent} associations", parallel),
-        ):
-            ratios = [a / b for a, b in zip(rates[node], rates[orthanc_name], strict=True)]
+            print(f"| {name} | {cells} |")
+        for n in levels:
+            ratios = [a / b for a, b in zip(rates[node, n], rates[orthanc_name, n], strict=True)]
             print(
-                f"\n{label}: this node / Orthanc, round by round: "
-                f"{', '.join(f'{r:.2f}' for r in ratios)} (median {statistics.median(ratios):.2f})"
+                f"\n{n} association(s): this node / Orthanc, round by round: "
+                f"{', '.join(f'{r:.2f}' for r in ratios)} (median {statistics.median(ratios):.2f},"
+                f" spread {min(ratios):.2f}-{max(ratios):.2f})"
             )
     return 0
 

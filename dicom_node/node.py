@@ -21,20 +21,22 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node.config import NodeConfig
 from dicom_node.deliver.sender import Sender
 from dicom_node.jobs import JobRunner, process_identity, take_back_predecessors_jobs
-from dicom_node.observe.audit import AuditTrail
 from dicom_node.ops.web import WebServer, build_app
-from dicom_node.pipeline.completion import SeriesCompletion
 from dicom_node.pipeline.retention import Retention
 from dicom_node.pipeline.worker import AnalysisWorker
-from dicom_node.receive.access import AccessPolicy
-from dicom_node.receive.handlers import StorageHandlers
-from dicom_node.receive.ingest import Receiver
-from dicom_node.receive.scp import start_scp
+from dicom_node.receive.processes import (
+    DRAIN_SECONDS,
+    ReceiverProcesses,
+    ReceivingStore,
+    per_process,
+)
+from dicom_node.receive.scp import bind_scp, serve
+from dicom_node.receive.transport import GuardedAssociationServer
 from dicom_node.tls import server_context
 from inference.detector import DEFAULT_WEIGHTS, NoduleDetector
 from storage import queue
 from storage.database import open_database
-from storage.files import FileStore, FreeSpace
+from storage.files import FileStore
 
 log = logging.getLogger(__name__)
 
@@ -52,31 +54,18 @@ class Node:
         self.abandon = threading.Event()
         self.threads: list[threading.Thread] = []
         self.db: sessionmaker[Session] = open_database(config.storage.database_url)
-        root = Path(config.storage.path)
-        self.instances = FileStore(root / "instances", spares=512)
-        self.results = FileStore(root / "results")
-        self.completion = SeriesCompletion(self.db, config)
+        store = ReceivingStore.open(config, self.db)
+        self.instances = store.instances
+        self.results = FileStore(Path(config.storage.path) / "results")
+        self.completion = store.completion
         self.retention = Retention(self.db, self.instances, config.storage.retention_days)
-        self.audit = AuditTrail(self.db, config.security.audit_syslog)
-        self.free_space = FreeSpace(self.instances.root, config.storage.min_free_mb * 2**20)
+        self.audit = store.audit
+        self.free_space = store.free_space
         self.models_loaded = False
         self.web: WebServer | None = None
-        self.handlers = StorageHandlers(
-            Receiver(
-                self.instances,
-                self.db,
-                config.security.max_instances_per_series,
-                self.free_space,
-                config.security.max_instance_bytes,
-            ),
-            self.completion,
-            config.completion.on_release,
-            AccessPolicy(config.security),
-            self.audit,
-            config.node.max_pdu,
-            config.security.max_instance_bytes,
-        )
-        self.server: object | None = None
+        self.handlers = store.handlers(config)
+        self.server: GuardedAssociationServer | None = None
+        self.receivers: ReceiverProcesses | None = None
 
     def start(self) -> None:
         roles = set(self.config.node.roles)
@@ -94,14 +83,24 @@ class Node:
             self.web = WebServer(app, settings.host, settings.port)
         if "receiver" in roles:
             tls = self.config.security.tls
+            if self.config.node.receivers > 1:
+                self.receivers = ReceiverProcesses(self.config)
             try:
-                self.server = start_scp(
-                    self.config.node, self.handlers, server_context(tls) if tls else None
+                self.server = bind_scp(
+                    per_process(self.config.node),
+                    self.handlers,
+                    server_context(tls) if tls else None,
+                    shares=self.receivers.shares(0) if self.receivers else None,
                 )
             except OSError:
                 if self.web is not None:
                     self.web.close()
                 raise
+            if self.receivers is not None:
+                # The others first: what arrives meanwhile waits in the backlog for all.
+                assert self.server.socket is not None
+                self.receivers.start(self.server.socket)
+            serve(self.server)
             log.info(
                 "listening as %s on %s:%d%s",
                 self.config.node.ae_title,
@@ -183,8 +182,12 @@ class Node:
             self.web.stop()
             self.web = None
         if self.server is not None:
-            self.server.shutdown()  # type: ignore[attr-defined]
+            self.server.shutdown()
+            self.server.end_associations(DRAIN_SECONDS)
             self.server = None
+        if self.receivers is not None:
+            self.receivers.stop()
+            self.receivers = None
         self.stopping.set()
         deadline = time.monotonic() + grace_seconds
         for thread in self.threads:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import warnings
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -50,3 +51,29 @@ def configure(level: int, json_lines: bool) -> None:
     handler.setFormatter(JsonFormatter() if json_lines else logging.Formatter(TEXT_FORMAT))
     logging.basicConfig(level=level, handlers=[handler], force=True)
     warnings.showwarning = warning_to_debug_log
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    """How this process logs, to hand to a process it starts (a spawned process begins with
+    Python's defaults): the root level, the format and the levels set on named loggers."""
+
+    level: int
+    json_lines: bool
+    levels: dict[str, int]
+
+    @classmethod
+    def current(cls) -> LogSettings:
+        root = logging.getLogger()
+        named = {
+            name: logger.level
+            for name, logger in logging.Logger.manager.loggerDict.items()
+            if isinstance(logger, logging.Logger) and logger.level != logging.NOTSET
+        }
+        json_lines = any(isinstance(h.formatter, JsonFormatter) for h in root.handlers)
+        return cls(root.level, json_lines, named)
+
+    def apply(self) -> None:
+        configure(self.level, self.json_lines)
+        for name, level in self.levels.items():
+            logging.getLogger(name).setLevel(level)

@@ -58,6 +58,37 @@ DELIVERIES = Counter(
 )
 
 
+#: Counters a receiving process counts for the node's process, which serves them (by name).
+FORWARDED = {
+    "dicom_node_instances_received": INSTANCES_RECEIVED,
+    "dicom_node_instances_refused": INSTANCES_REFUSED,
+    "dicom_node_audit_events_lost": AUDIT_EVENTS_LOST,
+    "dicom_node_series_completed": SERIES_COMPLETED,
+}
+
+CounterKey = tuple[str, tuple[tuple[str, str], ...]]
+
+
+def forwarded_totals() -> dict[CounterKey, float]:
+    """This process's totals of the :data:`FORWARDED` counters, by name and labels."""
+    totals: dict[CounterKey, float] = {}
+    for metric in REGISTRY.collect():
+        if metric.name not in FORWARDED:
+            continue
+        for sample in metric.samples:
+            if sample.name == f"{metric.name}_total":
+                totals[metric.name, tuple(sorted(sample.labels.items()))] = sample.value
+    return totals
+
+
+def add_counts(counts: dict[CounterKey, float]) -> None:
+    """Add what another process of this node counted (a receiving process's increments
+    since its last report) to this process's counters."""
+    for (name, labels), amount in counts.items():
+        counter = FORWARDED[name]
+        (counter.labels(**dict(labels)) if labels else counter).inc(amount)
+
+
 class DatabaseGauges(Collector):
     """Queue depth by kind and state, series by state, and the storage's free space."""
 

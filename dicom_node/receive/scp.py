@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import ssl
 import threading
 
@@ -23,7 +24,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_node.config import NodeSettings
 from dicom_node.receive.handlers import StorageHandlers
-from dicom_node.receive.transport import GuardedAssociationServer
+from dicom_node.receive.transport import ConnectionShares, GuardedAssociationServer
 from dicom_node.sop_classes import CT_STORAGE_CLASSES
 
 #: Every syntax the node can decode (pylibjpeg's plugins): what scanners and PACS send CT in.
@@ -61,11 +62,17 @@ def build_ae(settings: NodeSettings) -> AE:
     return ae
 
 
-def start_scp(
-    settings: NodeSettings, handlers: StorageHandlers, tls: ssl.SSLContext | None = None
+def bind_scp(
+    settings: NodeSettings,
+    handlers: StorageHandlers,
+    tls: ssl.SSLContext | None = None,
+    listening: socket.socket | None = None,
+    shares: ConnectionShares | None = None,
 ) -> GuardedAssociationServer:
-    """Listen in background threads (with DICOM TLS only, given ``tls``); ``shutdown()`` on
-    the result stops accepting."""
+    """The SCP bound to its port (with DICOM TLS only, given ``tls``; on another process's
+    socket, given ``listening``, taking turns with it by ``shares``), not yet accepting:
+    connections wait in the socket's backlog until :func:`serve` or another process takes
+    them."""
     ae = build_ae(settings)
     server = ae.make_server(
         (settings.host, settings.port),
@@ -74,9 +81,15 @@ def start_scp(
         server_class=GuardedAssociationServer,
         admit=handlers.admits,
         read_timeout=settings.timeout_seconds,
+        listening=listening,
+        shares=shares,
     )
     assert isinstance(server, GuardedAssociationServer)
+    return server
+
+
+def serve(server: GuardedAssociationServer) -> None:
+    """Accept in a background thread; ``shutdown()`` on the server stops it."""
     # As AE.start_server(block=False) does, with the guarded server class.
     threading.Thread(target=server.serve_forever, name="dicom-accept", daemon=True).start()
-    ae._servers.append(server)
-    return server
+    server.ae._servers.append(server)

@@ -15,6 +15,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -80,11 +81,39 @@ def close_always_told(assoc: Association, address: Any) -> None:
     assoc.kill = kill_and_tell  # type: ignore[method-assign]
 
 
+class ConnectionShares:
+    """Open connections of each process accepting on one socket, in memory they share.
+
+    Every waiting process is woken by a new connection and the first to call ``accept``
+    takes it: the one that just took a connection is often first again, and a burst of four
+    associations from a PACS router lands in one process while the others idle. A process
+    with more open connections than the least busy one therefore lets a connection wait a
+    moment for it before taking it itself."""
+
+    #: How long a busier process leaves a waiting connection to the others.
+    HAND_OVER_SECONDS = 0.05
+
+    def __init__(self, counts: Any, slot: int) -> None:
+        self.counts = counts  # multiprocessing.Array("i", processes, lock=False)
+        self.slot = slot
+        self.counts[slot] = 0
+
+    def publish(self, open_connections: int) -> None:
+        self.counts[self.slot] = open_connections
+
+    def yield_to_others(self) -> bool:
+        return bool(self.counts[self.slot] > min(self.counts[:]))
+
+
 class GuardedRequestHandler(RequestHandler):
+    server: GuardedAssociationServer
+
     def handle(self) -> None:
         assoc = self._create_association()
         refuse_invalid_requests(assoc, str(self.client_address[0]))
         close_always_told(assoc, self.client_address)
+        fileno = self.request.fileno()
+        assoc.bind(evt.EVT_CONN_CLOSE, lambda event: self.server.closed(fileno))
         evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
         assoc.start()
 
@@ -92,24 +121,85 @@ class GuardedRequestHandler(RequestHandler):
 class GuardedAssociationServer(ThreadedAssociationServer):
     """``admit(host)`` is asked where connections are accepted: False closes the connection
     there, without a thread. ``read_timeout`` bounds every read and write of a connection,
-    the TLS handshake included."""
+    the TLS handshake included.
+
+    Given ``listening`` (a socket another receiving process bound), the server accepts on it
+    instead of binding its own: several processes then take turns at one port, whichever is
+    free first taking the next connection. The listening socket is non-blocking, so a
+    process that loses the race for a connection goes back to waiting instead of blocking in
+    ``accept`` until the next one, and closing it here never shuts it down for the others.
+    """
 
     def __init__(
         self,
         *args: Any,
         admit: Callable[[str], bool],
         read_timeout: float,
+        listening: socket.socket | None = None,
+        shares: ConnectionShares | None = None,
         **kwargs: Any,
     ) -> None:
         self.admit = admit
         self.read_timeout = read_timeout
+        self.listening = listening
+        self.shares = shares
+        self._open: set[int] = set()
+        self._open_lock = threading.Lock()
         kwargs["request_handler"] = GuardedRequestHandler
         super().__init__(*args, **kwargs)
 
+    def server_bind(self) -> None:
+        if self.listening is None:
+            super().server_bind()
+        else:
+            assert self.socket is not None
+            self.socket.close()  # the one socketserver made: never bound
+            self.socket = self.listening
+            self.server_address = self.socket.getsockname()
+        assert self.socket is not None
+        self.socket.setblocking(False)
+
+    def server_close(self) -> None:
+        assert self.socket is not None
+        self.socket.close()  # not shutdown(): other processes may accept on the same socket
+
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         assert self.socket is not None
-        connection, address = self.socket.accept()
+        if self.shares is not None and self.shares.yield_to_others():
+            time.sleep(ConnectionShares.HAND_OVER_SECONDS)
+        connection, address = self.socket.accept()  # BlockingIOError: another process won
+        connection.setblocking(True)
+        self._count(connection.fileno(), opened=True)
         return connection, address
+
+    def _count(self, fileno: int, opened: bool) -> None:
+        with self._open_lock:
+            if opened:
+                self._open.add(fileno)
+            else:
+                self._open.discard(fileno)
+            if self.shares is not None:
+                self.shares.publish(len(self._open))
+
+    def closed(self, fileno: int) -> None:
+        """The connection with this descriptor ended (its association's EVT_CONN_CLOSE)."""
+        self._count(fileno, opened=False)
+
+    def end_associations(self, grace_seconds: float) -> None:
+        """After ``shutdown()``: associations in progress get ``grace_seconds`` to finish,
+        then are aborted; a process cannot exit while pynetdicom's connection threads run,
+        and what an aborted sender had not been answered for, it sends again."""
+        deadline = time.monotonic() + grace_seconds
+        while self.active_associations and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for association in self.active_associations:
+            association.abort()
+
+    def shutdown_request(self, request: Any) -> None:
+        """Closes a connection no association took over (refused at admission, failed TLS
+        handshake, an error before the association started)."""
+        self._count(request.fileno(), opened=False)
+        super().shutdown_request(request)
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         try:

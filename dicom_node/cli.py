@@ -42,6 +42,7 @@ def _train(args: argparse.Namespace) -> int:
         args.fp_per_scan,
         args.min_diameter_mm,
         args.device,
+        args.detection_flips,
     )
     return EXIT_OK
 
@@ -83,6 +84,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             args.synthetic_scans,
             MIN_DIAMETER_MM,
             [n.strip() for n in args.held_out.split(",") if n.strip()],
+            args.detection_flips,
         )
         return EXIT_OK
     if not args.data and args.nodules is None:
@@ -215,6 +217,12 @@ def _training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--voi-views", type=int, help="patches of real nodules as their VOI")
     parser.add_argument("--negatives", type=int, help="negative patches")
     parser.add_argument("--epochs", type=int)
+    parser.add_argument(
+        "--detection-flips",
+        action="store_true",
+        help="score the best candidates of a scan averaged over the eight flips of the patch "
+        "axes; the operating point is chosen that way and stored with the weights",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -38,6 +39,16 @@ EMPTY_OUTPUT_SHAPES = {
 SOLID_PART_HU = -300.0
 
 
+#: With ``OperatingPoint.flips``: how many candidates per scan, the best by their unflipped
+#: score, are scored again under the seven other flips. The rest score far below any
+#: threshold a scan is read at, and flipping all of them would cost eight times the network.
+FLIPPED_CANDIDATES = 64
+#: Each axis of a patch (k, j, i) flipped or not: the eight views.
+FLIPS: tuple[tuple[bool, bool, bool], ...] = tuple(
+    (k, j, i) for k, j, i in itertools.product((False, True), repeat=3)
+)
+
+
 @dataclass(frozen=True)
 class OperatingPoint:
     """Stored with the weights: a calibrated score and the threshold findings must reach."""
@@ -48,6 +59,10 @@ class OperatingPoint:
     #: Detections whose estimated diameter is below this are not reported (the size the
     #: network's diameter head gives, before the mask is measured).
     min_diameter_mm: float = 0.0
+    #: The best-scoring candidates' outputs averaged over the eight flips of the patch axes
+    #: (:data:`FLIPPED_CANDIDATES` per scan). The threshold is chosen with it on or off, as
+    #: it will be used.
+    flips: bool = False
 
 
 def sha256_of(path: Path) -> str:
@@ -193,6 +208,8 @@ class NoduleDetector:
         clock.lap("candidates")
         centres = np.array([c.kji for c in candidates], dtype=int).reshape(-1, 3)
         outputs = self._run(work.array, centres, with_mask=False)
+        if self.operating_point.flips:
+            outputs = self._averaged_over_flips(work.array, centres, outputs)
         scores = self._calibrate(outputs["nodule_logit"])
         clock.lap("classify")
         spacing_kji = np.asarray(work.spacing[::-1])
@@ -203,14 +220,44 @@ class NoduleDetector:
             work, refined, points, scores, outputs["diameter_mm"], keep, _midline_x_mm(work, lungs)
         )
 
-    def _run(
-        self, image: np.ndarray, centres: np.ndarray, with_mask: bool
+    def _averaged_over_flips(
+        self, image: np.ndarray, centres: np.ndarray, plain: dict[str, np.ndarray]
     ) -> dict[str, np.ndarray]:
+        """The best :data:`FLIPPED_CANDIDATES` candidates' score, offset and diameter
+        averaged over the eight flips (offsets flipped back): a vessel that looks round from
+        one side rarely does from all eight, a nodule does."""
+        best = np.argsort(plain["nodule_logit"])[::-1][:FLIPPED_CANDIDATES]
+        averaged = {name: plain[name].copy() for name in ("nodule_logit", "offset_mm")}
+        averaged["diameter_mm"] = plain["diameter_mm"].copy()
+        if not len(best):
+            return plain
+        views = [self._run(image, centres[best], False, flips) for flips in FLIPS[1:]]
+        for name in averaged:
+            total = plain[name][best] + sum(view[name] for view in views)
+            averaged[name][best] = total / len(FLIPS)
+        return {**plain, **averaged}
+
+    def _run(
+        self,
+        image: np.ndarray,
+        centres: np.ndarray,
+        with_mask: bool,
+        flips: tuple[bool, bool, bool] = (False, False, False),
+    ) -> dict[str, np.ndarray]:
+        """Outputs for patches around ``centres``, each patch flipped along the axes
+        ``flips`` names; offsets come back in the unflipped patch's frame."""
         size = self.model.config.patch_voxels
+        axes = tuple(1 + axis for axis, flipped in enumerate(flips) if flipped)
+        back = np.array([-1.0 if flipped else 1.0 for flipped in flips])
         parts: dict[str, list[np.ndarray]] = {}
         for start in range(0, len(centres), self.batch_size):
             patches = extract_patches(image, centres[start : start + self.batch_size], size)
-            for name, value in self.run_patches(patches, with_mask).items():
+            if axes:
+                patches = np.flip(patches, axis=axes)
+            outputs = self.run_patches(patches, with_mask)
+            if axes:
+                outputs["offset_mm"] = outputs["offset_mm"] * back
+            for name, value in outputs.items():
                 parts.setdefault(name, []).append(value)
         if not parts:
             return {name: np.zeros((0, *shape)) for name, shape in EMPTY_OUTPUT_SHAPES.items()}

@@ -135,3 +135,40 @@ def test_nodules_below_the_smallest_reported_size_are_not_reported() -> None:
     found = every.detect(volume).findings
     assert any(np.linalg.norm(np.subtract(f.center_mm, centre_mm)) < 6 for f in found)
     assert large_only.detect(volume).findings == []
+
+
+def test_flipped_scoring_gives_a_mirrored_scan_the_same_scores() -> None:
+    """Averaged over the eight flips, a candidate's score and diameter do not depend on
+    which way the scan faces, and its offset mirrors with it: the flips are undone."""
+    from inference.detector import FLIPPED_CANDIDATES, ModelInfo, NoduleDetector, OperatingPoint
+    from inference.network import NetworkConfig, build_model
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    config = NetworkConfig()
+    detector = NoduleDetector(
+        build_model(config), OperatingPoint(flips=True), ModelInfo("test", "0", "none")
+    )
+    rng = np.random.default_rng(3)
+    image = rng.uniform(-1000, 300, (48, 50, 52)).astype(np.float32)
+    centres = rng.integers(16, 32, (FLIPPED_CANDIDATES + 6, 3))
+    plain = detector._run(image, centres, with_mask=False)
+    averaged = detector._averaged_over_flips(image, centres, plain)
+    best = np.argsort(plain["nodule_logit"])[::-1][:FLIPPED_CANDIDATES]
+    rest = np.setdiff1d(np.arange(len(centres)), best)
+    assert np.array_equal(averaged["nodule_logit"][rest], plain["nodule_logit"][rest])
+    assert not np.allclose(averaged["nodule_logit"][best], plain["nodule_logit"][best])
+    few = centres[:10]  # all of them among the best, however a flipped scan ranks them
+    facing = detector._averaged_over_flips(image, few, detector._run(image, few, False))
+    for axis in range(3):
+        mirrored_image = np.ascontiguousarray(np.flip(image, axis=axis))
+        mirrored = few.copy()
+        mirrored[:, axis] = image.shape[axis] - few[:, axis]  # a patch spans c - 16 .. c + 15
+        again = detector._averaged_over_flips(
+            mirrored_image, mirrored, detector._run(mirrored_image, mirrored, False)
+        )
+        assert np.allclose(again["nodule_logit"], facing["nodule_logit"], atol=1e-4)
+        assert np.allclose(again["diameter_mm"], facing["diameter_mm"], atol=1e-3)
+        sign = np.ones(3)
+        sign[axis] = -1.0
+        assert np.allclose(again["offset_mm"], facing["offset_mm"] * sign, atol=1e-4)

@@ -42,6 +42,7 @@ def train(
     fp_per_scan: float,
     min_diameter_mm: float,
     device_name: str,
+    flips: bool = False,
 ) -> None:
     """Train on every case under ``data`` and the training patients of the nodule folder;
     the operating point is chosen on fresh scans of those cases holding synthetic nodules and
@@ -63,7 +64,7 @@ def train(
     model, record, temperature = trained.model, trained.record, trained.temperature
     detector = NoduleDetector(
         model,
-        OperatingPoint(threshold=0.0, temperature=temperature),
+        OperatingPoint(threshold=0.0, temperature=temperature, flips=flips),
         ModelInfo(MODEL_NAME, __version__, "unsaved"),
         device,
     )
@@ -74,6 +75,7 @@ def train(
         "temperature": temperature,
         "max_findings": 10,
         "min_diameter_mm": min_diameter_mm,
+        "flips": flips,
     }
     record["operating_point"] = {**operating_point, "chosen_for_fp_per_scan": fp_per_scan}
     record["nodule_split"] = {
@@ -150,6 +152,7 @@ def evaluate_cross_case(
     synthetic_scans: int,
     min_diameter_mm: float,
     held_out: list[str],
+    flips: bool = False,
 ) -> None:
     """The cross-case protocol (:mod:`inference.lab.protocol`) on the annotated cases under
     ``data``: one model per held-out case and seed, each trained and calibrated without it;
@@ -174,6 +177,7 @@ def evaluate_cross_case(
         "split": asdict(split),
         "training": {k: v for k, v in asdict(config).items() if k not in ("seed", "network")},
         "held_out": held_out or "all",
+        "detection_flips": flips,
     }
 
     def report(runs: list[Run]) -> None:
@@ -212,4 +216,5 @@ def evaluate_cross_case(
         report,
         held_out,
         keep_scores,
+        flips,
     )

@@ -179,6 +179,7 @@ def cross_case(
     on_scores: Callable[
         [Run, NoduleDetector, dict[str, list[ScanOutcome]]], None
     ] = lambda run, detector, scans: None,
+    flips: bool = False,
 ) -> list[Run]:
     """Every (held-out case, seed) run of the protocol, in a fixed order; the held-out case
     is scored on ``transplant_scans`` scans of pasted validation nodules and
@@ -187,7 +188,8 @@ def cross_case(
     ``held_out_names``, where given, holds out only those cases (the others still train), so
     that one direction can run on its own machine or in its own session. ``on_scores`` gets
     each run's model and its scored scans by group (calibration, held_out, transplanted,
-    synthetic)."""
+    synthetic). ``flips``: detection-time flips (:class:`OperatingPoint`), calibration
+    included."""
     cases = sorted(cases, key=lambda c: c.name)
     learn = split.select(nodules, "train")
     calibrate = split.select(nodules, "calibration")
@@ -203,7 +205,7 @@ def cross_case(
             trained = train_model(backgrounds, seeded, device, learn)
             detector = NoduleDetector(
                 trained.model,
-                OperatingPoint(threshold=0.0, temperature=trained.temperature),
+                OperatingPoint(threshold=0.0, temperature=trained.temperature, flips=flips),
                 ModelInfo(MODEL_NAME, "cross-case", f"seed {seed}"),
                 device,
             )

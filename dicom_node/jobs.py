@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node.config import JobSettings
 from dicom_node.observe import metrics
 from storage import queue
+from storage.files import pid_running
 from storage.states import JobKind, JobState
 
 log = logging.getLogger(__name__)
@@ -37,18 +38,8 @@ def process_identity() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process: alive
-        return True
-    return True
-
-
 def predecessor_is_gone(
-    worker: str, identity: str, running: Callable[[int], bool] = _running
+    worker: str, identity: str, running: Callable[[int], bool] = pid_running
 ) -> bool:
     """Whether a lease holder was a process of this machine that is no more: a crashed node
     restarted by systemd. A holder with this very process's ``host:pid`` is a predecessor

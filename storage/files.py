@@ -243,13 +243,15 @@ def _own_spare_folder(spares: Path) -> Path:
             entry.unlink(missing_ok=True)
             continue
         name, _, pid = entry.name.rpartition(".")
-        if name == host and pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
+        if name == host and pid.isdigit() and int(pid) != os.getpid() and not pid_running(int(pid)):
             shutil.rmtree(entry, ignore_errors=True)
     own.mkdir(exist_ok=True, mode=0o700)
     return own
 
 
-def _running(pid: int) -> bool:
+def pid_running(pid: int) -> bool:
+    """Whether a process with this ID runs on this machine: what a process left behind (spare
+    files here, leases in :mod:`dicom_node.jobs`) may be taken back once it is gone."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -227,15 +227,14 @@ class NoduleDetector:
         averaged over the eight flips (offsets flipped back): a vessel that looks round from
         one side rarely does from all eight, a nodule does."""
         best = np.argsort(plain["nodule_logit"])[::-1][:FLIPPED_CANDIDATES]
-        averaged = {name: plain[name].copy() for name in ("nodule_logit", "offset_mm")}
-        averaged["diameter_mm"] = plain["diameter_mm"].copy()
         if not len(best):
             return plain
         views = [self._run(image, centres[best], False, flips) for flips in FLIPS[1:]]
-        for name in averaged:
-            total = plain[name][best] + sum(view[name] for view in views)
-            averaged[name][best] = total / len(FLIPS)
-        return {**plain, **averaged}
+        averaged = dict(plain)
+        for name in ("nodule_logit", "offset_mm", "diameter_mm"):
+            averaged[name] = plain[name].copy()
+            averaged[name][best] = (plain[name][best] + sum(v[name] for v in views)) / len(FLIPS)
+        return averaged
 
     def _run(
         self,

@@ -183,6 +183,8 @@ class Node:
             self.web = None
         if self.server is not None:
             self.server.shutdown()
+            if self.receivers is not None:  # they drain their associations while this does
+                self.receivers.stop_accepting()
             self.server.end_associations(DRAIN_SECONDS)
             self.server = None
         if self.receivers is not None:

@@ -249,13 +249,19 @@ class ReceiverProcesses:
         except queue.Empty:
             pass
 
-    def stop(self) -> None:
+    def stop_accepting(self) -> None:
+        """SIGTERM to each: it stops accepting, lets its associations finish, reports and
+        exits, while this process does the same with its own. None is started again."""
         self._stopping.set()
-        if self._thread.is_alive():
-            self._thread.join()
         for process in self.processes:
             if process is not None and process.is_alive():
-                process.terminate()  # SIGTERM: stop accepting, report, exit
+                process.terminate()
+
+    def stop(self) -> None:
+        self.stop_accepting()
+        if self._thread.is_alive():
+            self._thread.join()
+        self.stop_accepting()  # one the supervisor started as it was being stopped
         deadline = time.monotonic() + STOP_SECONDS
         for process in self.processes:
             if process is None:

@@ -406,6 +406,7 @@ def finding_from_mask(
     centre_mm = source.index_to_world((np.argwhere(mask).mean(axis=0) + np.array(origin_kji))[::-1])
     calcium = 100.0 * float(np.mean(hu[mask] >= CALCIUM_HU))
     shift = np.array([i0, j0], dtype=float)
+    solid_part_mm = (solid.long_axis_mm + solid.short_axis_mm) / 2.0
     finding = NoduleFinding(
         id=0,
         score=score,
@@ -429,12 +430,10 @@ def finding_from_mask(
         else "right",
         calcified_volume_percent=calcium,
         calcification_probability=calcification_probability,
+        solid_part_mm=solid_part_mm,
     )
     category = lung_rads_category(
-        composition,
-        finding.diameter_mm,
-        (solid.long_axis_mm + solid.short_axis_mm) / 2.0,
-        finding.calcified,
+        composition, finding.diameter_mm, solid_part_mm, finding.calcified
     )
     return replace(finding, lung_rads=category)
 

@@ -19,6 +19,15 @@ CALCIFIED_MIN_PERCENT = 10.0
 MASS_LONG_AXIS_MM = 30.0
 
 
+def benign_calcification(probability: float | None, calcium_percent: float) -> bool:
+    """A benign calcification: the head and the voxels agree (see CALCIFIED_*)."""
+    return (
+        probability is not None
+        and probability >= CALCIFIED_PROBABILITY
+        and calcium_percent >= CALCIFIED_MIN_PERCENT
+    )
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """Provenance that goes into every result: which algorithm, which weights."""
@@ -51,6 +60,13 @@ class FindingSummary:
     #: probability (None for weights without that head, and for older records).
     calcified_volume_percent: float = 0.0
     calcification_probability: float | None = None
+    #: Mean diameter of the part at solid density (Lung-RADS' solid component, what the
+    #: part-solid rules read); 0 in records written before it was kept.
+    solid_part_mm: float = 0.0
+
+    @property
+    def calcified(self) -> bool:
+        return benign_calcification(self.calcification_probability, self.calcified_volume_percent)
 
     def to_json(self) -> dict[str, object]:
         return {**asdict(self), "center_mm": list(self.center_mm)}
@@ -87,6 +103,7 @@ class NoduleFinding:
     laterality: str | None = None  # "left" or "right" lung, when the lungs could be told apart
     calcified_volume_percent: float = 0.0
     calcification_probability: float | None = None
+    solid_part_mm: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.malignancy_probability <= 1.0:
@@ -101,12 +118,7 @@ class NoduleFinding:
 
     @property
     def calcified(self) -> bool:
-        """A benign calcification: the head and the voxels agree (see CALCIFIED_*)."""
-        return (
-            self.calcification_probability is not None
-            and self.calcification_probability >= CALCIFIED_PROBABILITY
-            and self.calcified_volume_percent >= CALCIFIED_MIN_PERCENT
-        )
+        return benign_calcification(self.calcification_probability, self.calcified_volume_percent)
 
     @property
     def kind(self) -> str:
@@ -147,6 +159,7 @@ class NoduleFinding:
             calcification_probability=None
             if self.calcification_probability is None
             else round(self.calcification_probability, 3),
+            solid_part_mm=round(self.solid_part_mm, 1),
         )
 
     def to_json(self) -> dict[str, object]:

@@ -1,0 +1,169 @@
+"""Comparison with a prior scan: registration, matching, change, VDT, Lung-RADS follow-up."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from inference.comparison import Status, compare, volume_doubling_time_days
+from inference.findings import FindingSummary
+from inference.lab.experiments import seeded
+from inference.lab.priors import make_pair, repositioned
+from inference.lab.synthesis import chest_phantom
+from inference.lungrads import lung_rads_with_prior
+from inference.registration import Registration, RegistrationFailed, register_prior
+from inference.volume import Volume
+
+IDENTITY = Registration(np.eye(4), 0.0)
+
+
+def _phantom() -> Volume:
+    image = chest_phantom(np.random.default_rng(3), shape=(90, 128, 150), spacing_mm=2.5)
+    return Volume(image, (-187.0, -160.0, -110.0), (2.5, 2.5, 2.5), np.eye(3))
+
+
+def _nodule(id: int, centre: tuple[float, float, float], diameter: float) -> FindingSummary:
+    volume = math.pi * diameter**3 / 6.0
+    return FindingSummary(
+        id=id,
+        center_mm=centre,
+        diameter_mm=diameter,
+        long_axis_mm=diameter,
+        short_axis_mm=diameter,
+        volume_mm3=volume,
+        mean_hu=20.0,
+        laterality="left",
+        composition="solid",
+        malignancy_probability=0.2,
+        lung_rads="3",
+        score=0.99,
+        solid_part_mm=diameter,
+    )
+
+
+def test_registration_recovers_a_known_repositioning() -> None:
+    current = _phantom()
+    prior, truth = repositioned(current, seeded(1, "registration"))
+    found = register_prior(current, prior)
+    points = current.index_to_world(np.array([[40, 50, 30], [110, 70, 45], [75, 90, 60]]))
+    expected = points @ truth[:3, :3].T + truth[:3, 3]
+    assert np.linalg.norm(found.to_prior(points) - expected, axis=1).max() < 2.0
+    assert np.allclose(found.to_current(found.to_prior(points)), points)
+    assert found.residual_mm < 3.0
+
+
+def test_registration_refuses_a_scan_without_lungs() -> None:
+    current = _phantom()
+    body = current.with_array(np.full(current.array.shape, 40.0, dtype=np.float32))
+    with pytest.raises(RegistrationFailed, match="no lungs"):
+        register_prior(current, body)
+
+
+def test_each_status_follows_from_matched_sizes() -> None:
+    moved = Registration(
+        np.array([[1, 0, 0, 10], [0, 1, 0, -5], [0, 0, 1, 20], [0, 0, 0, 1.0]]), 1.0
+    )
+    current = [
+        _nodule(1, (0.0, 0.0, 0.0), 9.0),  # was 6 mm: growing
+        _nodule(2, (50.0, 0.0, 0.0), 7.0),  # was 11 mm: shrinking
+        _nodule(3, (0.0, 50.0, 0.0), 8.0),  # was 8.5 mm: stable
+        _nodule(4, (0.0, 0.0, 60.0), 7.0),  # nothing there before: new
+    ]
+    # The prior's coordinates: each current point moved by the registration (plus 2 mm).
+    prior = [
+        _nodule(1, (62.0, -5.0, 20.0), 11.0),
+        _nodule(2, (12.0, -5.0, 20.0), 6.0),
+        _nodule(3, (10.0, 45.0, 22.0), 8.5),
+        _nodule(4, (-60.0, 0.0, 0.0), 5.0),  # nowhere now: resolved
+    ]
+    result = compare(current, prior, moved, interval_days=365)
+    assert [c.status for c in result.changes] == [
+        Status.GROWING,
+        Status.SHRINKING,
+        Status.STABLE,
+        Status.NEW,
+    ]
+    assert [c.prior_id for c in result.changes] == [2, 1, 3, None]
+    assert [f.id for f in result.resolved] == [4]
+    growing = result.changes[0]
+    assert growing.diameter_change_mm == 3.0
+    assert growing.vdt_days == pytest.approx(365 * math.log(2) / math.log((9 / 6) ** 3), abs=1)
+    assert result.changes[1].vdt_days is None  # shrinking: no doubling time
+
+
+def test_matching_is_one_to_one_at_least_total_distance() -> None:
+    """Two current nodules near one prior nodule: only the nearer one is that nodule."""
+    current = [_nodule(1, (0.0, 0.0, 0.0), 6.0), _nodule(2, (6.0, 0.0, 0.0), 6.0)]
+    prior = [_nodule(1, (5.0, 0.0, 0.0), 6.0)]
+    result = compare(current, prior, IDENTITY, interval_days=200)
+    assert [c.status for c in result.changes] == [Status.NEW, Status.STABLE]
+    assert result.resolved == ()
+
+
+def test_volume_doubling_time_on_known_volumes() -> None:
+    assert volume_doubling_time_days(100.0, 200.0, 120) == pytest.approx(120.0)
+    assert volume_doubling_time_days(100.0, 400.0, 120) == pytest.approx(60.0)
+    assert volume_doubling_time_days(100.0, 90.0, 120) is None
+    assert volume_doubling_time_days(0.0, 90.0, 120) is None
+
+
+@pytest.mark.parametrize(
+    ("composition", "diameter", "solid", "status", "days", "change", "category", "wording"),
+    [
+        ("solid", 3.5, 3.5, "new", 365, 0.0, "2", "new solid nodule < 4 mm"),
+        ("solid", 5.0, 5.0, "new", 365, 0.0, "3", "new solid nodule 4 to < 6 mm"),
+        ("solid", 7.0, 7.0, "new", 365, 0.0, "4A", "new solid nodule 6 to < 8 mm"),
+        ("solid", 8.0, 8.0, "new", 365, 0.0, "4B", "new solid nodule >= 8 mm"),
+        ("solid", 7.0, 7.0, "growing", 365, 2.0, "4A", "growing solid nodule < 8 mm"),
+        ("solid", 9.0, 9.0, "growing", 300, 3.0, "4B", "growing solid nodule >= 8 mm"),
+        # 2 mm over two years is slow growth: 4B whatever the size.
+        ("solid", 7.0, 7.0, "growing", 730, 2.0, "4B", "growing slowly"),
+        ("solid", 10.0, 10.0, "stable", 120, 0.0, "2", "unchanged for 3 months"),
+        ("solid", 10.0, 10.0, "stable", 60, 0.0, "4A", "over 60 days only"),
+        ("solid", 5.0, 5.0, "stable", 365, 0.0, "2", "baseline size table"),
+        ("solid", 7.0, 7.0, "shrinking", 365, -3.0, "3", "baseline size table"),
+        ("part-solid", 5.0, 2.0, "new", 365, 0.0, "3", "new part-solid nodule < 6 mm"),
+        ("part-solid", 9.0, 3.0, "new", 365, 0.0, "4A", "new solid component < 4 mm"),
+        ("part-solid", 9.0, 5.0, "growing", 365, 2.0, "4B", "growing solid component >= 4 mm"),
+        ("ground-glass", 12.0, 0.0, "new", 365, 0.0, "2", "baseline size table"),
+        ("ground-glass", 32.0, 0.0, "new", 365, 0.0, "3", "new ground-glass nodule >= 30 mm"),
+        ("ground-glass", 32.0, 0.0, "stable", 365, 0.0, "2", "unchanged for 3 months"),
+    ],
+)
+def test_lung_rads_follow_up_rules(
+    composition: str,
+    diameter: float,
+    solid: float,
+    status: str,
+    days: int,
+    change: float,
+    category: str,
+    wording: str,
+) -> None:
+    got, rule = lung_rads_with_prior(composition, diameter, solid, False, status, days, change)
+    assert (got, wording in rule) == (category, True), rule
+
+
+def test_benign_calcification_stays_category_1_when_new() -> None:
+    assert lung_rads_with_prior("solid", 12.0, 12.0, True, "new", 365) == (
+        "1",
+        "benign calcification",
+    )
+
+
+def test_generated_pair_keeps_each_nodule_where_the_truth_says() -> None:
+    """The pair's truth (where a planted nodule lies in the prior) holds in the voxels."""
+    current = _phantom()
+    lungs = np.argwhere(current.array < -700)[::50]
+    points = current.index_to_world(lungs[:, ::-1].astype(float))
+    pair = make_pair(current, points, np.zeros((0, 3)), seeded(2, "pair"))
+    assert {n.expected for n in pair.nodules} >= {Status.GROWING, Status.NEW, Status.RESOLVED}
+    for nodule in pair.nodules:
+        for volume, centre, present in (
+            (pair.current, nodule.current_mm, nodule.current_volume_mm3 > 0),
+            (pair.prior, nodule.prior_mm, nodule.prior_volume_mm3 > 0),
+        ):
+            k, j, i = np.round(volume.world_to_index(np.asarray(centre))[::-1]).astype(int)
+            assert (volume.array[k, j, i] > -300) == present, (nodule.expected, present)

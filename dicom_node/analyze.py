@@ -14,10 +14,14 @@ from pydicom.dataset import Dataset
 from dicom_node import __version__
 from dicom_node.cli import EXIT_NONE_ANALYZED, EXIT_OK, EXIT_SOME_REJECTED
 from dicom_node.config import load_config
+from dicom_node.pipeline.priors import PriorChoice, choose_prior, study_date
 from dicom_node.pipeline.results import build_results
 from dicom_node.pipeline.series import CTSeries, read_series, unpacked
+from inference.comparison import NoduleChange
 from inference.detector import NoduleDetector
 from inference.findings import NoduleFinding
+from inference.prior_reading import PriorReading, read_with_prior
+from inference.registration import RegistrationFailed
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +36,15 @@ def write_atomically(ds: Dataset, path: Path) -> None:
 
 
 def analyze_paths(
-    paths: list[Path], out: Path, weights: Path, device: str, config: Path | None
+    paths: list[Path],
+    out: Path,
+    weights: Path,
+    device: str,
+    config: Path | None,
+    priors: list[Path] | None = None,
 ) -> int:
-    """Analyze every series under ``paths`` (folders, files, .tar.xz archives).
+    """Analyze every series under ``paths`` (folders, files, .tar.xz archives); with
+    ``priors``, compare each with the same patient's most recent eligible earlier CT there.
 
     Returns the command's exit status: every series analyzed, some rejected or files
     unreadable, or nothing analyzed.
@@ -44,6 +54,13 @@ def analyze_paths(
     started = time.perf_counter()
     with unpacked(paths) as folders:
         series_list, rejected, unreadable = read_series(folders, rules)
+    earlier: list[CTSeries] = []
+    if priors:
+        with unpacked(priors) as folders:
+            earlier, prior_rejected, prior_unreadable = read_series(folders, rules)
+        for uid, reason in prior_rejected.items():
+            print(f"prior series {uid}: not usable: {reason}")
+        unreadable += prior_unreadable
     read_s = time.perf_counter() - started
     for bad in unreadable:
         print(f"skipped {bad.path}: {bad.reason}")
@@ -63,7 +80,14 @@ def analyze_paths(
     for series in series_list:
         assert detector is not None
         try:
-            records.append(_analyze_one(series, detector, out, read_s / max(len(series_list), 1)))
+            choice = (
+                choose_prior(series, earlier, settings.priors)
+                if priors
+                else PriorChoice(None, "no earlier CT was given (--prior)")
+            )
+            records.append(
+                _analyze_one(series, detector, out, read_s / max(len(series_list), 1), choice)
+            )
         except Exception as exc:  # one series' failure must not cost the others their results
             log.debug("series %s failed", series.series_instance_uid, exc_info=True)
             reason = (
@@ -95,11 +119,29 @@ def analyze_paths(
 
 
 def _analyze_one(
-    series: CTSeries, detector: NoduleDetector, out: Path, read_s: float
+    series: CTSeries, detector: NoduleDetector, out: Path, read_s: float, choice: PriorChoice
 ) -> dict[str, object]:
     result = detector.detect(series.volume)
+    findings, reading = result.findings, None
+    prior: dict[str, object] = {"reason": choice.reason}
+    if choice.prior is not None:
+        try:
+            reading = read_with_prior(
+                detector, series.volume, choice.prior.volume, choice.interval_days, result
+            )
+        except RegistrationFailed as exc:
+            prior = {"reason": f"prior {choice.reason} could not be aligned: {exc}"}
+        else:
+            findings = reading.findings
+            prior = {
+                "study_instance_uid": choice.prior.study_instance_uid,
+                "series_instance_uid": choice.prior.series_instance_uid,
+                "study_date": str(study_date(choice.prior)),
+                "interval_days": choice.interval_days,
+                "registration_residual_mm": round(reading.registration.residual_mm, 1),
+            }
     started = time.perf_counter()
-    objects = build_results(series, result.findings, detector.info)
+    objects = build_results(series, findings, detector.info)
     folder = out / series.series_instance_uid
     folder.mkdir(parents=True, exist_ok=True)
     files = []
@@ -113,7 +155,11 @@ def _analyze_one(
         **result.timings_s,
         "write": round(time.perf_counter() - started, 3),
     }
-    _print_table(series, result.findings, folder)
+    _print_table(series, findings, folder, reading)
+    entries = [f.to_json() for f in findings]
+    if reading is not None:
+        for entry, change in zip(entries, reading.comparison.changes, strict=True):
+            entry["change"] = change.to_json()
     return {
         "series_instance_uid": series.series_instance_uid,
         "study_instance_uid": series.study_instance_uid,
@@ -121,21 +167,36 @@ def _analyze_one(
         "model": detector.info.__dict__,
         "timings_s": timings,
         "candidates": result.candidates,
-        "findings": [f.to_json() for f in result.findings],
+        "findings": entries,
+        "prior": prior,
+        "resolved": [f.to_json() for f in reading.comparison.resolved] if reading else [],
         "files": files,
     }
 
 
-def _print_table(series: CTSeries, findings: list[NoduleFinding], folder: Path) -> None:
+def _print_table(
+    series: CTSeries, findings: list[NoduleFinding], folder: Path, reading: PriorReading | None
+) -> None:
     print(f"series {series.series_instance_uid}: {len(findings)} nodule(s) -> {folder}")
-    if not findings:
-        return
-    print(
-        f"  {'id':>3} {'score':>5} {'diam mm':>7} {'vol mm3':>8} {'composition':<12} {'malig':>5} {'L-RADS':<6} centre (LPS mm)"
-    )
-    for f in findings:
+    changes = reading.comparison.changes if reading else [None] * len(findings)
+    if findings:
+        print(
+            f"  {'id':>3} {'score':>5} {'diam mm':>7} {'vol mm3':>8} {'composition':<12} {'malig':>5} {'L-RADS':<6} {'change':<22} centre (LPS mm)"
+        )
+    for f, change in zip(findings, changes, strict=True):
         centre = ", ".join(f"{c:.1f}" for c in f.center_mm)
         print(
             f"  {f.id:>3} {f.score:>5.2f} {f.diameter_mm:>7.1f} {f.volume_mm3:>8.0f} {f.composition:<12} "
-            f"{f.malignancy_probability:>5.2f} {f.lung_rads:<6} ({centre})"
+            f"{f.malignancy_probability:>5.2f} {f.lung_rads:<6} {_change_text(change):<22} ({centre})"
         )
+    for gone in reading.comparison.resolved if reading else ():
+        print(f"  prior nodule {gone.id} ({gone.diameter_mm:.1f} mm): resolved")
+
+
+def _change_text(change: NoduleChange | None) -> str:
+    if change is None:
+        return "baseline"
+    if change.prior_diameter_mm is None:
+        return str(change.status)
+    vdt = f", VDT {change.vdt_days:.0f} d" if change.vdt_days is not None else ""
+    return f"{change.status} {change.diameter_change_mm:+.1f} mm{vdt}"

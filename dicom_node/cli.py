@@ -120,7 +120,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _analyze(args: argparse.Namespace) -> int:
     from dicom_node.analyze import analyze_paths
 
-    return analyze_paths(args.paths, args.out, args.weights, args.device, args.config)
+    return analyze_paths(args.paths, args.out, args.weights, args.device, args.config, args.prior)
 
 
 def _node_config(args: argparse.Namespace) -> NodeConfig:
@@ -248,6 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--device", default="auto", help="auto, cpu, cuda")
     analyze.add_argument(
         "--config", type=Path, default=None, help="config.yaml (eligibility rules)"
+    )
+    analyze.add_argument(
+        "--prior",
+        nargs="+",
+        type=Path,
+        default=None,
+        help="earlier CT of the same patient (files, folders, archives): each series is "
+        "compared with the most recent eligible one (new, growing, stable, VDT, Lung-RADS)",
     )
     analyze.set_defaults(func=_analyze)
 

@@ -147,6 +147,16 @@ class DetectionSettings(_Section):
     min_diameter_mm: Annotated[float, Field(ge=0)] | None = None
 
 
+class PriorsSettings(_Section):
+    """Which earlier CT of the patient a new series is compared with."""
+
+    #: A prior must be at least this many days older than the current study: a repeat
+    #: scan of the same week says nothing about growth.
+    min_interval_days: Annotated[int, Field(ge=0)] = 30
+    #: and at most this many: beyond, the comparison misleads more than it helps.
+    max_age_days: Annotated[int, Field(ge=1)] = 1500
+
+
 class SelectionSettings(_Section):
     """Which series of a study are analyzed. Patterns are Python regular expressions,
     matched case-insensitively anywhere in the Series Description."""
@@ -326,6 +336,7 @@ class NodeConfig(_Section):
     selection: SelectionSettings = SelectionSettings()
     eligibility: EligibilityRules = EligibilityRules()
     detection: DetectionSettings = DetectionSettings()
+    priors: PriorsSettings = PriorsSettings()
     sender: SenderSettings = SenderSettings()
     security: SecuritySettings = SecuritySettings()
     dashboard: DashboardSettings = DashboardSettings()

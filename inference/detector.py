@@ -25,6 +25,9 @@ from inference.volume import Volume
 MODEL_NAME = "Res-MTNet"
 DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "resmtnet.pt"
 LUNG_MASK_SPACING_MM = 2.5
+#: The least score of a candidate reported because another scan of the patient has a nodule
+#: at its place (:meth:`NoduleDetector.look_again`).
+LOOK_AGAIN_SCORE = 0.5
 #: Per-candidate shapes of the classification outputs, for a scan with no candidate at all.
 EMPTY_OUTPUT_SHAPES = {
     "nodule_logit": (),
@@ -198,6 +201,33 @@ class NoduleDetector:
         )
         clock.lap("measure")
         return DetectionResult(findings, scored, clock.timings)
+
+    def look_again(
+        self, volume: Volume, scored: ScoredCandidates, points_mm: np.ndarray, reach_mm: np.ndarray
+    ) -> list[NoduleFinding]:
+        """Findings under the threshold where another scan of the patient has a nodule: the
+        best candidate within ``reach_mm`` of each point scoring at least
+        :data:`LOOK_AGAIN_SCORE`. A reader comparing two scans looks at the same place in
+        both; a nodule known to be there needs far less evidence than one anywhere."""
+        picked: list[int] = []
+        kept_points = scored.points_mm[scored.keep]
+        for point, reach in zip(np.asarray(points_mm).reshape(-1, 3), reach_mm, strict=True):
+            near = np.flatnonzero(
+                (np.linalg.norm(kept_points - point, axis=1) <= reach)
+                & (scored.scores[scored.keep] >= LOOK_AGAIN_SCORE)
+                & (scored.diameters_mm[scored.keep] >= self.operating_point.min_diameter_mm)
+            )
+            if len(near):
+                best = int(scored.keep[near[0]])  # keep is in descending score order
+                if best not in picked:
+                    picked.append(best)
+        return self._describe(
+            volume,
+            scored.work,
+            scored.centres_kji[picked],
+            scored.scores[picked],
+            scored.midline_x_mm,
+        )
 
     def score(self, volume: Volume, clock: _Stopwatch | None = None) -> ScoredCandidates:
         """Every candidate scored, refined and suppressed, without a threshold: what a FROC

@@ -2,21 +2,33 @@
 
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 
+from dicom_node.cli import main
+from dicom_node.config import PriorsSettings
+from dicom_node.pipeline.priors import choose_prior
+from dicom_node.pipeline.series import CTSeries, read_series
 from inference.comparison import Status, compare, volume_doubling_time_days
+from inference.detector import DEFAULT_WEIGHTS, NoduleDetector
 from inference.findings import FindingSummary
 from inference.lab.experiments import seeded
 from inference.lab.priors import make_pair, repositioned
 from inference.lab.synthesis import chest_phantom
 from inference.lungrads import lung_rads_with_prior
+from inference.prior_reading import read_with_prior
 from inference.registration import Registration, RegistrationFailed, register_prior
 from inference.volume import Volume
+from tests.dicom_factory import SeriesSpec, ct_datasets, phantom, write_series
 
 IDENTITY = Registration(np.eye(4), 0.0)
+PHANTOM_NODULE = (-40.0, 10.0, -90.0)  # in the factory phantom's right lung
 
 
 def _phantom() -> Volume:
@@ -167,3 +179,98 @@ def test_generated_pair_keeps_each_nodule_where_the_truth_says() -> None:
         ):
             k, j, i = np.round(volume.world_to_index(np.asarray(centre))[::-1]).astype(int)
             assert (volume.array[k, j, i] > -300) == present, (nodule.expected, present)
+
+
+def _phantom_study(
+    folder: Path, nodule_mm: float, study_date: str, patient_id: str = "PHANTOM1"
+) -> Path:
+    """The factory's small chest with one solid nodule, as a CT study of its own."""
+    spec = SeriesSpec()
+    datasets = ct_datasets(spec, phantom(spec, PHANTOM_NODULE, nodule_mm))
+    for ds in datasets:
+        ds.StudyDate = ds.SeriesDate = ds.ContentDate = study_date
+        ds.PatientID = patient_id
+    return write_series(folder, datasets)[0].parent
+
+
+@pytest.mark.skipif(not DEFAULT_WEIGHTS.exists(), reason="shipped weights missing")
+def test_analyze_with_prior_reports_growth_vdt_and_follow_up_category(tmp_path: Path) -> None:
+    current = _phantom_study(tmp_path / "now", 12.0, "20260601")
+    prior = _phantom_study(tmp_path / "before", 8.0, "20250601")
+    other = _phantom_study(tmp_path / "other", 8.0, "20250901", patient_id="SOMEONE-ELSE")
+    code = main(
+        ["analyze", str(current), "--prior", str(prior), str(other), "--out", str(tmp_path / "o")]
+    )
+    assert code == 0
+    (series,) = json.loads((tmp_path / "o" / "findings.json").read_text())["series"]
+    before = pydicom.dcmread(next((prior).iterdir()))
+    assert series["prior"]["study_instance_uid"] == before.StudyInstanceUID  # not the other's
+    assert series["prior"]["interval_days"] == 365
+    assert series["prior"]["registration_residual_mm"] < 3.0
+    (nodule,) = [
+        f
+        for f in series["findings"]
+        if np.linalg.norm(np.subtract(f["center_mm"], PHANTOM_NODULE)) < 5
+    ]
+    change = nodule["change"]
+    assert change["status"] == "growing"
+    assert change["diameter_change_mm"] > 2.0
+    expected_vdt = 365 * math.log(2) / math.log(nodule["volume_mm3"] / change["prior_volume_mm3"])
+    assert change["vdt_days"] == pytest.approx(expected_vdt, abs=1)
+    assert nodule["lung_rads"] == change["lung_rads"] == "4B"
+    assert change["lung_rads_rule"] == "growing solid nodule >= 8 mm"
+
+
+@pytest.mark.skipif(not DEFAULT_WEIGHTS.exists(), reason="shipped weights missing")
+def test_analyze_never_compares_with_another_patient(tmp_path: Path) -> None:
+    current = _phantom_study(tmp_path / "now", 12.0, "20260601")
+    other = _phantom_study(tmp_path / "other", 8.0, "20250601", patient_id="SOMEONE-ELSE")
+    main(["analyze", str(current), "--prior", str(other), "--out", str(tmp_path / "o")])
+    (series,) = json.loads((tmp_path / "o" / "findings.json").read_text())["series"]
+    assert "another patient (Patient ID/issuer)" in series["prior"]["reason"]
+    assert all("change" not in f for f in series["findings"])
+
+
+def _series(folder: Path) -> CTSeries:
+    (series,), _, _ = read_series([folder])
+    return series
+
+
+def test_prior_chosen_is_the_most_recent_eligible_study(tmp_path: Path) -> None:
+    current = _series(_phantom_study(tmp_path / "now", 12.0, "20260601"))
+    dated = {
+        date: _series(_phantom_study(tmp_path / date, 8.0, date))
+        for date in ("20260520", "20250601", "20251201", "20200101")
+    }
+    choice = choose_prior(current, list(dated.values()), PriorsSettings())
+    # 12 days is too recent to show growth, 2020 too old: the December study wins.
+    assert choice.prior is dated["20251201"]
+    assert choice.interval_days == 182
+    none = choose_prior(current, [dated["20260520"], dated["20200101"]], PriorsSettings())
+    assert none.prior is None
+    assert "12 days earlier, outside 30-1500" in none.reason
+    assert "2343 days earlier" in none.reason
+
+
+@pytest.mark.skipif(not DEFAULT_WEIGHTS.exists(), reason="shipped weights missing")
+def test_a_nodule_under_the_threshold_is_found_again_where_the_prior_has_it(
+    tmp_path: Path,
+) -> None:
+    """Without the second look, a nodule the current scan scores just under the threshold
+    would read as resolved in the prior and be missing from the report."""
+    current = _series(_phantom_study(tmp_path / "now", 12.0, "20260601"))
+    prior = _series(_phantom_study(tmp_path / "before", 8.0, "20250601"))
+    detector = NoduleDetector.from_weights(DEFAULT_WEIGHTS, "cpu")
+    strict = replace(detector.operating_point, threshold=1.01)  # nothing passes
+    blind = NoduleDetector(detector.model, strict, detector.info, detector.device)
+    unseen = blind.detect(current.volume)
+    assert unseen.findings == []
+    reading = read_with_prior(detector, current.volume, prior.volume, 365, unseen)
+    (found,) = [
+        f for f in reading.findings if np.linalg.norm(np.subtract(f.center_mm, PHANTOM_NODULE)) < 5
+    ]
+    (change,) = [
+        c for f, c in zip(reading.findings, reading.comparison.changes, strict=True) if f is found
+    ]
+    assert change.status is Status.GROWING
+    assert reading.comparison.resolved == ()

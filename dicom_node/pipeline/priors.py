@@ -1,0 +1,76 @@
+"""Which earlier series a new one is compared with: the same patient, old enough, not too old.
+
+A comparison with another patient's scan would be worse than none, so identity is checked on
+Patient ID and its issuer (both, because two hospitals' ID ranges overlap), and a candidate
+that fails is named with the reason, not silently skipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import date
+
+from dicom_node.config import PriorsSettings
+from dicom_node.pipeline.series import CTSeries
+
+
+@dataclass(frozen=True)
+class PriorChoice:
+    """The prior chosen, or None and why there is none (the report's "baseline because")."""
+
+    prior: CTSeries | None
+    reason: str
+    interval_days: int = 0
+
+
+def study_date(series: CTSeries) -> date | None:
+    """Study Date (0008,0020); None when absent or not a DICOM DA value."""
+    text = str(series.slices[0].get("StudyDate", "") or "")
+    try:
+        return date(int(text[:4]), int(text[4:6]), int(text[6:8])) if len(text) == 8 else None
+    except ValueError:
+        return None
+
+
+def _patient(series: CTSeries) -> tuple[str, str]:
+    ds = series.slices[0]
+    return str(ds.get("PatientID", "") or ""), str(ds.get("IssuerOfPatientID", "") or "")
+
+
+def choose_prior(
+    current: CTSeries, candidates: Sequence[CTSeries], rules: PriorsSettings
+) -> PriorChoice:
+    """The most recent candidate of the same patient dated ``min_interval_days`` to
+    ``max_age_days`` before the current study; of its series, the thinnest."""
+    today = study_date(current)
+    if today is None:
+        return PriorChoice(None, "the current series has no valid Study Date (0008,0020)")
+    patient = _patient(current)
+    if not patient[0]:
+        return PriorChoice(None, "the current series has no Patient ID (0010,0020)")
+    eligible: list[tuple[int, float, CTSeries]] = []
+    reasons = []
+    for candidate in candidates:
+        if candidate.study_instance_uid == current.study_instance_uid:
+            continue
+        if _patient(candidate) != patient:
+            reasons.append(f"{candidate.series_instance_uid}: another patient (Patient ID/issuer)")
+            continue
+        when = study_date(candidate)
+        if when is None:
+            reasons.append(f"{candidate.series_instance_uid}: no valid Study Date (0008,0020)")
+            continue
+        days = (today - when).days
+        if not rules.min_interval_days <= days <= rules.max_age_days:
+            reasons.append(
+                f"{candidate.series_instance_uid}: {days} days earlier, outside "
+                f"{rules.min_interval_days}-{rules.max_age_days}"
+            )
+            continue
+        eligible.append((days, candidate.volume.spacing[2], candidate))
+    if not eligible:
+        why = "; ".join(reasons) if reasons else "no earlier CT of this patient was given"
+        return PriorChoice(None, f"no eligible prior: {why}")
+    days, _, prior = min(eligible, key=lambda e: (e[0], e[1]))
+    return PriorChoice(prior, f"{prior.study_instance_uid} ({days} days earlier)", days)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from inference.lungrads import lung_rads_category
-from inference.measure import axial_axes, measure
+from inference.measure import axial_axes, half_maximum_edge, measure
 
 
 def _ellipsoid(
@@ -127,3 +128,24 @@ def test_only_calcium_the_head_also_sees_makes_a_nodule_benign(
     assert finding.calcified_volume_percent == pytest.approx(
         100.0 * (core.sum() if core_hu > 200 else 0) / mask.sum(), abs=0.1
     )
+
+
+@pytest.mark.parametrize("diameter", [6.0, 12.0])
+def test_half_maximum_edge_trims_a_generous_mask_to_the_true_size(diameter: float) -> None:
+    """A blurred sphere outlined 1 mm too wide (as LIDC's readers outline) measures its
+    true size after trimming, whatever its size: the shell is not a fixed share of it."""
+    spacing = (0.7, 0.7, 0.7)
+    truth = _ellipsoid((diameter / 2,) * 3, spacing)
+    hu = ndimage.gaussian_filter(np.where(truth, 30.0, -860.0), 1.0)
+    generous = _ellipsoid((diameter / 2 + 1.0,) * 3, spacing)
+    trimmed = half_maximum_edge(generous, hu)
+    assert trimmed.sum() < generous.sum()
+    assert trimmed.sum() == pytest.approx(truth.sum(), rel=0.06)
+    assert not (trimmed & ~generous).any()  # only removes voxels
+
+
+def test_half_maximum_edge_leaves_a_mask_inside_the_chest_wall_alone() -> None:
+    spacing = (0.7, 0.7, 0.7)
+    mask = _ellipsoid((4.0, 4.0, 4.0), spacing)
+    hu = np.where(mask, 30.0, 40.0)  # no lung around it: no edge to find
+    assert (half_maximum_edge(mask, hu) == mask).all()

@@ -33,6 +33,8 @@ def _sphere_finding(
     k, j, i = np.indices(volume.array.shape)
     world = volume.index_to_world(np.stack([i, j, k], axis=-1).reshape(-1, 3)).reshape(*k.shape, 3)
     mask = np.linalg.norm(world - np.array(centre_mm), axis=-1) <= diameter / 2
+    # The image holds what the mask outlines: a solid nodule's edge is measured on it.
+    volume.array[mask] = np.maximum(volume.array[mask], 30.0)
     lo = np.argwhere(mask).min(axis=0)
     hi = np.argwhere(mask).max(axis=0) + 1
     box = mask[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]

@@ -17,10 +17,10 @@ from dicom_node.config import load_config
 from dicom_node.pipeline.priors import PriorChoice, choose_prior, study_date
 from dicom_node.pipeline.results import build_results
 from dicom_node.pipeline.series import CTSeries, read_series, unpacked
-from inference.comparison import NoduleChange
+from dicom_node.writers.common import TimePoint
 from inference.detector import NoduleDetector
 from inference.findings import NoduleFinding
-from inference.prior_reading import PriorReading, read_with_prior
+from inference.prior_reading import read_with_prior
 from inference.registration import RegistrationFailed
 
 log = logging.getLogger(__name__)
@@ -124,13 +124,15 @@ def _analyze_one(
     result = detector.detect(series.volume)
     findings, reading = result.findings, None
     prior: dict[str, object] = {"reason": choice.reason}
+    time_point = TimePoint(baseline_reason=choice.reason)
     if choice.prior is not None:
         try:
             reading = read_with_prior(
                 detector, series.volume, choice.prior.volume, choice.interval_days, result
             )
         except RegistrationFailed as exc:
-            prior = {"reason": f"prior {choice.reason} could not be aligned: {exc}"}
+            reason = f"prior {choice.reason} could not be aligned: {exc}"
+            prior, time_point = {"reason": reason}, TimePoint(baseline_reason=reason)
         else:
             findings = reading.findings
             prior = {
@@ -140,8 +142,14 @@ def _analyze_one(
                 "interval_days": choice.interval_days,
                 "registration_residual_mm": round(reading.registration.residual_mm, 1),
             }
+            time_point = TimePoint(
+                prior=choice.prior.slices[0],
+                prior_date=str(study_date(choice.prior)),
+                changes=reading.comparison.changes,
+                resolved=reading.comparison.resolved,
+            )
     started = time.perf_counter()
-    objects = build_results(series, findings, detector.info)
+    objects = build_results(series, findings, detector.info, time_point=time_point)
     folder = out / series.series_instance_uid
     folder.mkdir(parents=True, exist_ok=True)
     files = []
@@ -155,7 +163,7 @@ def _analyze_one(
         **result.timings_s,
         "write": round(time.perf_counter() - started, 3),
     }
-    _print_table(series, findings, folder, reading)
+    _print_table(series, findings, folder, time_point)
     entries = [f.to_json() for f in findings]
     if reading is not None:
         for entry, change in zip(entries, reading.comparison.changes, strict=True):
@@ -175,28 +183,22 @@ def _analyze_one(
 
 
 def _print_table(
-    series: CTSeries, findings: list[NoduleFinding], folder: Path, reading: PriorReading | None
+    series: CTSeries, findings: list[NoduleFinding], folder: Path, time_point: TimePoint
 ) -> None:
     print(f"series {series.series_instance_uid}: {len(findings)} nodule(s) -> {folder}")
-    changes = reading.comparison.changes if reading else [None] * len(findings)
+    if not time_point.follow_up:
+        print(f"  baseline reading: {time_point.baseline_reason}")
     if findings:
         print(
-            f"  {'id':>3} {'score':>5} {'diam mm':>7} {'vol mm3':>8} {'composition':<12} {'malig':>5} {'L-RADS':<6} {'change':<22} centre (LPS mm)"
+            f"  {'id':>3} {'score':>5} {'diam mm':>7} {'vol mm3':>8} {'composition':<12} {'malig':>5} {'L-RADS':<6} centre (LPS mm)"
         )
-    for f, change in zip(findings, changes, strict=True):
+    for n, f in enumerate(findings):
         centre = ", ".join(f"{c:.1f}" for c in f.center_mm)
         print(
             f"  {f.id:>3} {f.score:>5.2f} {f.diameter_mm:>7.1f} {f.volume_mm3:>8.0f} {f.composition:<12} "
-            f"{f.malignancy_probability:>5.2f} {f.lung_rads:<6} {_change_text(change):<22} ({centre})"
+            f"{f.malignancy_probability:>5.2f} {f.lung_rads:<6} ({centre})"
         )
-    for gone in reading.comparison.resolved if reading else ():
-        print(f"  prior nodule {gone.id} ({gone.diameter_mm:.1f} mm): resolved")
-
-
-def _change_text(change: NoduleChange | None) -> str:
-    if change is None:
-        return "baseline"
-    if change.prior_diameter_mm is None:
-        return str(change.status)
-    vdt = f", VDT {change.vdt_days:.0f} d" if change.vdt_days is not None else ""
-    return f"{change.status} {change.diameter_change_mm:+.1f} mm{vdt}"
+        if time_point.follow_up:
+            print(f"      {time_point.describe(time_point.change(n))}")
+    for gone in time_point.resolved:
+        print(f"  prior {gone.finding} {gone.id} ({gone.diameter_mm:.1f} mm): resolved")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import subprocess
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,6 +31,7 @@ from tests.dicom_factory import SeriesSpec, ct_datasets, phantom, write_series
 
 IDENTITY = Registration(np.eye(4), 0.0)
 PHANTOM_NODULE = (-40.0, 10.0, -90.0)  # in the factory phantom's right lung
+RESOLVED_NODULE = (40.0, -15.0, -60.0)  # in its left lung, in the prior only
 
 
 def _phantom() -> Volume:
@@ -182,11 +185,19 @@ def test_generated_pair_keeps_each_nodule_where_the_truth_says() -> None:
 
 
 def _phantom_study(
-    folder: Path, nodule_mm: float, study_date: str, patient_id: str = "PHANTOM1"
+    folder: Path,
+    nodule_mm: float,
+    study_date: str,
+    patient_id: str = "PHANTOM1",
+    extra: tuple[float, float, float] | None = None,
 ) -> Path:
-    """The factory's small chest with one solid nodule, as a CT study of its own."""
+    """The factory's small chest with one solid nodule (and an ``extra`` 9 mm one), as a CT
+    study of its own."""
     spec = SeriesSpec()
-    datasets = ct_datasets(spec, phantom(spec, PHANTOM_NODULE, nodule_mm))
+    hu = phantom(spec, PHANTOM_NODULE, nodule_mm)
+    if extra is not None:
+        hu = np.maximum(hu, phantom(spec, extra, 9.0))
+    datasets = ct_datasets(spec, hu)
     for ds in datasets:
         ds.StudyDate = ds.SeriesDate = ds.ContentDate = study_date
         ds.PatientID = patient_id
@@ -274,3 +285,65 @@ def test_a_nodule_under_the_threshold_is_found_again_where_the_prior_has_it(
     ]
     assert change.status is Status.GROWING
     assert reading.comparison.resolved == ()
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:  # type: ignore[type-arg]
+    """``analyze --prior`` on the phantom: one nodule grew, one resolved."""
+    root = tmp_path_factory.mktemp("compared")
+    current = _phantom_study(root / "now", 12.0, "20260601")
+    prior = _phantom_study(root / "before", 8.0, "20250601", extra=RESOLVED_NODULE)
+    main(["analyze", str(current), "--prior", str(prior), "--out", str(root / "o")])
+    (series,) = json.loads((root / "o" / "findings.json").read_text())["series"]
+    return root, series
+
+
+@pytest.mark.skipif(not DEFAULT_WEIGHTS.exists(), reason="shipped weights missing")
+def test_resolved_prior_nodule_is_listed(compared) -> None:  # type: ignore[no-untyped-def]
+    _, series = compared
+    (gone,) = series["resolved"]
+    assert np.linalg.norm(np.subtract(gone["center_mm"], RESOLVED_NODULE)) < 5
+
+
+@pytest.mark.skipif(not DEFAULT_WEIGHTS.exists(), reason="shipped weights missing")
+def test_sr_with_a_prior_is_valid_and_says_the_comparison(compared) -> None:  # type: ignore[no-untyped-def]
+    root, series = compared
+    sr_path = next(Path(f) for f in series["files"] if f.endswith("SR.dcm"))
+    for tool in ("dciodvfy", "dsrdump"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed (.ci/run installs it)")
+    run = subprocess.run(["dciodvfy", str(sr_path)], capture_output=True, text=True, check=False)
+    errors = [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]
+    assert errors == []
+    text = subprocess.run(
+        ["dsrdump", "+Pl", str(sr_path)], capture_output=True, text=True, check=True
+    ).stdout
+    assert "Follow-up, compared with the prior study of 2025-06-01" in text
+    assert '"Change since prior study")=(growing,99RESMTNET' in text
+    assert '"Change since prior study")=(resolved,99RESMTNET' in text
+    assert '"Volume doubling time")="' in text
+    assert '(lungrads22-4B-pr,99RESMTNET,"Lung-RADS v2022 4B (compared with prior)")' in text
+    sr = pydicom.dcmread(sr_path)
+    (other,) = sr.PertinentOtherEvidenceSequence
+    prior_study = pydicom.dcmread(next((root / "before").iterdir())).StudyInstanceUID
+    assert other.StudyInstanceUID == prior_study != sr.StudyInstanceUID
+
+
+@pytest.mark.skipif(not DEFAULT_WEIGHTS.exists(), reason="shipped weights missing")
+def test_sr_without_a_prior_says_baseline_and_why(tmp_path: Path) -> None:
+    current = _phantom_study(tmp_path / "now", 12.0, "20260601")
+    main(["analyze", str(current), "--out", str(tmp_path / "o")])
+    (series,) = json.loads((tmp_path / "o" / "findings.json").read_text())["series"]
+    sr = pydicom.dcmread(next(Path(f) for f in series["files"] if f.endswith("SR.dcm")))
+    texts = [
+        item.get("TextValue", "")
+        for item in _walk(sr.ContentSequence)
+        if item.ConceptNameCodeSequence[0].CodeMeaning == "Time Point"
+    ]
+    assert texts and set(texts) == {"Baseline: no earlier CT was given (--prior)"}
+
+
+def _walk(items):  # type: ignore[no-untyped-def]
+    for item in items:
+        yield item
+        yield from _walk(item.get("ContentSequence", []))

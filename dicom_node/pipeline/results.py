@@ -10,7 +10,7 @@ from highdicom import UID
 from pydicom.dataset import Dataset
 
 from dicom_node.pipeline.series import CTSeries
-from dicom_node.writers.common import OutputSeries, SourceFrames
+from dicom_node.writers.common import NO_PRIOR, OutputSeries, SourceFrames, TimePoint
 from dicom_node.writers.key_images import NoduleKeyImages
 from dicom_node.writers.seg import NoduleSegmentation
 from dicom_node.writers.sr import NoduleReport
@@ -130,6 +130,7 @@ def build_results(
     findings: list[NoduleFinding],
     model: ModelInfo,
     amends: Amendment | None = None,
+    time_point: TimePoint = NO_PRIOR,
 ) -> ResultObjects:
     """SR, SEG and key images for one series, cross-referenced by tracking UID."""
     frames = (
@@ -161,6 +162,7 @@ def build_results(
         seg,
         replaces=amends.previous_sr if amends else None,
         frames=frames,
+        time_point=time_point,
     ).build()
     keys = NoduleKeyImages(
         series.slices,
@@ -169,6 +171,7 @@ def build_results(
         model,
         _output_series("key_images", "Res-MTNet key images", KEY_SERIES, amends),
         frames,
+        time_point,
     ).build()
     return ResultObjects(sr, seg, list(keys), tracking)
 

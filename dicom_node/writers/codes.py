@@ -57,6 +57,26 @@ PROBABILITY_OF_CALCIFICATION = Code(
 )
 NO_NODULE = Code("no-nodule", PRIVATE_SCHEME, "No nodule detected")
 
+#: TID 1502 Time Point Context: a reading without a prior is the patient's baseline.
+BASELINE = codes.cid6146.Baseline  # CID 6146 Time Point Type
+#: Comparison with a prior study. Stable and shrinking have SNOMED CT qualifiers in DICOM's
+#: context groups (CID 3235 "No change", CID 3642 "Decreased"); new, growing and resolved
+#: have none there, so they are private, like the measurements of the prior.
+INTERVAL_CHANGE = Code("interval-change", PRIVATE_SCHEME, "Change since prior study")
+CHANGE_VALUES = {
+    "new": Code("new", PRIVATE_SCHEME, "New since prior study"),
+    "growing": Code("growing", PRIVATE_SCHEME, "Growing since prior study"),
+    "stable": Code("260388006", "SCT", "No change"),
+    "shrinking": Code("1250004", "SCT", "Decreased"),
+    "resolved": Code("resolved", PRIVATE_SCHEME, "Resolved since prior study"),
+}
+PRIOR_DIAMETER = Code("prior-diameter", PRIVATE_SCHEME, "Mean diameter at prior study")
+PRIOR_VOLUME = Code("prior-volume", PRIVATE_SCHEME, "Volume at prior study")
+DIAMETER_CHANGE = Code("diameter-change", PRIVATE_SCHEME, "Change in mean diameter")
+VOLUME_CHANGE = Code("volume-change", PRIVATE_SCHEME, "Change in volume")
+VOLUME_DOUBLING_TIME = Code("vdt", PRIVATE_SCHEME, "Volume doubling time")
+DAYS = Code("d", "UCUM", "day")
+
 
 def private_scheme_identification() -> Dataset:
     """The Coding Scheme Identification item that declares ``99RESMTNET``."""
@@ -67,6 +87,13 @@ def private_scheme_identification() -> Dataset:
     return item
 
 
-def lung_rads_code(category: str) -> Code:
-    """A v2022 baseline category value (the report is a baseline reading: no prior study)."""
+def lung_rads_code(category: str, with_prior: bool = False) -> Code:
+    """A v2022 category value: from the baseline table, or from the rules for a nodule
+    compared with a prior study (another concept, so another code)."""
+    if with_prior:
+        return Code(
+            f"lungrads22-{category}-pr",
+            PRIVATE_SCHEME,
+            f"Lung-RADS v2022 {category} (compared with prior)",
+        )
     return Code(f"lungrads22-{category}", PRIVATE_SCHEME, f"Lung-RADS v2022 {category} (baseline)")

@@ -9,7 +9,8 @@ from highdicom import UID
 from pydicom.dataset import Dataset
 
 from dicom_node import __version__
-from inference.findings import ModelInfo, NoduleFinding
+from inference.comparison import NoduleChange
+from inference.findings import FindingSummary, ModelInfo, NoduleFinding
 
 MANUFACTURER = "Res-MTNet DICOM node (open source)"
 DEVICE_SERIAL = "0"
@@ -41,6 +42,49 @@ class Device:
         ds.ManufacturerModelName = self.model_name
         ds.SoftwareVersions = self.software_versions
         ds.DeviceSerialNumber = self.serial_number
+
+
+@dataclass(frozen=True)
+class TimePoint:
+    """Where a reading stands in the patient's history, as every result object says it: a
+    baseline (and why there is no comparison), or a follow-up compared with a prior study.
+
+    ``changes[n]`` is what finding n did since the prior; ``prior`` is one instance of the
+    prior series, referenced as other evidence (nothing is copied from it).
+    """
+
+    baseline_reason: str = "no prior study was compared"
+    prior: Dataset | None = None
+    prior_date: str = ""
+    changes: tuple[NoduleChange, ...] = ()
+    resolved: tuple[FindingSummary, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.prior is None and (self.changes or self.resolved):
+            raise ValueError("changes since a prior study need that prior study")
+
+    @property
+    def follow_up(self) -> bool:
+        return self.prior is not None
+
+    def change(self, n: int) -> NoduleChange | None:
+        return self.changes[n] if self.follow_up else None
+
+    def describe(self, change: NoduleChange | None) -> str:
+        """One line for a caption or a table: "growing +3.0 mm, VDT 208 d"."""
+        if change is None:
+            return "baseline"
+        if change.prior_diameter_mm is None:
+            return f"{change.status} since {self.prior_date}"
+        vdt = f", VDT {change.vdt_days:.0f} d" if change.vdt_days is not None else ""
+        return (
+            f"{change.status} since {self.prior_date}: {change.prior_diameter_mm:.1f} mm -> "
+            f"{change.diameter_change_mm:+.1f} mm{vdt}"
+        )
+
+
+#: A reading compared with nothing (the default of every writer).
+NO_PRIOR = TimePoint()
 
 
 @dataclass(frozen=True)

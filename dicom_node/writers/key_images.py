@@ -18,10 +18,12 @@ from scipy import ndimage
 
 from dicom_node.writers.common import (
     MANUFACTURER,
+    NO_PRIOR,
     NOT_FOR_DIAGNOSTIC_USE,
     Device,
     OutputSeries,
     SourceFrames,
+    TimePoint,
 )
 from inference.findings import ModelInfo, NoduleFinding
 
@@ -76,6 +78,7 @@ class NoduleKeyImages:
         model: ModelInfo,
         series: OutputSeries,
         frames: SourceFrames | None = None,
+        time_point: TimePoint = NO_PRIOR,
     ) -> None:
         if volume_hu.shape[0] != len(slices):
             raise ValueError(f"{volume_hu.shape[0]} slices of pixels but {len(slices)} datasets")
@@ -85,15 +88,20 @@ class NoduleKeyImages:
         self.model = model
         self.series = series
         self.frames = frames
+        self.time_point = time_point
 
     def caption(self, finding: NoduleFinding) -> list[str]:
+        n = self.findings.index(finding)
+        change = self.time_point.change(n)
+        reading = "baseline" if change is None else change.lung_rads_rule
         return [
             f"{finding.label}: {finding.diameter_mm:.1f} mm ({finding.long_axis_mm:.1f} x "
             f"{finding.short_axis_mm:.1f}), {finding.composition}"
             + (", calcified" if finding.calcified else "")
             + (f", {finding.laterality} lung" if finding.laterality else ""),
-            f"Lung-RADS {finding.lung_rads} (baseline)  malignancy {finding.malignancy_probability:.0%}"
+            f"Lung-RADS {finding.lung_rads} ({reading})  malignancy {finding.malignancy_probability:.0%}"
             f"  score {finding.score:.2f}",
+            *([self.time_point.describe(change)] if change is not None else []),
             f"{self.model.name} - {NOT_FOR_DIAGNOSTIC_USE}",
         ]
 

@@ -9,6 +9,12 @@ Each nodule gets three measurement groups that share its tracking identifier and
 - TID 1411 with the nodule centre as a 3D POINT in the CT's frame of reference.
 A scan without findings still gets a report, saying so, so that the radiologist knows it
 was read.
+
+Every group carries the reading's Time Point Context (TID 1502): "Baseline" with the reason
+there is no comparison, or a follow-up naming the prior study, which is referenced as
+Pertinent Other Evidence. A follow-up adds to each nodule's first group its change since the
+prior (status, the prior's size, the changes, the volume doubling time), and one group per
+prior nodule no longer seen (resolved).
 """
 
 from __future__ import annotations
@@ -25,14 +31,16 @@ from pydicom.uid import SegmentationStorage
 from dicom_node.writers import codes
 from dicom_node.writers.common import (
     MANUFACTURER,
+    NO_PRIOR,
     Device,
     OutputSeries,
     SourceFrames,
+    TimePoint,
     TrackedFindingsWriter,
     algorithm_parameters,
     distinct_instances,
 )
-from inference.findings import ModelInfo, NoduleFinding
+from inference.findings import FindingSummary, ModelInfo, NoduleFinding
 
 #: Points on the outline of a nodule's ellipse (the first repeated at the end to close it).
 OUTLINE_POINTS = 48
@@ -71,6 +79,7 @@ class NoduleReport(TrackedFindingsWriter):
         segmentation: Dataset | None,
         replaces: Dataset | None = None,
         frames: SourceFrames | None = None,
+        time_point: TimePoint = NO_PRIOR,
     ) -> None:
         """``replaces``: the SR this one amends (a re-analysis after late slices). It is
         referenced as the predecessor document (PS3.3 C.17.2.3), and this SR takes the next
@@ -78,6 +87,16 @@ class NoduleReport(TrackedFindingsWriter):
         super().__init__(slices, findings, tracking_uids, model, series, frames)
         if findings and segmentation is None:
             raise ValueError("findings need the SEG they reference")
+        if time_point.follow_up and len(time_point.changes) != len(findings):
+            raise ValueError(
+                f"{len(findings)} findings but {len(time_point.changes)} changes since the prior"
+            )
+        if (
+            time_point.prior is not None
+            and time_point.prior.StudyInstanceUID == slices[0].StudyInstanceUID
+        ):
+            raise ValueError("the prior study must be another study than the one reported")
+        self.time_point = time_point
         if replaces is not None and replaces.StudyInstanceUID != slices[0].StudyInstanceUID:
             raise ValueError("an amended SR must replace an SR of the same study")
         self.segmentation = segmentation
@@ -90,8 +109,63 @@ class NoduleReport(TrackedFindingsWriter):
             parameters=[f"{k}={v}" for k, v in algorithm_parameters(self.model).items()],
         )
 
+    def _time_point_context(self) -> hd.sr.TimePointContext:
+        if self.time_point.follow_up:
+            return hd.sr.TimePointContext(
+                f"Follow-up, compared with the prior study of {self.time_point.prior_date}"
+            )
+        return hd.sr.TimePointContext(
+            f"Baseline: {self.time_point.baseline_reason}", time_point_type=codes.BASELINE
+        )
+
+    def _change_content(
+        self, n: int
+    ) -> tuple[list[hd.sr.Measurement], list[hd.sr.QualitativeEvaluation]]:
+        """Measurements and evaluations of finding n's change since the prior."""
+        change = self.time_point.change(n)
+        if change is None:
+            return [], []
+        measured = [
+            (codes.PRIOR_DIAMETER, change.prior_diameter_mm, codes.MM),
+            (codes.PRIOR_VOLUME, change.prior_volume_mm3, codes.MM3),
+            (codes.DIAMETER_CHANGE, change.diameter_change_mm, codes.MM),
+            (codes.VOLUME_CHANGE, change.volume_change_percent, codes.PERCENT),
+            (codes.VOLUME_DOUBLING_TIME, change.vdt_days, codes.DAYS),
+        ]
+        measurements = [
+            hd.sr.Measurement(name=name, value=value, unit=unit)
+            for name, value, unit in measured
+            if value is not None
+        ]
+        status = hd.sr.QualitativeEvaluation(
+            codes.INTERVAL_CHANGE, codes.CHANGE_VALUES[str(change.status)]
+        )
+        return measurements, [status]
+
+    def _resolved_group(self, prior: FindingSummary) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+        """A prior nodule no longer seen: its prior size, and that it resolved."""
+        return hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=str(UID()), identifier=f"Prior {prior.finding} {prior.id}"
+            ),
+            time_point_context=self._time_point_context(),
+            finding_type=codes.FINDING_TYPES[prior.finding],
+            algorithm_id=self._algorithm(),
+            measurements=[
+                hd.sr.Measurement(
+                    name=codes.PRIOR_DIAMETER, value=prior.diameter_mm, unit=codes.MM
+                ),
+                hd.sr.Measurement(name=codes.PRIOR_VOLUME, value=prior.volume_mm3, unit=codes.MM3),
+            ],
+            qualitative_evaluations=[
+                hd.sr.QualitativeEvaluation(codes.INTERVAL_CHANGE, codes.CHANGE_VALUES["resolved"])
+            ],
+        )
+
     def _groups(self, finding: NoduleFinding, number: int, tracking_uid: str) -> list[object]:
         tracking = hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=finding.label)
+        when = self._time_point_context()
+        change_measurements, change_evaluations = self._change_content(number - 1)
         side = codes.LATERALITY.get(finding.laterality or "")
         sites = [hd.sr.FindingSite(anatomic_location=codes.LUNG, laterality=side)]
         ds = self.slices[finding.axial_slice]
@@ -114,6 +188,7 @@ class NoduleReport(TrackedFindingsWriter):
         planar = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=tracking,
             referenced_region=region,
+            time_point_context=when,
             finding_type=codes.FINDING_TYPES[finding.kind],
             finding_category=codes.MORPHOLOGIC_ABNORMALITY,
             algorithm_id=algorithm,
@@ -127,14 +202,17 @@ class NoduleReport(TrackedFindingsWriter):
                     value=round(finding.malignancy_probability, 3),
                     unit=codes.PROBABILITY,
                 ),
+                *change_measurements,
             ],
             qualitative_evaluations=[
                 hd.sr.QualitativeEvaluation(
                     codes.COMPOSITION, codes.COMPOSITION_VALUES[finding.composition]
                 ),
                 hd.sr.QualitativeEvaluation(
-                    codes.LUNG_RADS, codes.lung_rads_code(finding.lung_rads)
+                    codes.LUNG_RADS,
+                    codes.lung_rads_code(finding.lung_rads, self.time_point.follow_up),
                 ),
+                *change_evaluations,
             ],
         )
         assert self.segmentation is not None
@@ -146,6 +224,7 @@ class NoduleReport(TrackedFindingsWriter):
                 segment_number=number,
                 source_series=hd.sr.SourceSeriesForSegmentation(str(ds.SeriesInstanceUID)),
             ),
+            time_point_context=when,
             finding_type=codes.FINDING_TYPES[finding.kind],
             finding_category=codes.MORPHOLOGIC_ABNORMALITY,
             algorithm_id=algorithm,
@@ -183,6 +262,7 @@ class NoduleReport(TrackedFindingsWriter):
                 frame_of_reference_uid=str(ds.FrameOfReferenceUID),
                 source_series=hd.sr.SourceSeriesForSegmentation(str(ds.SeriesInstanceUID)),
             ),
+            time_point_context=when,
             finding_type=codes.FINDING_TYPES[finding.kind],
             finding_category=codes.MORPHOLOGIC_ABNORMALITY,
             algorithm_id=algorithm,
@@ -196,12 +276,14 @@ class NoduleReport(TrackedFindingsWriter):
             zip(self.findings, self.tracking_uids, strict=True), start=1
         ):
             groups += self._groups(finding, number, uid)
+        groups += [self._resolved_group(prior) for prior in self.time_point.resolved]
         if not self.findings:
             groups.append(
                 hd.sr.MeasurementsAndQualitativeEvaluations(
                     tracking_identifier=hd.sr.TrackingIdentifier(
                         uid=str(UID()), identifier="Scan read"
                     ),
+                    time_point_context=self._time_point_context(),
                     algorithm_id=self._algorithm(),
                     qualitative_evaluations=[
                         hd.sr.QualitativeEvaluation(codes.FINDING, codes.NO_NODULE)
@@ -227,6 +309,8 @@ class NoduleReport(TrackedFindingsWriter):
         evidence = distinct_instances(self.slices) + (
             [self.segmentation] if self.segmentation is not None else []
         )
+        if self.time_point.prior is not None:
+            evidence.append(self.time_point.prior)  # another study: Pertinent Other Evidence
         sr = hd.sr.Comprehensive3DSR(
             evidence=evidence,
             content=report,

@@ -14,14 +14,17 @@ from pydicom.dataset import Dataset
 from dicom_node import __version__
 from dicom_node.cli import EXIT_NONE_ANALYZED, EXIT_OK, EXIT_SOME_REJECTED
 from dicom_node.config import load_config
-from dicom_node.pipeline.priors import PriorChoice, choose_prior, study_date
-from dicom_node.pipeline.results import build_results
+from dicom_node.pipeline.priors import (
+    PriorChoice,
+    PriorOutcome,
+    choose_prior,
+    read_against_prior,
+)
+from dicom_node.pipeline.results import ResultRecord, build_results
 from dicom_node.pipeline.series import CTSeries, read_series, unpacked
 from dicom_node.writers.common import TimePoint
 from inference.detector import NoduleDetector
 from inference.findings import NoduleFinding
-from inference.prior_reading import read_with_prior
-from inference.registration import RegistrationFailed
 
 log = logging.getLogger(__name__)
 
@@ -122,32 +125,14 @@ def _analyze_one(
     series: CTSeries, detector: NoduleDetector, out: Path, read_s: float, choice: PriorChoice
 ) -> dict[str, object]:
     result = detector.detect(series.volume)
-    findings, reading = result.findings, None
-    prior: dict[str, object] = {"reason": choice.reason}
-    time_point = TimePoint(baseline_reason=choice.reason)
-    if choice.prior is not None:
-        try:
-            reading = read_with_prior(
-                detector, series.volume, choice.prior.volume, choice.interval_days, result
-            )
-        except RegistrationFailed as exc:
-            reason = f"prior {choice.reason} could not be aligned: {exc}"
-            prior, time_point = {"reason": reason}, TimePoint(baseline_reason=reason)
-        else:
-            findings = reading.findings
-            prior = {
-                "study_instance_uid": choice.prior.study_instance_uid,
-                "series_instance_uid": choice.prior.series_instance_uid,
-                "study_date": str(study_date(choice.prior)),
-                "interval_days": choice.interval_days,
-                "registration_residual_mm": round(reading.registration.residual_mm, 1),
-            }
-            time_point = TimePoint(
-                prior=choice.prior.slices[0],
-                prior_date=str(study_date(choice.prior)),
-                changes=reading.comparison.changes,
-                resolved=reading.comparison.resolved,
-            )
+    compared = time.perf_counter()
+    outcome = (
+        read_against_prior(detector, series, result, choice.prior, choice.interval_days)
+        if choice.prior is not None
+        else PriorOutcome.baseline(result.findings, choice.reason)
+    )
+    findings, time_point = outcome.findings, outcome.time_point
+    prior_s = time.perf_counter() - compared
     started = time.perf_counter()
     objects = build_results(series, findings, detector.info, time_point=time_point)
     folder = out / series.series_instance_uid
@@ -161,13 +146,18 @@ def _analyze_one(
     timings = {
         "read": round(read_s, 3),
         **result.timings_s,
+        **({"prior": round(prior_s, 3)} if time_point.follow_up else {}),
         "write": round(time.perf_counter() - started, 3),
     }
     _print_table(series, findings, folder, time_point)
-    entries = [f.to_json() for f in findings]
-    if reading is not None:
-        for entry, change in zip(entries, reading.comparison.changes, strict=True):
-            entry["change"] = change.to_json()
+    record = ResultRecord.of(
+        findings,
+        objects,
+        result.candidates,
+        timings,
+        time_point,
+        outcome.prior,
+    )
     return {
         "series_instance_uid": series.series_instance_uid,
         "study_instance_uid": series.study_instance_uid,
@@ -175,9 +165,7 @@ def _analyze_one(
         "model": detector.info.__dict__,
         "timings_s": timings,
         "candidates": result.candidates,
-        "findings": entries,
-        "prior": prior,
-        "resolved": [f.to_json() for f in reading.comparison.resolved] if reading else [],
+        **record.findings_entry(),
         "files": files,
     }
 

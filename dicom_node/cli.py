@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -191,6 +192,18 @@ def _retry(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _findings(args: argparse.Namespace) -> int:
+    from dicom_node.ops.operations import series_findings
+
+    try:
+        entry = series_findings(_database(args), args.series)
+    except KeyError as exc:
+        print(f"dicom-node findings: {exc.args[0]}", file=sys.stderr)
+        return EXIT_USAGE
+    print(json.dumps(entry, indent=1))
+    return EXIT_OK
+
+
 def _resend(args: argparse.Namespace) -> int:
     from dicom_node.ops.operations import resend_series
 
@@ -375,6 +388,14 @@ def build_parser() -> argparse.ArgumentParser:
     retry.add_argument("job", type=int, help="job id (see `dicom-node jobs`)")
     retry.add_argument("--config", type=Path, default=None, help=config_help)
     retry.set_defaults(func=_retry)
+
+    findings = sub.add_parser(
+        "findings",
+        help="a series' findings as findings.json has them (with the prior and each change)",
+    )
+    findings.add_argument("series", help="Series Instance UID of the analyzed CT series")
+    findings.add_argument("--config", type=Path, default=None, help=config_help)
+    findings.set_defaults(func=_findings)
 
     resend = sub.add_parser(
         "resend", help="send a series' results again to every destination (same SOP instances)"

@@ -150,6 +150,9 @@ class DetectionSettings(_Section):
 class PriorsSettings(_Section):
     """Which earlier CT of the patient a new series is compared with."""
 
+    #: Compare each analyzed series with the patient's most recent eligible earlier CT that
+    #: this node holds and has analyzed. Off by default: a department turns it on.
+    enabled: bool = False
     #: A prior must be at least this many days older than the current study: a repeat
     #: scan of the same week says nothing about growth.
     min_interval_days: Annotated[int, Field(ge=0)] = 30

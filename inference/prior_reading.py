@@ -10,14 +10,14 @@ known nodule still present is what the reader needs to know about.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
 
 from inference.comparison import MATCH_MIN_MM, Comparison, compare
 from inference.detector import DetectionResult, NoduleDetector
-from inference.findings import NoduleFinding
+from inference.findings import FindingSummary, NoduleFinding
 from inference.registration import Registration, register_prior
 from inference.volume import Volume
 
@@ -27,7 +27,7 @@ class PriorReading:
     """Current findings (Lung-RADS with the prior applied), the prior's, and how they relate."""
 
     findings: list[NoduleFinding]
-    prior_findings: list[NoduleFinding]
+    prior_findings: tuple[FindingSummary, ...]
     registration: Registration
     comparison: Comparison
 
@@ -38,17 +38,25 @@ def read_with_prior(
     prior: Volume,
     interval_days: int,
     current_result: DetectionResult | None = None,
+    prior_findings: Sequence[FindingSummary] | None = None,
 ) -> PriorReading:
+    """``prior_findings``: what an earlier analysis of the prior found, reused as it was
+    reported (the prior is then only registered, not read again, and not looked at twice)."""
     now = current_result or detector.detect(current)
-    before = detector.detect(prior)
     registration = register_prior(current, prior)
-    found_now = _with_second_look(detector, current, now, before.findings, registration.to_current)
-    found_before = _with_second_look(detector, prior, before, now.findings, registration.to_prior)
+    if prior_findings is None:
+        before = detector.detect(prior)
+        found_before = tuple(
+            f.summary()
+            for f in _with_second_look(detector, prior, before, now.findings, registration.to_prior)
+        )
+        seen_before: Sequence[FindingSummary | NoduleFinding] = before.findings
+    else:
+        found_before = tuple(prior_findings)
+        seen_before = found_before
+    found_now = _with_second_look(detector, current, now, seen_before, registration.to_current)
     comparison = compare(
-        [f.summary() for f in found_now],
-        [f.summary() for f in found_before],
-        registration,
-        interval_days,
+        [f.summary() for f in found_now], list(found_before), registration, interval_days
     )
     findings = [
         replace(f, lung_rads=change.lung_rads)
@@ -61,7 +69,7 @@ def _with_second_look(
     detector: NoduleDetector,
     volume: Volume,
     result: DetectionResult,
-    other: list[NoduleFinding],
+    other: Sequence[FindingSummary | NoduleFinding],
     to_here: Callable[[np.ndarray], np.ndarray],
 ) -> list[NoduleFinding]:
     """``result``'s findings plus those found again where ``other`` has one and this scan

@@ -522,6 +522,52 @@ def series_summary(session: Session, series_uid: str) -> SeriesSummary | None:
     return _summaries(session, [(row[0], row[1])])[0] if row is not None else None
 
 
+@dataclass(frozen=True)
+class EarlierSeries:
+    """An analyzed series of an earlier study of the same patient (same Patient ID and
+    issuer): a prior the node already holds, with the result it made of it."""
+
+    series_id: int
+    series_uid: str
+    study_uid: str
+    study_date: str  # YYYYMMDD
+    findings_json: str
+
+
+def earlier_analyzed_series(session: Session, series_id: int) -> list[EarlierSeries]:
+    """Analyzed series of the patient's other studies dated before this series' study,
+    most recent first. Whether one is old enough or too old is the caller's rule."""
+    series = session.get_one(Series, series_id)
+    study = session.get_one(Study, series.study_id)
+    if not study.study_date:
+        return []
+    rows = session.execute(
+        select(Series, Study, Result.findings_json)
+        .join(Study, Series.study_id == Study.id)
+        .join(Result, (Result.series_id == Series.id) & Result.current.is_(True))
+        .where(
+            Study.patient_id == study.patient_id,
+            Study.id != study.id,
+            Study.study_date != "",
+            Study.study_date < study.study_date,
+            Series.state == SeriesState.ANALYZED,
+        )
+        .order_by(Study.study_date.desc(), Series.id)
+    )
+    return [
+        EarlierSeries(int(s.id), s.series_uid, st.study_uid, st.study_date, findings)
+        for s, st, findings in rows
+    ]
+
+
+def study_uid_of(session: Session, series_id: int) -> str:
+    return session.execute(
+        select(Study.study_uid)
+        .join(Series, Series.study_id == Study.id)
+        .where(Series.id == series_id)
+    ).scalar_one()
+
+
 def current_findings_json(session: Session, series_id: int) -> str | None:
     """The current result's ``findings_json``, None before any analysis."""
     return session.scalar(

@@ -8,10 +8,12 @@ import shutil
 import subprocess
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
 import pytest
+from sqlalchemy import select
 
 from dicom_node.cli import main
 from dicom_node.config import PriorsSettings
@@ -27,7 +29,9 @@ from inference.lungrads import lung_rads_with_prior
 from inference.prior_reading import read_with_prior
 from inference.registration import Registration, RegistrationFailed, register_prior
 from inference.volume import Volume
+from storage.models import Series
 from tests.dicom_factory import SeriesSpec, ct_datasets, phantom, write_series
+from tests.peers import storescu, wait_for
 
 IDENTITY = Registration(np.eye(4), 0.0)
 PHANTOM_NODULE = (-40.0, 10.0, -90.0)  # in the factory phantom's right lung
@@ -347,3 +351,42 @@ def _walk(items):  # type: ignore[no-untyped-def]
     for item in items:
         yield item
         yield from _walk(item.get("ContentSequence", []))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not DEFAULT_WEIGHTS.exists(), reason="shipped weights missing")
+def test_node_compares_with_the_prior_it_holds(
+    start_node: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A patient's CT of last year arrives and is analyzed; this year's arrives: the node
+    compares with the one it holds, and ``dicom-node findings`` shows it."""
+    node = start_node(workers={"count": 1}, priors={"enabled": True})
+    port = node.config.node.port
+    before = _phantom_study(tmp_path / "before", 8.0, "20250601")
+    now = _phantom_study(tmp_path / "now", 12.0, "20260601")
+    current_uid = pydicom.dcmread(next(now.iterdir())).SeriesInstanceUID
+    prior_uid = pydicom.dcmread(next(before.iterdir())).StudyInstanceUID
+
+    def analyzed() -> int:
+        with node.db() as session:
+            return sum(s.state == "analyzed" for s in session.scalars(select(Series)))
+
+    assert storescu(port, sorted(before.iterdir())).returncode == 0
+    wait_for(lambda: analyzed() == 1, 120, "the prior's analysis")
+    assert storescu(port, sorted(now.iterdir())).returncode == 0
+    wait_for(lambda: analyzed() == 2, 120, "the current analysis")
+    config = tmp_path / "node0" / "config.yaml"
+    capsys.readouterr()
+    assert main(["findings", current_uid, "--config", str(config)]) == 0
+    entry = json.loads(capsys.readouterr().out)
+    assert entry["prior"]["study_instance_uid"] == prior_uid
+    assert entry["prior"]["interval_days"] == 365
+    (nodule,) = [
+        f
+        for f in entry["findings"]
+        if np.linalg.norm(np.subtract(f["center_mm"], PHANTOM_NODULE)) < 5
+    ]
+    assert nodule["change"]["status"] == "growing"
+    assert nodule["change"]["vdt_days"] > 0
+    assert main(["findings", "1.2.3.4", "--config", str(config)]) == 2
+    assert "series 1.2.3.4 is not held by this node" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""What an operator asks of a running node's database: status, jobs, retry, resend.
+"""What an operator asks of a running node's database: status, jobs, retry, resend, findings.
 
 These read and write the same database the node uses, so they work from any machine that
 reaches it, whether or not the node is running.
@@ -10,6 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import NodeConfig
+from dicom_node.pipeline.results import ResultRecord
 from storage import index, queue
 from storage.audit import recent_events
 from storage.models import Series
@@ -96,3 +97,25 @@ def resend_series(db: sessionmaker[Session], config: NodeConfig, series_uid: str
                 priority=1,
             )
         return len(config.destinations)
+
+
+def series_findings(db: sessionmaker[Session], series_uid: str) -> dict[str, object]:
+    """The series' entry as ``analyze`` writes it in findings.json, from its current result.
+    Raises KeyError with the reason when there is none."""
+    with db() as session:
+        series = index.series_by_uid(session, series_uid)
+        if series is None:
+            raise KeyError(f"series {series_uid} is not held by this node")
+        stored = index.current_findings_json(session, series.id)
+        if stored is None:
+            raise KeyError(f"series {series_uid} has no result ({series.state}: {series.reason})")
+        study_uid = index.study_uid_of(session, series.id)
+    record = ResultRecord.from_json(stored)
+    return {
+        "series_instance_uid": series_uid,
+        "study_instance_uid": study_uid,
+        "status": "analyzed",
+        "timings_s": record.timings_s,
+        "candidates": record.candidates,
+        **record.findings_entry(),
+    }

@@ -13,6 +13,11 @@ from datetime import date
 
 from dicom_node.config import PriorsSettings
 from dicom_node.pipeline.series import CTSeries
+from dicom_node.writers.common import TimePoint
+from inference.detector import DetectionResult, NoduleDetector
+from inference.findings import FindingSummary, NoduleFinding
+from inference.prior_reading import read_with_prior
+from inference.registration import RegistrationFailed
 
 
 @dataclass(frozen=True)
@@ -24,13 +29,72 @@ class PriorChoice:
     interval_days: int = 0
 
 
-def study_date(series: CTSeries) -> date | None:
-    """Study Date (0008,0020); None when absent or not a DICOM DA value."""
-    text = str(series.slices[0].get("StudyDate", "") or "")
+@dataclass(frozen=True)
+class PriorOutcome:
+    """A reading's findings (Lung-RADS with the prior applied where there was one), how the
+    result objects place it in time, and findings.json's ``prior``."""
+
+    findings: list[NoduleFinding]
+    time_point: TimePoint
+    prior: dict[str, object]
+
+    @classmethod
+    def baseline(cls, findings: list[NoduleFinding], reason: str) -> PriorOutcome:
+        return cls(findings, TimePoint(baseline_reason=reason), {"reason": reason})
+
+
+def read_against_prior(
+    detector: NoduleDetector,
+    series: CTSeries,
+    detection: DetectionResult,
+    prior: CTSeries,
+    interval_days: int,
+    prior_findings: Sequence[FindingSummary] | None = None,
+) -> PriorOutcome:
+    """Compare ``series`` with ``prior``; a prior that cannot be aligned gives a baseline
+    reading that says so."""
+    try:
+        reading = read_with_prior(
+            detector, series.volume, prior.volume, interval_days, detection, prior_findings
+        )
+    except RegistrationFailed as exc:
+        return PriorOutcome.baseline(
+            detection.findings, f"the prior {prior.series_instance_uid} could not be aligned: {exc}"
+        )
+    when = str(study_date(prior))
+    return PriorOutcome(
+        reading.findings,
+        TimePoint(
+            prior=prior.slices[0],
+            prior_date=when,
+            changes=reading.comparison.changes,
+            resolved=reading.comparison.resolved,
+        ),
+        {
+            "study_instance_uid": prior.study_instance_uid,
+            "series_instance_uid": prior.series_instance_uid,
+            "study_date": when,
+            "interval_days": interval_days,
+            "registration_residual_mm": round(reading.registration.residual_mm, 1),
+        },
+    )
+
+
+def within_interval(days: int, rules: PriorsSettings) -> bool:
+    return rules.min_interval_days <= days <= rules.max_age_days
+
+
+def parse_da(text: str) -> date | None:
+    """A DICOM DA value (YYYYMMDD) as a date; None when empty or not one."""
     try:
         return date(int(text[:4]), int(text[4:6]), int(text[6:8])) if len(text) == 8 else None
     except ValueError:
         return None
+
+
+def study_date(series: CTSeries) -> date | None:
+    """Study Date (0008,0020); None when absent or not a DICOM DA value."""
+    return parse_da(str(series.slices[0].get("StudyDate", "") or ""))
 
 
 def _patient(series: CTSeries) -> tuple[str, str]:
@@ -62,7 +126,7 @@ def choose_prior(
             reasons.append(f"{candidate.series_instance_uid}: no valid Study Date (0008,0020)")
             continue
         days = (today - when).days
-        if not rules.min_interval_days <= days <= rules.max_age_days:
+        if not within_interval(days, rules):
             reasons.append(
                 f"{candidate.series_instance_uid}: {days} days earlier, outside "
                 f"{rules.min_interval_days}-{rules.max_age_days}"

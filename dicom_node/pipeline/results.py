@@ -4,6 +4,7 @@ a later re-analysis must carry over to amend them rather than start afresh."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from highdicom import UID
@@ -58,12 +59,55 @@ class ResultRecord:
     timings_s: dict[str, float]
     #: SOP Instance UID of the SR this result's SR amends.
     amends: str | None = None
+    #: The prior compared with (findings.json's ``prior``: its UIDs, date and registration
+    #: residual, or the reason for a baseline reading); each finding's ``change`` when one
+    #: was; the prior's nodules no longer seen. Records of a baseline node hold none of it.
+    prior: dict[str, object] | None = None
+    changes: tuple[dict[str, object], ...] = ()
+    resolved: tuple[FindingSummary, ...] = ()
 
     def __post_init__(self) -> None:
         if len(self.findings) != len(self.tracking_uids):
             raise ValueError(
                 f"{len(self.findings)} findings but {len(self.tracking_uids)} tracking UIDs"
             )
+        if self.changes and len(self.changes) != len(self.findings):
+            raise ValueError(f"{len(self.findings)} findings but {len(self.changes)} changes")
+
+    @classmethod
+    def of(
+        cls,
+        findings: Sequence[NoduleFinding],
+        objects: ResultObjects,
+        candidates: int,
+        timings_s: dict[str, float],
+        time_point: TimePoint,
+        prior: dict[str, object],
+        amends: Amendment | None = None,
+    ) -> ResultRecord:
+        """The record of an analysis that made ``objects`` from ``findings``."""
+        return cls(
+            findings=tuple(f.summary() for f in findings),
+            tracking_uids=tuple(objects.tracking_uids),
+            output_series=objects.series_uids(),
+            candidates=candidates,
+            timings_s=timings_s,
+            amends=str(amends.previous_sr.SOPInstanceUID) if amends else None,
+            prior=prior,
+            changes=tuple(change.to_json() for change in time_point.changes),
+            resolved=time_point.resolved,
+        )
+
+    def findings_entry(self) -> dict[str, object]:
+        """The findings, prior and resolved nodules as ``findings.json`` has them."""
+        entries = [f.to_json() for f in self.findings]
+        for entry, change in zip(entries, self.changes, strict=False):
+            entry["change"] = change
+        return {
+            "findings": entries,
+            "prior": self.prior,
+            "resolved": [f.to_json() for f in self.resolved],
+        }
 
     def to_json(self) -> str:
         return json.dumps(
@@ -74,6 +118,9 @@ class ResultRecord:
                 "candidates": self.candidates,
                 "timings_s": self.timings_s,
                 "amends": self.amends,
+                "prior": self.prior,
+                "changes": list(self.changes),
+                "resolved": [f.to_json() for f in self.resolved],
             }
         )
 
@@ -89,6 +136,9 @@ class ResultRecord:
             candidates=int(data["candidates"]),
             timings_s={k: float(v) for k, v in data["timings_s"].items()},
             amends=data.get("amends"),
+            prior=data.get("prior"),
+            changes=tuple(data.get("changes", ())),
+            resolved=tuple(FindingSummary.from_json(f) for f in data.get("resolved", ())),
         )
 
 

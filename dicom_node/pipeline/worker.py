@@ -19,9 +19,16 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node.config import NodeConfig
 from dicom_node.jobs import HandedBack, JobHandler, Lease, LeaseLost
 from dicom_node.observe import metrics
+from dicom_node.pipeline.priors import (
+    PriorOutcome,
+    parse_da,
+    read_against_prior,
+    study_date,
+    within_interval,
+)
 from dicom_node.pipeline.results import Amendment, ResultObjects, ResultRecord, build_results
 from dicom_node.pipeline.series import CTSeries, SeriesFiles, SeriesRejected, load_series
-from inference.detector import NoduleDetector
+from inference.detector import DetectionResult, NoduleDetector
 from storage import index, queue
 from storage.files import FileStore
 from storage.models import Result, Series
@@ -114,16 +121,26 @@ class AnalysisWorker(JobHandler):
         lease.stage("detecting nodules")
         with metrics.MODEL_SECONDS.time():
             detection = self.detector.detect(series.volume)
+        if self.config.priors.enabled:
+            lease.stage("comparing with the prior")
+            outcome = self._against_prior(job.series_id, series, detection)
+        else:
+            outcome = PriorOutcome.baseline(
+                detection.findings, "comparison with earlier CT is off (priors.enabled)"
+            )
         lease.stage("writing SR, SEG, key images")
-        objects = build_results(series, detection.findings, self.detector.info, amends)
+        objects = build_results(
+            series, outcome.findings, self.detector.info, amends, outcome.time_point
+        )
         files = self._store(series, objects)
-        record = ResultRecord(
-            findings=tuple(f.summary() for f in detection.findings),
-            tracking_uids=tuple(objects.tracking_uids),
-            output_series=objects.series_uids(),
-            candidates=detection.candidates,
-            timings_s=detection.timings_s,
-            amends=str(amends.previous_sr.SOPInstanceUID) if amends else None,
+        record = ResultRecord.of(
+            outcome.findings,
+            objects,
+            detection.candidates,
+            detection.timings_s,
+            outcome.time_point,
+            outcome.prior,
+            amends,
         )
         with self.db.begin() as session:
             index.save_result(
@@ -149,16 +166,52 @@ class AnalysisWorker(JobHandler):
                 job.series_id,
                 job.series_version,
                 SeriesState.ANALYZED,
-                f"{len(detection.findings)} nodule(s)",
+                f"{len(record.findings)} nodule(s)",
             )
             if not queue.complete(session, job):
                 raise LeaseLost(f"job {job.id} was taken over while analyzing")
         log.info(
             "series %s analyzed: %d nodule(s)%s",
             series.series_instance_uid,
-            len(detection.findings),
+            len(record.findings),
             " (amends the earlier report)" if amends else "",
         )
+
+    def _against_prior(
+        self, series_id: int, series: CTSeries, detection: DetectionResult
+    ) -> PriorOutcome:
+        """Compare with the most recent eligible earlier series of the patient that this node
+        holds and analyzed, reusing what it found there; a baseline reading says why not."""
+        today = study_date(series)
+        if today is None:
+            return PriorOutcome.baseline(
+                detection.findings, "the series has no valid Study Date (0008,0020)"
+            )
+        with self.db() as session:
+            earlier = index.earlier_analyzed_series(session, series_id)
+            files = {e.series_id: index.instances_of(session, e.series_id) for e in earlier}
+        reasons = []
+        for candidate in earlier:
+            when = parse_da(candidate.study_date)
+            days = (today - when).days if when else -1
+            if not within_interval(days, self.config.priors):
+                reasons.append(f"{candidate.study_uid}: {days} days earlier")
+                continue
+            stored, missing = _read_stored(
+                [Path(i.path) for i in files[candidate.series_id]], candidate.series_uid
+            )
+            if missing or not stored.datasets:
+                reasons.append(f"{candidate.study_uid}: its images are no longer held")
+                continue
+            try:
+                prior = load_series(stored, self.config.eligibility)
+            except SeriesRejected as exc:
+                reasons.append(f"{candidate.study_uid}: {exc}")
+                continue
+            found = ResultRecord.from_json(candidate.findings_json).findings
+            return read_against_prior(self.detector, series, detection, prior, days, found)
+        why = "; ".join(reasons) or "no earlier CT of this patient analyzed here"
+        return PriorOutcome.baseline(detection.findings, f"no eligible prior: {why}")
 
     def _reject(self, job: queue.ClaimedJob, series_uid: str, reason: str) -> None:
         """The engine cannot read the series: a decision, settled at once, never retried."""

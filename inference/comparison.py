@@ -13,6 +13,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -66,6 +67,10 @@ class NoduleChange:
             "vdt_days": self.vdt_days,
             "distance_mm": self.distance_mm,
         }
+
+    @classmethod
+    def from_json(cls, entry: dict[str, Any]) -> NoduleChange:
+        return cls(**{**entry, "status": Status(entry["status"])})
 
 
 @dataclass(frozen=True)

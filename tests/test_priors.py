@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pydicom
 import pytest
@@ -36,6 +37,7 @@ from tests.peers import storescu, wait_for
 IDENTITY = Registration(np.eye(4), 0.0)
 PHANTOM_NODULE = (-40.0, 10.0, -90.0)  # in the factory phantom's right lung
 RESOLVED_NODULE = (40.0, -15.0, -60.0)  # in its left lung, in the prior only
+DASHBOARD_TOKEN = "a-dashboard-token-for-tests"
 
 
 def _phantom() -> Volume:
@@ -360,7 +362,9 @@ def test_node_compares_with_the_prior_it_holds(
 ) -> None:
     """A patient's CT of last year arrives and is analyzed; this year's arrives: the node
     compares with the one it holds, and ``dicom-node findings`` shows it."""
-    node = start_node(workers={"count": 1}, priors={"enabled": True})
+    node = start_node(
+        workers={"count": 1}, priors={"enabled": True}, dashboard={"token": DASHBOARD_TOKEN}
+    )
     port = node.config.node.port
     before = _phantom_study(tmp_path / "before", 8.0, "20250601")
     now = _phantom_study(tmp_path / "now", 12.0, "20260601")
@@ -390,3 +394,8 @@ def test_node_compares_with_the_prior_it_holds(
     assert nodule["change"]["vdt_days"] > 0
     assert main(["findings", "1.2.3.4", "--config", str(config)]) == 2
     assert "series 1.2.3.4 is not held by this node" in capsys.readouterr().err
+    dashboard = httpx.Client(base_url=f"http://127.0.0.1:{node.config.dashboard.port}", timeout=30)
+    dashboard.post("/login", data={"token": DASHBOARD_TOKEN}, follow_redirects=True)
+    page = dashboard.get(f"/series/{current_uid}").text
+    assert f"compared with the prior study of 2025-06-01 ({prior_uid})" in page
+    assert "growing since 2025-06-01: " in page and "VDT " in page

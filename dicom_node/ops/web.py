@@ -44,6 +44,8 @@ from dicom_node.config import Destination, NodeConfig
 from dicom_node.observe import metrics
 from dicom_node.ops.operations import resend_series, retry_job
 from dicom_node.pipeline.results import ResultRecord
+from dicom_node.writers.common import describe_change
+from inference.comparison import NoduleChange
 from storage import audit, index, queue
 from storage.files import FreeSpace
 from storage.models import utcnow
@@ -52,6 +54,22 @@ from storage.states import FINISHED, JobState
 log = logging.getLogger(__name__)
 
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).with_name("templates")))
+
+
+def _comparison(record: ResultRecord) -> dict[str, object]:
+    """What the series page says of the prior: the line above the findings, each
+    finding's change, the prior nodules no longer seen."""
+    prior = record.prior or {}
+    when = str(prior.get("study_date", ""))
+    changes = [NoduleChange.from_json(c) for c in record.changes]
+    return {
+        "line": f"compared with the prior study of {when} ({prior.get('study_instance_uid')})"
+        if "study_instance_uid" in prior
+        else f"baseline reading: {prior.get('reason', 'no comparison was made')}",
+        "changes": [describe_change(c, when) for c in changes]
+        or ["baseline"] * len(record.findings),
+        "resolved": record.resolved,
+    }
 
 
 def human_size(size: float) -> str:
@@ -345,11 +363,12 @@ def build_app(
                 return PlainTextResponse(f"no series {series_uid} here\n", 404)
             jobs = queue.jobs_of_series(session, summary.id)
             stored = index.current_findings_json(session, summary.id)
-        findings = ResultRecord.from_json(stored).findings if stored is not None else None
+        record = ResultRecord.from_json(stored) if stored is not None else None
         context = {
             "s": summary,
             "jobs": jobs,
-            "findings": findings,
+            "findings": record.findings if record else None,
+            "comparison": _comparison(record) if record else None,
             "destinations": config.destinations,
             "form_token": form_value,
         }

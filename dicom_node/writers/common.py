@@ -71,16 +71,21 @@ class TimePoint:
         return self.changes[n] if self.follow_up else None
 
     def describe(self, change: NoduleChange | None) -> str:
-        """One line for a caption or a table: "growing +3.0 mm, VDT 208 d"."""
-        if change is None:
-            return "baseline"
-        if change.prior_diameter_mm is None:
-            return f"{change.status} since {self.prior_date}"
-        vdt = f", VDT {change.vdt_days:.0f} d" if change.vdt_days is not None else ""
-        return (
-            f"{change.status} since {self.prior_date}: {change.prior_diameter_mm:.1f} mm -> "
-            f"{change.diameter_change_mm:+.1f} mm{vdt}"
-        )
+        return describe_change(change, self.prior_date)
+
+
+def describe_change(change: NoduleChange | None, prior_date: str) -> str:
+    """One line for a caption or a table: "growing since 2025-06-01: 6.0 mm -> +3.0 mm, VDT
+    208 d"; "baseline" without a comparison."""
+    if change is None:
+        return "baseline"
+    if change.prior_diameter_mm is None:
+        return f"{change.status} since {prior_date}"
+    vdt = f", VDT {change.vdt_days:.0f} d" if change.vdt_days is not None else ""
+    return (
+        f"{change.status} since {prior_date}: {change.prior_diameter_mm:.1f} mm -> "
+        f"{change.diameter_change_mm:+.1f} mm{vdt}"
+    )
 
 
 #: A reading compared with nothing (the default of every writer).

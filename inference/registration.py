@@ -17,7 +17,7 @@ from scipy import ndimage
 
 from inference.lungs import segment_lungs
 from inference.transforms import ResampleToSpacing
-from inference.volume import Volume
+from inference.volume import Volume, apply_affine
 
 #: Grid of the rigid (lung masks) and affine (lung images) stages.
 MASK_SPACING_MM = 4.0
@@ -46,13 +46,10 @@ class Registration:
     residual_mm: float
 
     def to_prior(self, points_mm: np.ndarray) -> np.ndarray:
-        points = np.asarray(points_mm, dtype=float)
-        return points @ self.current_to_prior[:3, :3].T + self.current_to_prior[:3, 3]
+        return apply_affine(self.current_to_prior, points_mm)
 
     def to_current(self, points_mm: np.ndarray) -> np.ndarray:
-        inverse = np.linalg.inv(self.current_to_prior)
-        points = np.asarray(points_mm, dtype=float)
-        return points @ inverse[:3, :3].T + inverse[:3, 3]
+        return apply_affine(np.linalg.inv(self.current_to_prior), points_mm)
 
 
 def sitk_image(volume: Volume, array: np.ndarray | None = None) -> sitk.Image:
@@ -161,7 +158,7 @@ def _surface_residual_mm(
     """Mean distance from the current lung surface to the aligned prior lung surface."""
     surface = current_lungs & ~ndimage.binary_erosion(current_lungs)
     points = current.index_to_world(np.argwhere(surface)[:, ::-1])
-    in_prior = points @ current_to_prior[:3, :3].T + current_to_prior[:3, 3]
+    in_prior = apply_affine(current_to_prior, points)
     distance = ndimage.distance_transform_edt(
         ~(prior_lungs & ~ndimage.binary_erosion(prior_lungs)), sampling=prior.spacing[::-1]
     )

@@ -7,6 +7,11 @@ from dataclasses import dataclass
 import numpy as np
 
 
+def apply_affine(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Map (..., 3) points by a 4x4 homogeneous matrix."""
+    return np.asarray(points, dtype=float) @ matrix[:3, :3].T + matrix[:3, 3]
+
+
 @dataclass(frozen=True)
 class Volume:
     """Voxels in ``(k, j, i)`` = (slice, row, column) order plus their place in LPS space.
@@ -37,14 +42,11 @@ class Volume:
 
     def index_to_world(self, ijk: np.ndarray) -> np.ndarray:
         """Map (..., 3) indices in (i, j, k) order to LPS mm."""
-        ijk = np.asarray(ijk, dtype=float)
-        return ijk @ self.affine[:3, :3].T + self.affine[:3, 3]
+        return apply_affine(self.affine, ijk)
 
     def world_to_index(self, xyz: np.ndarray) -> np.ndarray:
         """Map (..., 3) LPS mm to fractional (i, j, k) indices."""
-        inv = np.linalg.inv(self.affine)
-        xyz = np.asarray(xyz, dtype=float)
-        return xyz @ inv[:3, :3].T + inv[:3, 3]
+        return apply_affine(np.linalg.inv(self.affine), xyz)
 
     def with_array(self, array: np.ndarray) -> Volume:
         """The same geometry around other voxels (a mask, a filtered image)."""

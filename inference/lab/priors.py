@@ -19,7 +19,7 @@ from inference.comparison import Status, volume_doubling_time_days
 from inference.lab.synthesis import NoduleSpec, insert_nodule
 from inference.measure import measure
 from inference.registration import sitk_image
-from inference.volume import Volume
+from inference.volume import Volume, apply_affine
 
 #: (status, prior diameter, current diameter); 0 = absent from that scan. Sizes keep clear
 #: of the 1.5 mm growth limit, so a status is never decided by a tenth of a millimetre.
@@ -113,14 +113,13 @@ def make_pair(
     """A (current, prior) pair from one scan: ``lung_points_mm`` are places in the current
     scan's aerated lung where nodules may go; ``avoid_mm`` the scan's own nodules."""
     prior, current_to_prior = repositioned(current, rng)
-    to_prior = current_to_prior[:3, :3], current_to_prior[:3, 3]
     current_image = current.array.astype(np.float32, copy=True)
     prior_image = prior.array.copy()
     chosen: list[np.ndarray] = [*np.asarray(avoid_mm).reshape(-1, 3)]
     planted = []
     for status, before_mm, after_mm in plan:
         point = _free_point(lung_points_mm, chosen, rng)
-        there = to_prior[0] @ point + to_prior[1]
+        there = apply_affine(current_to_prior, point)
         if not _inside(prior, there):
             continue
         chosen.append(point)

@@ -399,3 +399,24 @@ def test_node_compares_with_the_prior_it_holds(
     page = dashboard.get(f"/series/{current_uid}").text
     assert f"compared with the prior study of 2025-06-01 ({prior_uid})" in page
     assert "growing since 2025-06-01: " in page and "VDT " in page
+
+
+@pytest.mark.skipif(not DEFAULT_WEIGHTS.exists(), reason="shipped weights missing")
+def test_key_image_shows_the_prior_beside_the_current_slice(compared) -> None:  # type: ignore[no-untyped-def]
+    """Now on the left, the same place in the prior on the right: the phantom's nodule is
+    in both panels (8 mm then, 12 mm now), so both are dense at its centre, the prior's
+    over a smaller area."""
+    root, series = compared
+    keys = [pydicom.dcmread(f) for f in series["files"] if "KEY_" in f]
+    (key,) = [k for k in keys if "growing since 2025-06-01" in k.ImageComments]
+    assert key.Columns == 2 * SeriesSpec().columns
+    assert "prior study of 2025-06-01" in key.DerivationDescription
+    grey = key.pixel_array.mean(axis=2)
+    spec = SeriesSpec()
+    column = round((PHANTOM_NODULE[0] - spec.origin[0]) / spec.pixel_mm)
+    row = round((PHANTOM_NODULE[1] - spec.origin[1]) / spec.pixel_mm)
+    now, before = grey[:, : spec.columns], grey[:, spec.columns :]
+    assert now[row, column] > 200 and before[row, column] > 200  # lung window: nodule white
+    bright_now = (now[row - 12 : row + 13, column - 12 : column + 13] > 200).sum()
+    bright_before = (before[row - 12 : row + 13, column - 12 : column + 13] > 200).sum()
+    assert bright_before < bright_now

@@ -69,6 +69,8 @@ def read_against_prior(
             prior_date=when,
             changes=reading.comparison.changes,
             resolved=reading.comparison.resolved,
+            prior_volume=prior.volume,
+            registration=reading.registration,
         ),
         {
             "study_instance_uid": prior.study_instance_uid,

@@ -216,7 +216,7 @@ def build_results(
     ).build()
     keys = NoduleKeyImages(
         series.slices,
-        series.volume.array,
+        series.volume,
         findings,
         model,
         _output_series("key_images", "Res-MTNet key images", KEY_SERIES, amends),

@@ -11,6 +11,8 @@ from pydicom.dataset import Dataset
 from dicom_node import __version__
 from inference.comparison import NoduleChange
 from inference.findings import FindingSummary, ModelInfo, NoduleFinding
+from inference.registration import Registration
+from inference.volume import Volume
 
 MANUFACTURER = "Res-MTNet DICOM node (open source)"
 DEVICE_SERIAL = "0"
@@ -50,7 +52,8 @@ class TimePoint:
     baseline (and why there is no comparison), or a follow-up compared with a prior study.
 
     ``changes[n]`` is what finding n did since the prior; ``prior`` is one instance of the
-    prior series, referenced as other evidence (nothing is copied from it).
+    prior series, referenced as other evidence (nothing is copied from it); the prior's
+    volume and the registration let key images show the same place then and now.
     """
 
     baseline_reason: str = "no prior study was compared"
@@ -58,6 +61,8 @@ class TimePoint:
     prior_date: str = ""
     changes: tuple[NoduleChange, ...] = ()
     resolved: tuple[FindingSummary, ...] = ()
+    prior_volume: Volume | None = None
+    registration: Registration | None = None
 
     def __post_init__(self) -> None:
         if self.prior is None and (self.changes or self.resolved):

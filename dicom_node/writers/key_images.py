@@ -1,7 +1,10 @@
 """Key images: one Secondary Capture per nodule for viewers that show neither SR nor SEG.
 
 The axial slice through the nodule in a lung window, the nodule's outline in yellow, and a
-caption with what the SR says, burnt in and marked not for diagnostic use.
+caption with what the SR says, burnt in and marked not for diagnostic use. Compared with a
+prior, the same place in the prior scan stands beside it (the prior resampled onto this
+slice's plane through the registration), with the prior nodule circled, and the caption
+says what changed.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from dicom_node.writers.common import (
     TimePoint,
 )
 from inference.findings import ModelInfo, NoduleFinding
+from inference.volume import Volume
 
 LUNG_WINDOW = (-600.0, 1500.0)  # centre, width
 MARKER = (255, 220, 0)
@@ -37,19 +41,34 @@ def lung_window(hu: np.ndarray) -> np.ndarray:
     return (np.clip((hu - low) / width, 0, 1) * 255).astype(np.uint8)
 
 
-def render_key_image(hu_slice: np.ndarray, outline: np.ndarray, caption: list[str]) -> np.ndarray:
-    """RGB uint8 picture: windowed slice, outline of the nodule, caption band at the bottom."""
+def _panel(hu_slice: np.ndarray, outline: np.ndarray) -> np.ndarray:
     grey = lung_window(hu_slice)
     rgb = np.repeat(grey[..., None], 3, axis=2)
     edge = outline & ~ndimage.binary_erosion(outline)
-    edge = ndimage.binary_dilation(edge)
-    rgb[edge] = MARKER
-    image = Image.fromarray(rgb)
-    draw = ImageDraw.Draw(image)
+    rgb[ndimage.binary_dilation(edge)] = MARKER
+    return rgb
+
+
+def render_key_image(
+    hu_slice: np.ndarray,
+    outline: np.ndarray,
+    caption: list[str],
+    prior: tuple[np.ndarray, np.ndarray] | None = None,
+) -> np.ndarray:
+    """RGB uint8 picture: windowed slice, outline of the nodule, and a caption band added
+    below it (below, not over: a nodule low in the image must not be hidden by its own
+    caption); with ``prior`` (the prior's slice on the same plane, and what to outline
+    there) the two side by side, now on the left."""
+    rgb = _panel(hu_slice, outline)
+    if prior is not None:
+        rgb = np.concatenate([rgb, _panel(*prior)], axis=1)
     font = ImageFont.load_default(size=max(12, hu_slice.shape[0] // 32))
     line = font.size + 4 if hasattr(font, "size") else 16
-    top = image.height - line * len(caption) - 6
-    draw.rectangle([0, top - 4, image.width, image.height], fill=(0, 0, 0))
+    band = line * len(caption) + 10
+    image = Image.new("RGB", (rgb.shape[1], rgb.shape[0] + band))
+    image.paste(Image.fromarray(rgb), (0, 0))
+    draw = ImageDraw.Draw(image)
+    top = rgb.shape[0] + 6
     for n, text in enumerate(caption):
         draw.text((6, top + n * line), text, fill=MARKER if n == 0 else (255, 255, 255), font=font)
     return np.asarray(image)
@@ -73,13 +92,16 @@ class NoduleKeyImages:
     def __init__(
         self,
         slices: Sequence[Dataset],
-        volume_hu: np.ndarray,
+        volume: Volume,
         findings: Sequence[NoduleFinding],
         model: ModelInfo,
         series: OutputSeries,
         frames: SourceFrames | None = None,
         time_point: TimePoint = NO_PRIOR,
     ) -> None:
+        """``volume``: the series' voxels in HU and their place in space (where a prior's
+        slice is taken from)."""
+        volume_hu = volume.array
         if volume_hu.shape[0] != len(slices):
             raise ValueError(f"{volume_hu.shape[0]} slices of pixels but {len(slices)} datasets")
         self.slices = list(slices)
@@ -89,6 +111,7 @@ class NoduleKeyImages:
         self.series = series
         self.frames = frames
         self.time_point = time_point
+        self.geometry = volume
 
     def caption(self, finding: NoduleFinding) -> list[str]:
         n = self.findings.index(finding)
@@ -105,13 +128,40 @@ class NoduleKeyImages:
             f"{self.model.name} - {NOT_FOR_DIAGNOSTIC_USE}",
         ]
 
+    def _prior_panel(self, n: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """The prior resampled onto finding n's slice plane, and a circle where the matched
+        prior nodule lies (none for a new nodule)."""
+        tp = self.time_point
+        change = tp.change(n)
+        if change is None or tp.prior_volume is None or tp.registration is None:
+            return None
+        k = self.findings[n].axial_slice
+        rows, columns = self.volume_hu.shape[1:]
+        jj, ii = np.mgrid[:rows, :columns]
+        here = self.geometry.index_to_world(
+            np.stack([ii.ravel(), jj.ravel(), np.full(ii.size, k)], axis=1).astype(float)
+        )
+        there = tp.prior_volume.world_to_index(tp.registration.to_prior(here))[:, ::-1]
+        plane = ndimage.map_coordinates(
+            tp.prior_volume.array, there.T, order=1, mode="constant", cval=-1000.0
+        ).reshape(rows, columns)
+        circle = np.zeros((rows, columns), dtype=bool)
+        if change.prior_diameter_mm is not None:
+            finding = self.findings[n]
+            centre = self.geometry.world_to_index(np.asarray(finding.center_mm))
+            pixel = float(np.mean(self.geometry.spacing[:2]))
+            radius = change.prior_diameter_mm / 2.0 / pixel
+            circle = (jj - centre[1]) ** 2 + (ii - centre[0]) ** 2 <= radius**2
+        return plane, circle
+
     def build(self) -> list[hd.sc.SCImage]:
         images = []
         shape = self.volume_hu.shape
         for number, finding in enumerate(self.findings, start=1):
             k = finding.axial_slice
             outline = finding.axial_mask(k, shape[1], shape[2])
-            pixels = render_key_image(self.volume_hu[k], outline, self.caption(finding))
+            prior = self._prior_panel(number - 1)
+            pixels = render_key_image(self.volume_hu[k], outline, self.caption(finding), prior)
             ref = self.slices[k]
             sc = hd.sc.SCImage.from_ref_dataset(
                 ref_dataset=ref,
@@ -133,9 +183,17 @@ class NoduleKeyImages:
                 sc.Laterality = ""
             Device.running(self.model).describe(sc)
             sc.BurnedInAnnotation = "YES"
-            sc.ImageComments = f"{finding.label}. {NOT_FOR_DIAGNOSTIC_USE}."
+            change = self.time_point.change(number - 1)
+            said = f": {self.time_point.describe(change)}" if change is not None else ""
+            sc.ImageComments = f"{finding.label}{said}. {NOT_FOR_DIAGNOSTIC_USE}."
             sc.DerivationDescription = (
                 f"Axial CT slice {ref.SOPInstanceUID} in a lung window, nodule outlined"
+                + (
+                    f"; on the right the prior study of {self.time_point.prior_date} resampled "
+                    "onto the same plane through the registration"
+                    if prior is not None
+                    else ""
+                )
             )
             source = Dataset()
             source.ReferencedSOPClassUID = ref.SOPClassUID

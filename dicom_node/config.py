@@ -147,12 +147,33 @@ class DetectionSettings(_Section):
     min_diameter_mm: Annotated[float, Field(ge=0)] | None = None
 
 
+class PriorPeer(_Section):
+    """A PACS the node may ask for a patient's earlier CT (C-FIND, then a retrieve)."""
+
+    name: str
+    ae_title: str
+    host: str
+    port: Port
+    #: C-GET retrieves over the query's own association. C-MOVE (the PACS opening an
+    #: association back to the node) is not built yet: refused here rather than ignored.
+    retrieve: Literal["get"] = "get"
+
+    _check_ae = field_validator("ae_title")(_ae_title)
+
+
 class PriorsSettings(_Section):
     """Which earlier CT of the patient a new series is compared with."""
 
-    #: Compare each analyzed series with the patient's most recent eligible earlier CT that
-    #: this node holds and has analyzed. Off by default: a department turns it on.
+    #: Compare each analyzed series with the patient's most recent eligible earlier CT:
+    #: one this node holds and has analyzed, else one found on ``peers``. Off by default:
+    #: a department turns it on.
     enabled: bool = False
+    #: Query/retrieve peers, asked in order when the node holds no eligible prior; no other
+    #: AE is ever asked.
+    peers: list[PriorPeer] = []
+    #: Network timeout of each query and retrieve, and the most the search for a prior on
+    #: the peers may add to a report before it is sent as a baseline reading.
+    timeout_seconds: Seconds = 60.0
     #: A prior must be at least this many days older than the current study: a repeat
     #: scan of the same week says nothing about growth.
     min_interval_days: Annotated[int, Field(ge=0)] = 30

@@ -119,7 +119,9 @@ class Node:
                 self.config.workers.device,
                 self.config.detection.min_diameter_mm,
             )
-            worker = AnalysisWorker(self.db, self.config, detector, self.results, self.stopping)
+            worker = AnalysisWorker(
+                self.db, self.config, detector, self.results, self.stopping, self.audit
+            )
             runner = JobRunner(self.db, worker, f"{identity}/worker{n}", self.abandon)
             self._spawn(f"worker{n}", runner.run_once)
         self.models_loaded = True

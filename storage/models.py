@@ -198,7 +198,8 @@ class AuditEvent(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
-    #: association, connection, instances-stored, identity-conflict, delivery.
+    #: association, connection, instances-stored, identity-conflict, delivery, prior_query,
+    #: prior_retrieve.
     event: Mapped[str] = mapped_column(String(32), index=True)
     #: success, refused, failed.
     outcome: Mapped[str] = mapped_column(String(16))

@@ -59,6 +59,10 @@ def test_environment_overrides_file_values() -> None:
             "dashboard:\n  token: hunter2\n",
             "dashboard.token: expected at least 16 characters, got 7 (or",
         ),
+        (
+            "priors:\n  peers: [{name: p, ae_title: P, host: h, port: 104, retrieve: move}]\n",
+            "priors.peers.0.retrieve: ",
+        ),
     ],
 )
 def test_wrong_values_are_one_line_naming_the_key(tmp_path: Path, text: str, expected: str) -> None:

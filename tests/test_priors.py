@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import socket
 import subprocess
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from sqlalchemy import select
 from dicom_node.cli import main
 from dicom_node.config import PriorsSettings
 from dicom_node.pipeline.priors import choose_prior
+from dicom_node.pipeline.results import ResultRecord
 from dicom_node.pipeline.series import CTSeries, read_series
 from inference.comparison import Status, compare, volume_doubling_time_days
 from inference.detector import DEFAULT_WEIGHTS, NoduleDetector
@@ -30,9 +33,9 @@ from inference.lungrads import lung_rads_with_prior
 from inference.prior_reading import read_with_prior
 from inference.registration import Registration, RegistrationFailed, register_prior
 from inference.volume import Volume
-from storage.models import Series
+from storage.models import AuditEvent, Result, Series
 from tests.dicom_factory import SeriesSpec, ct_datasets, phantom, write_series
-from tests.peers import storescu, wait_for
+from tests.peers import Orthanc, storescu, wait_for
 
 IDENTITY = Registration(np.eye(4), 0.0)
 PHANTOM_NODULE = (-40.0, 10.0, -90.0)  # in the factory phantom's right lung
@@ -406,7 +409,7 @@ def test_key_image_shows_the_prior_beside_the_current_slice(compared) -> None:  
     """Now on the left, the same place in the prior on the right: the phantom's nodule is
     in both panels (8 mm then, 12 mm now), so both are dense at its centre, the prior's
     over a smaller area."""
-    root, series = compared
+    _, series = compared
     keys = [pydicom.dcmread(f) for f in series["files"] if "KEY_" in f]
     (key,) = [k for k in keys if "growing since 2025-06-01" in k.ImageComments]
     assert key.Columns == 2 * SeriesSpec().columns
@@ -420,3 +423,92 @@ def test_key_image_shows_the_prior_beside_the_current_slice(compared) -> None:  
     bright_now = (now[row - 12 : row + 13, column - 12 : column + 13] > 200).sum()
     bright_before = (before[row - 12 : row + 13, column - 12 : column + 13] > 200).sum()
     assert bright_before < bright_now
+
+
+def _audit_events(node: Any) -> list[AuditEvent]:
+    with node.db() as session:
+        return list(session.scalars(select(AuditEvent).where(AuditEvent.event.like("prior_%"))))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not DEFAULT_WEIGHTS.exists(), reason="shipped weights missing")
+def test_node_fetches_the_prior_from_pacs_by_c_get(
+    start_node: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The prior is only in the PACS (Orthanc): the node finds it by C-FIND, fetches it by
+    C-GET, compares, audits both, and keeps nothing of it in its index."""
+    pacs = Orthanc(
+        tmp_path / "pacs", extra={"DicomModalities": {"node": ["RESMTNET", "127.0.0.1", 1]}}
+    ).start()
+    try:
+        before = _phantom_study(tmp_path / "before", 8.0, "20250601")
+        assert storescu(pacs.dicom_port, sorted(before.iterdir()), called="ORTHANC").returncode == 0
+        peer = {"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": pacs.dicom_port}
+        node = start_node(
+            workers={"count": 1}, priors={"enabled": True, "peers": [peer], "timeout_seconds": 30}
+        )
+        now = _phantom_study(tmp_path / "now", 12.0, "20260601")
+        assert storescu(node.config.node.port, sorted(now.iterdir())).returncode == 0
+        current_uid = pydicom.dcmread(next(now.iterdir())).SeriesInstanceUID
+        wait_for(lambda: _state_of(node, current_uid) == "analyzed", 120, "the analysis")
+        capsys.readouterr()
+        main(["findings", current_uid, "--config", str(tmp_path / "node0" / "config.yaml")])
+        entry = json.loads(capsys.readouterr().out)
+        prior_study = pydicom.dcmread(next(before.iterdir())).StudyInstanceUID
+        assert entry["prior"]["study_instance_uid"] == prior_study
+        (nodule,) = [
+            f
+            for f in entry["findings"]
+            if np.linalg.norm(np.subtract(f["center_mm"], PHANTOM_NODULE)) < 5
+        ]
+        assert nodule["change"]["status"] == "growing"
+        events = {(e.event, e.outcome, e.called_ae) for e in _audit_events(node)}
+        assert events == {
+            ("prior_query", "success", "ORTHANC"),
+            ("prior_retrieve", "success", "ORTHANC"),
+        }
+        with node.db() as session:  # the prior's results stay local: not even indexed
+            assert len(list(session.scalars(select(Series)))) == 1
+        assert not list(Path(node.config.storage.path).glob(".prior-*"))
+    finally:
+        pacs.stop()
+
+
+@pytest.mark.skipif(not DEFAULT_WEIGHTS.exists(), reason="shipped weights missing")
+def test_an_unreachable_pacs_gives_a_baseline_reading_in_time(
+    start_node: Any, tmp_path: Path
+) -> None:
+    silent = socket.socket()  # listens, never answers: the worst a PACS can do
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    try:
+        peer = {
+            "name": "pacs",
+            "ae_title": "PACS",
+            "host": "127.0.0.1",
+            "port": silent.getsockname()[1],
+        }
+        node = start_node(
+            workers={"count": 1}, priors={"enabled": True, "peers": [peer], "timeout_seconds": 3}
+        )
+        now = _phantom_study(tmp_path / "now", 12.0, "20260601")
+        started = time.monotonic()
+        assert storescu(node.config.node.port, sorted(now.iterdir())).returncode == 0
+        current_uid = pydicom.dcmread(next(now.iterdir())).SeriesInstanceUID
+        wait_for(lambda: _state_of(node, current_uid) == "analyzed", 120, "the analysis")
+        assert time.monotonic() - started < 60
+        with node.db() as session:
+            record = ResultRecord.from_json(session.scalars(select(Result)).one().findings_json)
+        assert record.prior is not None
+        assert "pacs (PACS@127.0.0.1" in str(record.prior["reason"])
+        assert "did not answer" in str(record.prior["reason"])
+        ((event, outcome),) = {(e.event, e.outcome) for e in _audit_events(node)}
+        assert (event, outcome) == ("prior_query", "failed")
+    finally:
+        silent.close()
+
+
+def _state_of(node: Any, series_uid: str) -> str:
+    with node.db() as session:
+        row = session.scalars(select(Series).where(Series.series_uid == series_uid)).one_or_none()
+        return str(row.state) if row is not None else ""

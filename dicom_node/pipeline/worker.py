@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import io
 import logging
+import tempfile
 import threading
+from datetime import date
 from pathlib import Path
 
 import pydicom
@@ -17,8 +19,10 @@ from pydicom.dataset import Dataset
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import NodeConfig
+from dicom_node.fetch.priors import fetch_prior
 from dicom_node.jobs import HandedBack, JobHandler, Lease, LeaseLost
 from dicom_node.observe import metrics
+from dicom_node.observe.audit import AuditTrail
 from dicom_node.pipeline.priors import (
     PriorOutcome,
     parse_da,
@@ -27,7 +31,13 @@ from dicom_node.pipeline.priors import (
     within_interval,
 )
 from dicom_node.pipeline.results import Amendment, ResultObjects, ResultRecord, build_results
-from dicom_node.pipeline.series import CTSeries, SeriesFiles, SeriesRejected, load_series
+from dicom_node.pipeline.series import (
+    CTSeries,
+    SeriesFiles,
+    SeriesRejected,
+    load_series,
+    read_series,
+)
 from inference.detector import DetectionResult, NoduleDetector
 from storage import index, queue
 from storage.files import FileStore
@@ -79,8 +89,10 @@ class AnalysisWorker(JobHandler):
         detector: NoduleDetector,
         results: FileStore,
         stopping: threading.Event,
+        audit: AuditTrail | None = None,
     ) -> None:
         super().__init__(config.workers)
+        self.audit = audit
         self.db = db
         self.config = config
         self.detector = detector
@@ -210,8 +222,53 @@ class AnalysisWorker(JobHandler):
                 continue
             found = ResultRecord.from_json(candidate.findings_json).findings
             return read_against_prior(self.detector, series, detection, prior, days, found)
+        if self.config.priors.peers:
+            return self._from_peers(series, detection, today, reasons)
         why = "; ".join(reasons) or "no earlier CT of this patient analyzed here"
         return PriorOutcome.baseline(detection.findings, f"no eligible prior: {why}")
+
+    def _from_peers(
+        self, series: CTSeries, detection: DetectionResult, today: date, reasons: list[str]
+    ) -> PriorOutcome:
+        """Ask the query/retrieve peers for a prior, fetch it into a folder of its own that
+        is deleted afterwards, and read against it: its results stay here, unsent."""
+        ds = series.slices[0]
+        patient = str(ds.get("PatientID", "") or "")
+        issuer = str(ds.get("IssuerOfPatientID", "") or "")
+        if not patient:
+            return PriorOutcome.baseline(detection.findings, "the series has no Patient ID")
+        root = Path(self.config.storage.path)
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".prior-", dir=root) as folder:
+            fetched, why = fetch_prior(
+                self.config, patient, issuer, today, Path(folder), self.audit
+            )
+            if fetched is None:
+                held = "; ".join(reasons) or "none held here"
+                return PriorOutcome.baseline(
+                    detection.findings, f"no eligible prior ({held}; peers: {why})"
+                )
+            found, rejected, _ = read_series([Path(folder)], self.config.eligibility)
+            prior = next((p for p in found if p.series_instance_uid == fetched.series_uid), None)
+            if prior is None:
+                reason = rejected.get(fetched.series_uid, "no readable CT series arrived")
+                return PriorOutcome.baseline(
+                    detection.findings,
+                    f"the prior {fetched.series_uid} from {fetched.peer} cannot be read: {reason}",
+                )
+            theirs = prior.slices[0]
+            if (
+                str(theirs.get("PatientID", "")),
+                str(theirs.get("IssuerOfPatientID", "") or ""),
+            ) != (
+                patient,
+                issuer,
+            ):
+                return PriorOutcome.baseline(
+                    detection.findings,
+                    f"{fetched.peer} sent series {fetched.series_uid} of another patient: refused",
+                )
+            return read_against_prior(self.detector, series, detection, prior, fetched.days)
 
     def _reject(self, job: queue.ClaimedJob, series_uid: str, reason: str) -> None:
         """The engine cannot read the series: a decision, settled at once, never retried."""

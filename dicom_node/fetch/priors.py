@@ -1,0 +1,133 @@
+"""Finding a patient's prior CT on the configured PACS and fetching it.
+
+Only the peers in ``priors.peers`` are asked, in order, and every query and retrieve is
+audited (who asked whom, for which study, with what outcome). The whole search is bounded by
+``priors.timeout_seconds``: a PACS that is down makes the report a baseline reading that
+says so, never a late one.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import date, timedelta
+from pathlib import Path
+
+from dicom_node.config import NodeConfig, PriorPeer
+from dicom_node.fetch.query_retrieve import (
+    PeerUnavailable,
+    RemoteSeries,
+    find_series,
+    find_studies,
+    get_series,
+)
+from dicom_node.observe.audit import AuditRecord, AuditTrail
+
+
+@dataclass(frozen=True)
+class FetchedPrior:
+    """A prior series written into ``folder``, from ``peer``, ``days`` before the current."""
+
+    folder: Path
+    study_uid: str
+    series_uid: str
+    days: int
+    peer: str
+
+
+def choose_series(
+    candidates: Sequence[RemoteSeries], patterns: Sequence[str]
+) -> RemoteSeries | None:
+    """The series selection would analyze, as far as a query tells: CT, a lung kernel (by its
+    description) before others, then the most images (the thinnest reconstruction)."""
+    ct = [s for s in candidates if s.modality == "CT" and s.instances >= 16]
+    if not ct:
+        return None
+
+    def lung(series: RemoteSeries) -> bool:
+        return any(re.search(p, series.description, re.IGNORECASE) for p in patterns)
+
+    return max(ct, key=lambda s: (lung(s), s.instances))
+
+
+def fetch_prior(
+    config: NodeConfig,
+    patient_id: str,
+    issuer: str,
+    today: date,
+    folder: Path,
+    audit: AuditTrail | None,
+) -> tuple[FetchedPrior | None, str]:
+    """The most recent eligible prior CT found on the peers, fetched into ``folder``; or
+    None and the reason (each peer's)."""
+    rules = config.priors
+    latest = today - timedelta(days=rules.min_interval_days)
+    earliest = today - timedelta(days=rules.max_age_days)
+    date_range = f"{earliest:%Y%m%d}-{latest:%Y%m%d}"
+    deadline = time.monotonic() + rules.timeout_seconds
+    calling = config.node.ae_title
+    reasons: list[str] = []
+    for peer in rules.peers:
+        remaining = deadline - time.monotonic()
+        if remaining <= 1.0:
+            reasons.append(f"{peer.name}: not asked, priors.timeout_seconds spent")
+            continue
+        study_uid = ""
+        try:
+            studies = find_studies(calling, peer, patient_id, issuer, date_range, remaining)
+            _audit(audit, calling, peer, "query", "success", "", f"{len(studies)} study(ies)")
+            if not studies:
+                reasons.append(f"{peer.name}: no CT of this patient from {date_range}")
+                continue
+            study_uid = studies[0].study_uid
+            remaining = deadline - time.monotonic()
+            chosen = choose_series(
+                find_series(calling, peer, study_uid, remaining),
+                config.selection.lung_kernel_patterns,
+            )
+            if chosen is None:
+                reasons.append(f"{peer.name}: study {study_uid} has no CT series to compare")
+                continue
+            remaining = deadline - time.monotonic()
+            count = get_series(
+                calling, peer, study_uid, chosen.series_uid, folder, max(remaining, 1.0)
+            )
+            _audit(audit, calling, peer, "retrieve", "success", study_uid, f"{count} instance(s)")
+        except PeerUnavailable as exc:
+            _audit(audit, calling, peer, "query", "failed", study_uid, str(exc))
+            reasons.append(str(exc))
+            continue
+        when = date(
+            int(studies[0].study_date[:4]),
+            int(studies[0].study_date[4:6]),
+            int(studies[0].study_date[6:8]),
+        )
+        return FetchedPrior(
+            folder, study_uid, chosen.series_uid, (today - when).days, peer.name
+        ), ""
+    return None, "; ".join(reasons) or "no query/retrieve peer is configured (priors.peers)"
+
+
+def _audit(
+    audit: AuditTrail | None,
+    calling: str,
+    peer: PriorPeer,
+    event: str,
+    outcome: str,
+    study_uid: str,
+    detail: str,
+) -> None:
+    if audit is not None:
+        audit.record(
+            AuditRecord(
+                f"prior_{event}",
+                outcome,
+                calling_ae=calling,
+                called_ae=peer.ae_title,
+                host=peer.host,
+                study_uid=study_uid,
+                detail=f"{peer.name}: {detail}",
+            )
+        )

@@ -154,9 +154,9 @@ class PriorPeer(_Section):
     ae_title: str
     host: str
     port: Port
-    #: C-GET retrieves over the query's own association. C-MOVE (the PACS opening an
-    #: association back to the node) is not built yet: refused here rather than ignored.
-    retrieve: Literal["get"] = "get"
+    #: move: C-MOVE to the node's own AE title (the PACS must know its address, and send
+    #: from ``ae_title``); get: C-GET over the query's own association.
+    retrieve: Literal["move", "get"] = "move"
 
     _check_ae = field_validator("ae_title")(_ae_title)
 

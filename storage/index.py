@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 
 from storage.models import (
     Delivery,
+    FetchedPrior,
     Instance,
     Patient,
     Result,
@@ -566,6 +567,17 @@ def study_uid_of(session: Session, series_id: int) -> str:
         .join(Series, Series.study_id == Study.id)
         .where(Series.id == series_id)
     ).scalar_one()
+
+
+def expect_prior(session: Session, series_uid: str, study_uid: str, peer_ae: str) -> None:
+    """Record that ``series_uid`` is being fetched from ``peer_ae`` as a prior (before the
+    C-MOVE, so that its arrival is never taken for a series to report on)."""
+    if session.get(FetchedPrior, series_uid) is None:
+        session.add(FetchedPrior(series_uid=series_uid, study_uid=study_uid, peer_ae=peer_ae))
+
+
+def fetched_prior(session: Session, series_uid: str) -> FetchedPrior | None:
+    return session.get(FetchedPrior, series_uid)
 
 
 def current_findings_json(session: Session, series_id: int) -> str | None:

@@ -164,6 +164,20 @@ class Result(Base):
     created: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 
+class FetchedPrior(Base):
+    """A series the node asked a PACS to send by C-MOVE as a prior for comparison: when it
+    arrives it is read by the comparison that asked for it, never analyzed or reported on
+    its own (its results would land in the old study)."""
+
+    __tablename__ = "fetched_priors"
+
+    series_uid: Mapped[str] = mapped_column(UID, primary_key=True)
+    study_uid: Mapped[str] = mapped_column(UID)
+    #: The AE title the instances must come from (the peer asked).
+    peer_ae: Mapped[str] = mapped_column(String(16))
+    requested: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
 class ResultInstance(Base):
     __tablename__ = "result_instances"
 

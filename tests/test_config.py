@@ -60,8 +60,8 @@ def test_environment_overrides_file_values() -> None:
             "dashboard.token: expected at least 16 characters, got 7 (or",
         ),
         (
-            "priors:\n  peers: [{name: p, ae_title: P, host: h, port: 104, retrieve: move}]\n",
-            "priors.peers.0.retrieve: ",
+            "priors:\n  peers: [{name: p, ae_title: P, host: h, port: 104, retrieve: copy}]\n",
+            "priors.peers.0.retrieve: Input should be 'move' or 'get' (got 'copy')",
         ),
     ],
 )

@@ -33,9 +33,10 @@ from inference.lungrads import lung_rads_with_prior
 from inference.prior_reading import read_with_prior
 from inference.registration import Registration, RegistrationFailed, register_prior
 from inference.volume import Volume
+from storage import index
 from storage.models import AuditEvent, Result, Series
 from tests.dicom_factory import SeriesSpec, ct_datasets, phantom, write_series
-from tests.peers import Orthanc, storescu, wait_for
+from tests.peers import Orthanc, free_port, storescu, wait_for
 
 IDENTITY = Registration(np.eye(4), 0.0)
 PHANTOM_NODULE = (-40.0, 10.0, -90.0)  # in the factory phantom's right lung
@@ -432,30 +433,41 @@ def _audit_events(node: Any) -> list[AuditEvent]:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not DEFAULT_WEIGHTS.exists(), reason="shipped weights missing")
-def test_node_fetches_the_prior_from_pacs_by_c_get(
-    start_node: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize("retrieve", ["get", "move"])
+def test_node_fetches_the_prior_from_pacs(
+    start_node: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str], retrieve: str
 ) -> None:
     """The prior is only in the PACS (Orthanc): the node finds it by C-FIND, fetches it by
-    C-GET, compares, audits both, and keeps nothing of it in its index."""
+    C-GET or C-MOVE, compares, audits both; a C-GET prior leaves nothing in the index, a
+    C-MOVE prior is held but never analyzed or reported on its own."""
+    port = free_port()
     pacs = Orthanc(
-        tmp_path / "pacs", extra={"DicomModalities": {"node": ["RESMTNET", "127.0.0.1", 1]}}
+        tmp_path / "pacs", extra={"DicomModalities": {"node": ["RESMTNET", "127.0.0.1", port]}}
     ).start()
     try:
         before = _phantom_study(tmp_path / "before", 8.0, "20250601")
         assert storescu(pacs.dicom_port, sorted(before.iterdir()), called="ORTHANC").returncode == 0
-        peer = {"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": pacs.dicom_port}
+        peer = {
+            "name": "pacs",
+            "ae_title": "ORTHANC",
+            "host": "127.0.0.1",
+            "port": pacs.dicom_port,
+            "retrieve": retrieve,
+        }
         node = start_node(
-            workers={"count": 1}, priors={"enabled": True, "peers": [peer], "timeout_seconds": 30}
+            node={"port": port},
+            workers={"count": 1},
+            priors={"enabled": True, "peers": [peer], "timeout_seconds": 30},
         )
         now = _phantom_study(tmp_path / "now", 12.0, "20260601")
-        assert storescu(node.config.node.port, sorted(now.iterdir())).returncode == 0
+        assert storescu(port, sorted(now.iterdir())).returncode == 0
         current_uid = pydicom.dcmread(next(now.iterdir())).SeriesInstanceUID
         wait_for(lambda: _state_of(node, current_uid) == "analyzed", 120, "the analysis")
         capsys.readouterr()
         main(["findings", current_uid, "--config", str(tmp_path / "node0" / "config.yaml")])
         entry = json.loads(capsys.readouterr().out)
-        prior_study = pydicom.dcmread(next(before.iterdir())).StudyInstanceUID
-        assert entry["prior"]["study_instance_uid"] == prior_study
+        prior = pydicom.dcmread(next(before.iterdir()))
+        assert entry["prior"]["study_instance_uid"] == prior.StudyInstanceUID
         (nodule,) = [
             f
             for f in entry["findings"]
@@ -467,9 +479,19 @@ def test_node_fetches_the_prior_from_pacs_by_c_get(
             ("prior_query", "success", "ORTHANC"),
             ("prior_retrieve", "success", "ORTHANC"),
         }
-        with node.db() as session:  # the prior's results stay local: not even indexed
-            assert len(list(session.scalars(select(Series)))) == 1
-        assert not list(Path(node.config.storage.path).glob(".prior-*"))
+        held = _state_of(node, prior.SeriesInstanceUID)
+        if retrieve == "get":  # nothing of it kept
+            assert held == ""
+            assert not list(Path(node.config.storage.path).glob(".prior-*"))
+        else:  # held, sent by the PACS, never analyzed: nothing goes into the old study
+            wait_for(
+                lambda: _state_of(node, prior.SeriesInstanceUID) == "not_selected", 30, "selection"
+            )
+            with node.db() as session:
+                row = index.series_by_uid(session, prior.SeriesInstanceUID)
+                assert row is not None and row.calling_ae == "ORTHANC"
+                assert "fetched from a PACS as a prior" in row.reason
+                assert index.current_result(session, row.id) is None
     finally:
         pacs.stop()
 

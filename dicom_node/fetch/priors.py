@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import date, timedelta
 from pathlib import Path
@@ -22,19 +22,26 @@ from dicom_node.fetch.query_retrieve import (
     find_series,
     find_studies,
     get_series,
+    move_series,
 )
 from dicom_node.observe.audit import AuditRecord, AuditTrail
+from dicom_node.pipeline.priors import parse_da
 
 
 @dataclass(frozen=True)
 class FetchedPrior:
-    """A prior series written into ``folder``, from ``peer``, ``days`` before the current."""
+    """A prior series fetched from ``peer``, ``days`` before the current one: by C-GET into
+    ``folder``, or by C-MOVE into the node's own store (``moved``)."""
 
     folder: Path
     study_uid: str
     series_uid: str
     days: int
-    peer: str
+    peer: PriorPeer
+
+    @property
+    def moved(self) -> bool:
+        return self.peer.retrieve == "move"
 
 
 def choose_series(
@@ -59,9 +66,11 @@ def fetch_prior(
     today: date,
     folder: Path,
     audit: AuditTrail | None,
+    expect: Callable[[str, str, str], None],
 ) -> tuple[FetchedPrior | None, str]:
-    """The most recent eligible prior CT found on the peers, fetched into ``folder``; or
-    None and the reason (each peer's)."""
+    """The most recent eligible prior CT found on the peers, fetched into ``folder`` (C-GET)
+    or into the node's store (C-MOVE, announced first by ``expect(series_uid, study_uid,
+    peer_ae)``); or None and the reason (each peer's)."""
     rules = config.priors
     latest = today - timedelta(days=rules.min_interval_days)
     earliest = today - timedelta(days=rules.max_age_days)
@@ -90,23 +99,27 @@ def fetch_prior(
             if chosen is None:
                 reasons.append(f"{peer.name}: study {study_uid} has no CT series to compare")
                 continue
-            remaining = deadline - time.monotonic()
-            count = get_series(
-                calling, peer, study_uid, chosen.series_uid, folder, max(remaining, 1.0)
+            remaining = max(deadline - time.monotonic(), 1.0)
+            if peer.retrieve == "move":
+                expect(chosen.series_uid, study_uid, peer.ae_title)
+                count = move_series(calling, peer, study_uid, chosen.series_uid, remaining)
+            else:
+                count = get_series(calling, peer, study_uid, chosen.series_uid, folder, remaining)
+            _audit(
+                audit,
+                calling,
+                peer,
+                "retrieve",
+                "success",
+                study_uid,
+                f"C-{peer.retrieve.upper()}, {count} instance(s)",
             )
-            _audit(audit, calling, peer, "retrieve", "success", study_uid, f"{count} instance(s)")
         except PeerUnavailable as exc:
             _audit(audit, calling, peer, "query", "failed", study_uid, str(exc))
             reasons.append(str(exc))
             continue
-        when = date(
-            int(studies[0].study_date[:4]),
-            int(studies[0].study_date[4:6]),
-            int(studies[0].study_date[6:8]),
-        )
-        return FetchedPrior(
-            folder, study_uid, chosen.series_uid, (today - when).days, peer.name
-        ), ""
+        when = parse_da(studies[0].study_date) or earliest  # matched the range: never None
+        return FetchedPrior(folder, study_uid, chosen.series_uid, (today - when).days, peer), ""
     return None, "; ".join(reasons) or "no query/retrieve peer is configured (priors.peers)"
 
 

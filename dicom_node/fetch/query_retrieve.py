@@ -1,8 +1,9 @@
 """Query/retrieve SCU: find a patient's studies and series on a PACS, and fetch one series.
 
-Study Root information model (PS3.4 C.6.2): C-FIND at STUDY then SERIES level, and C-GET of
-one series over the same kind of association, the PACS sending its instances back as C-STORE
-sub-operations on it (the node takes the SCP role for the CT storage classes only). Every
+Study Root information model (PS3.4 C.6.2): C-FIND at STUDY then SERIES level; then one
+series either by C-GET, the PACS sending its instances back as C-STORE sub-operations on the
+same association (the node takes the SCP role for the CT storage classes only), or by C-MOVE
+to the node's own AE title, the PACS opening an association to the node's storage SCP. Every
 call has the peer's timeout on connecting and on each answer; a peer that does not answer
 raises :class:`PeerUnavailable` with the reason, never hangs.
 """
@@ -22,6 +23,7 @@ from pynetdicom.association import Association
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
 )
 
 from dicom_node.config import PriorPeer
@@ -31,8 +33,8 @@ from dicom_node.sop_classes import CT_STORAGE_CLASSES
 #: unsupported.
 PENDING = (0xFF00, 0xFF01)
 SUCCESS = 0x0000
-#: C-GET final statuses that still delivered what they could (PS3.4 C.4.3.1.4: warning,
-#: sub-operations complete with failures).
+#: C-GET and C-MOVE final statuses that delivered what they could (PS3.4 C.4.2.1.5,
+#: C.4.3.1.4: success; warning, sub-operations complete with failures).
 GET_DONE = (0x0000, 0xB000)
 
 
@@ -56,13 +58,19 @@ class RemoteSeries:
 
 @contextmanager
 def _association(
-    calling_ae: str, peer: PriorPeer, timeout: float, get_into: Path | None = None
+    calling_ae: str,
+    peer: PriorPeer,
+    timeout: float,
+    get_into: Path | None = None,
+    move: bool = False,
 ) -> Iterator[Association]:
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.connection_timeout = timeout
     syntaxes = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind, syntaxes)
+    if move:
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove, syntaxes)
     roles: list[Any] = []  # pynetdicom's own annotations want its union types here
     handlers: list[Any] = []
     if get_into is not None:
@@ -172,10 +180,38 @@ def get_series(
     query.StudyInstanceUID = study_uid
     query.SeriesInstanceUID = series_uid
     with _association(calling_ae, peer, timeout, get_into=folder) as assoc:
-        code = -1
-        for status, _ in assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet):
-            code = int(status.get("Status", -1)) if status else -1
-        if code not in GET_DONE:
-            reason = "no answer (timeout or abort)" if code < 0 else f"status 0x{code:04X}"
-            raise PeerUnavailable(f"{peer.name}: C-GET of series {series_uid} failed: {reason}")
+        _final(assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet), peer, "C-GET")
     return len(list(folder.glob("*.dcm")))
+
+
+def move_series(
+    calling_ae: str, peer: PriorPeer, study_uid: str, series_uid: str, timeout: float
+) -> int:
+    """Have ``peer`` send one series by C-MOVE to this node (``calling_ae``, which the PACS
+    must know with its address); returns when the PACS says all sub-operations are done,
+    so every instance it sent has been acknowledged, that is stored and indexed. The number
+    of instances the PACS reports sent."""
+    query = Dataset()
+    query.QueryRetrieveLevel = "SERIES"
+    query.StudyInstanceUID = study_uid
+    query.SeriesInstanceUID = series_uid
+    with _association(calling_ae, peer, timeout, move=True) as assoc:
+        status = _final(
+            assoc.send_c_move(query, calling_ae, StudyRootQueryRetrieveInformationModelMove),
+            peer,
+            "C-MOVE",
+        )
+    return int(status.get("NumberOfCompletedSuboperations", 0) or 0)
+
+
+def _final(
+    responses: Iterator[tuple[Dataset, Dataset | None]], peer: PriorPeer, what: str
+) -> Dataset:
+    """The last status of a C-GET or C-MOVE; raises unless it says the retrieve is done."""
+    status, code = Dataset(), -1
+    for status, _ in responses:
+        code = int(status.get("Status", -1)) if status else -1
+    if code not in GET_DONE:
+        reason = "no answer (timeout or abort)" if code < 0 else f"status 0x{code:04X}"
+        raise PeerUnavailable(f"{peer.name}: {what} failed: {reason}")
+    return status

@@ -117,7 +117,12 @@ def select(
     decided: dict[int, SeriesState] = {}
     for candidate in candidates:
         series = candidate.series
-        reason = refusal(candidate, rules)
+        reason = (
+            "fetched from a PACS as a prior for comparison: read by that comparison, "
+            "not reported on its own"
+            if index.fetched_prior(session, series.series_uid) is not None
+            else refusal(candidate, rules)
+        )
         if reason is None and rules.one_per_study:
             reason = _better_in_study(session, candidate, rules)
         log.info(

@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import NodeConfig
-from dicom_node.fetch.priors import fetch_prior
+from dicom_node.fetch.priors import FetchedPrior, fetch_prior
 from dicom_node.jobs import HandedBack, JobHandler, Lease, LeaseLost
 from dicom_node.observe import metrics
 from dicom_node.observe.audit import AuditTrail
@@ -241,20 +241,19 @@ class AnalysisWorker(JobHandler):
         root.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".prior-", dir=root) as folder:
             fetched, why = fetch_prior(
-                self.config, patient, issuer, today, Path(folder), self.audit
+                self.config, patient, issuer, today, Path(folder), self.audit, self._expect
             )
             if fetched is None:
                 held = "; ".join(reasons) or "none held here"
                 return PriorOutcome.baseline(
                     detection.findings, f"no eligible prior ({held}; peers: {why})"
                 )
-            found, rejected, _ = read_series([Path(folder)], self.config.eligibility)
-            prior = next((p for p in found if p.series_instance_uid == fetched.series_uid), None)
+            prior, reason = self._moved(fetched) if fetched.moved else self._got(fetched)
             if prior is None:
-                reason = rejected.get(fetched.series_uid, "no readable CT series arrived")
                 return PriorOutcome.baseline(
                     detection.findings,
-                    f"the prior {fetched.series_uid} from {fetched.peer} cannot be read: {reason}",
+                    f"the prior {fetched.series_uid} from {fetched.peer.name} cannot be read: "
+                    f"{reason}",
                 )
             theirs = prior.slices[0]
             if (
@@ -266,9 +265,36 @@ class AnalysisWorker(JobHandler):
             ):
                 return PriorOutcome.baseline(
                     detection.findings,
-                    f"{fetched.peer} sent series {fetched.series_uid} of another patient: refused",
+                    f"{fetched.peer.name} sent series {fetched.series_uid} of another patient: "
+                    "refused",
                 )
             return read_against_prior(self.detector, series, detection, prior, fetched.days)
+
+    def _expect(self, series_uid: str, study_uid: str, peer_ae: str) -> None:
+        with self.db.begin() as session:
+            index.expect_prior(session, series_uid, study_uid, peer_ae)
+
+    def _got(self, fetched: FetchedPrior) -> tuple[CTSeries | None, str]:
+        found, rejected, _ = read_series([fetched.folder], self.config.eligibility)
+        prior = next((p for p in found if p.series_instance_uid == fetched.series_uid), None)
+        return prior, rejected.get(fetched.series_uid, "no readable CT series arrived")
+
+    def _moved(self, fetched: FetchedPrior) -> tuple[CTSeries | None, str]:
+        """The moved series from the node's own store; only what came from the peer asked."""
+        with self.db() as session:
+            row = index.series_by_uid(session, fetched.series_uid)
+            if row is None:
+                return None, "nothing arrived (does the PACS know this node's AE title?)"
+            if row.calling_ae != fetched.peer.ae_title:
+                return None, f"it was sent by {row.calling_ae!r}, not {fetched.peer.ae_title!r}"
+            paths = [Path(i.path) for i in index.instances_of(session, row.id)]
+        stored, missing = _read_stored(paths, fetched.series_uid)
+        if missing:
+            return None, f"{len(missing)} of its instances have no file"
+        try:
+            return load_series(stored, self.config.eligibility), ""
+        except SeriesRejected as exc:
+            return None, str(exc)
 
     def _reject(self, job: queue.ClaimedJob, series_uid: str, reason: str) -> None:
         """The engine cannot read the series: a decision, settled at once, never retried."""

@@ -20,6 +20,7 @@ from sqlalchemy import select
 
 from dicom_node.cli import main
 from dicom_node.config import PriorsSettings
+from dicom_node.lab.priors import write_prior_series
 from dicom_node.pipeline.priors import choose_prior
 from dicom_node.pipeline.results import ResultRecord
 from dicom_node.pipeline.series import CTSeries, read_series
@@ -534,3 +535,17 @@ def _state_of(node: Any, series_uid: str) -> str:
     with node.db() as session:
         row = session.scalars(select(Series).where(Series.series_uid == series_uid)).one_or_none()
         return str(row.state) if row is not None else ""
+
+
+def test_a_generated_prior_is_written_as_an_earlier_study_of_the_same_patient(
+    tmp_path: Path,
+) -> None:
+    current = _series(_phantom_study(tmp_path / "now", 12.0, "20260601"))
+    prior, _ = repositioned(current.volume, seeded(4, "written"))
+    write_prior_series(current, prior, 365, tmp_path / "prior")
+    back = _series(tmp_path / "prior")
+    assert str(back.slices[0].StudyDate) == "20250601"
+    assert back.slices[0].PatientID == current.slices[0].PatientID
+    assert back.study_instance_uid != current.study_instance_uid
+    assert np.allclose(back.volume.origin, prior.origin)
+    assert np.abs(back.volume.array - prior.array).max() <= 1.0  # stored as integers

@@ -1,5 +1,6 @@
 """The node's results in OHIF, the web viewer radiologists use, from a real PACS: Orthanc
-(with its DICOMweb plugin) holds the LIDC CT and the node's SR, SEG and key images; OHIF 3.13
+(with its DICOMweb plugin) holds the LIDC CT, the patient's prior CT (which the node fetches
+and compares with) and the node's SR, SEG and key images; OHIF 3.13
 is served on loopback in front of it; headless Chromium opens the study. Asserted from what the
 browser shows; screenshots are kept under out/screenshots."""
 
@@ -22,7 +23,19 @@ from pydicom.uid import (
     SegmentationStorage,
 )
 
-from tests.peers import REPO, Orthanc, require, run_browser_script, storescu, wait_for
+from dicom_node.lab.priors import write_prior_series
+from dicom_node.pipeline.series import read_series
+from inference.lab.experiments import seeded
+from inference.lab.priors import repositioned
+from tests.peers import (
+    REPO,
+    Orthanc,
+    free_port,
+    require,
+    run_browser_script,
+    storescu,
+    wait_for,
+)
 from tests.viewer import ORTHANC_DICOMWEB, OhifViewer
 
 OHIF_DIST = REPO / "tests" / "browser" / "ohif" / "package" / "dist"
@@ -70,11 +83,22 @@ def test_ohif_shows_the_study_with_the_nodes_results(
     study = str(
         pydicom.dcmread(next(case.rglob("*.dcm")), stop_before_pixels=True).StudyInstanceUID
     )
-    pacs = Orthanc(tmp_path / "pacs", extra=ORTHANC_DICOMWEB).start()
+    port = free_port()
+    modalities = {"DicomModalities": {"node": ["RESMTNET", "127.0.0.1", port]}}
+    pacs = Orthanc(tmp_path / "pacs", extra={**ORTHANC_DICOMWEB, **modalities}).start()
     viewer = OhifViewer(OHIF_DIST, pacs.http_port).start()
     try:
+        # The PACS also holds the patient's CT of a year before (the case re-sliced after a
+        # rigid move): the node fetches it by C-MOVE and its report compares with it.
+        (current,), _, _ = read_series([case])
+        moved, _ = repositioned(current.volume, seeded(1, "viewer prior"))
+        prior_files = write_prior_series(current, moved, 365, tmp_path / "prior")
+        assert storescu(pacs.dicom_port, prior_files, called="ORTHANC").returncode == 0
+        peer = {"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": pacs.dicom_port}
         node = start_node(
-            destinations=[{"name": "pacs", "ae_title": "ORTHANC", "port": pacs.dicom_port}]
+            node={"port": port},
+            priors={"enabled": True, "peers": [peer]},
+            destinations=[{"name": "pacs", "ae_title": "ORTHANC", "port": pacs.dicom_port}],
         )
         # The PACS holds the CT and routes it to the node, which sends its results back.
         assert storescu(pacs.dicom_port, [case], called="ORTHANC").returncode == 0
@@ -104,6 +128,7 @@ def test_ohif_shows_the_study_with_the_nodes_results(
             [require("dsrdump"), str(sr_copy)], capture_output=True, text=True, check=True
         ).stdout
         assert "Imaging Measurement Report" in rendered and '"Diameter"' in rendered
+        assert '"Change since prior study")=' in rendered  # compared with the prior
         results = {
             pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID: p
             for p in Path(node.config.storage.path, "results").rglob("*.dcm")

@@ -116,13 +116,17 @@ class NoduleKeyImages:
     def caption(self, finding: NoduleFinding) -> list[str]:
         n = self.findings.index(finding)
         change = self.time_point.change(n)
-        reading = "baseline" if change is None else change.lung_rads_rule
+        category = (
+            f"Lung-RADS {finding.lung_rads} (baseline)"
+            if change is None
+            else f"Lung-RADS {finding.lung_rads}: {change.lung_rads_rule}"
+        )
         return [
             f"{finding.label}: {finding.diameter_mm:.1f} mm ({finding.long_axis_mm:.1f} x "
             f"{finding.short_axis_mm:.1f}), {finding.composition}"
             + (", calcified" if finding.calcified else "")
             + (f", {finding.laterality} lung" if finding.laterality else ""),
-            f"Lung-RADS {finding.lung_rads} ({reading})  malignancy {finding.malignancy_probability:.0%}"
+            f"{category}  malignancy {finding.malignancy_probability:.0%}"
             f"  score {finding.score:.2f}",
             *([self.time_point.describe(change)] if change is not None else []),
             f"{self.model.name} - {NOT_FOR_DIAGNOSTIC_USE}",

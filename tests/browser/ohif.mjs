@@ -29,7 +29,8 @@ try {
   report.studyBrowser = await page.locator("body").innerText();
   await page.screenshot({ path: `${shots}/ohif-opened.png` });
   // The CT's thumbnail, found by its image count (the study's header counts every object).
-  await page.getByText(ctImages, { exact: true }).dblclick();
+  // .first(): a prior study of the patient may show the same count in its header, below.
+  await page.getByText(ctImages, { exact: true }).first().dblclick();
   await settle(page);
   report.ctViewport = await page.locator("body").innerText();
   await page.screenshot({ path: `${shots}/ohif-ct.png` });

@@ -229,6 +229,9 @@ def test_analyze_with_prior_reports_growth_vdt_and_follow_up_category(tmp_path: 
     assert series["prior"]["study_instance_uid"] == before.StudyInstanceUID  # not the other's
     assert series["prior"]["interval_days"] == 365
     assert series["prior"]["registration_residual_mm"] < 3.0
+    matrix = np.array(series["prior"]["registration_current_to_prior"])
+    assert matrix.shape == (4, 4) and np.allclose(matrix[3], [0, 0, 0, 1])
+    assert np.allclose(matrix[:3, :3], np.eye(3), atol=0.05)  # the same phantom, not moved
     (nodule,) = [
         f
         for f in series["findings"]

@@ -78,6 +78,10 @@ def read_against_prior(
             "study_date": when,
             "interval_days": interval_days,
             "registration_residual_mm": round(reading.registration.residual_mm, 1),
+            # 4x4, row by row: a current point (LPS mm) to the same anatomy in the prior.
+            "registration_current_to_prior": [
+                [round(float(v), 6) for v in row] for row in reading.registration.current_to_prior
+            ],
         },
     )
 

@@ -94,6 +94,17 @@ class CTSeries:
         return str(self.slices[0].StudyInstanceUID)
 
 
+def read_stored(paths: list[Path], series_uid: str) -> tuple[SeriesFiles, list[Path]]:
+    """The series' files, and the indexed paths that have no file."""
+    files, missing = SeriesFiles(series_uid), []
+    for path in paths:
+        try:
+            files.datasets.append((path, pydicom.dcmread(path, defer_size="1 KB")))
+        except FileNotFoundError:
+            missing.append(path)
+    return files, missing
+
+
 def iter_files(paths: Iterable[Path]) -> Iterator[Path]:
     for path in paths:
         if path.is_dir():

@@ -27,6 +27,9 @@ from dicom_node.fetch.query_retrieve import (
 from dicom_node.observe.audit import AuditRecord, AuditTrail
 from dicom_node.pipeline.priors import parse_da
 
+#: Seconds kept aside from ``priors.timeout_seconds`` for ending an association that timed out.
+TEARDOWN_S = 1.0
+
 
 @dataclass(frozen=True)
 class FetchedPrior:
@@ -75,12 +78,14 @@ def fetch_prior(
     latest = today - timedelta(days=rules.min_interval_days)
     earliest = today - timedelta(days=rules.max_age_days)
     date_range = f"{earliest:%Y%m%d}-{latest:%Y%m%d}"
-    deadline = time.monotonic() + rules.timeout_seconds
+    # Each call's network timeout leaves TEARDOWN_S for giving up on an association (the
+    # abort and its threads' exit), so that the whole search stays within the setting.
+    deadline = time.monotonic() + rules.timeout_seconds - TEARDOWN_S
     calling = config.node.ae_title
     reasons: list[str] = []
     for peer in rules.peers:
         remaining = deadline - time.monotonic()
-        if remaining <= 1.0:
+        if remaining <= TEARDOWN_S:
             reasons.append(f"{peer.name}: not asked, priors.timeout_seconds spent")
             continue
         study_uid = ""
@@ -91,7 +96,7 @@ def fetch_prior(
                 reasons.append(f"{peer.name}: no CT of this patient from {date_range}")
                 continue
             study_uid = studies[0].study_uid
-            remaining = deadline - time.monotonic()
+            remaining = max(deadline - time.monotonic(), TEARDOWN_S)
             chosen = choose_series(
                 find_series(calling, peer, study_uid, remaining),
                 config.selection.lung_kernel_patterns,
@@ -99,7 +104,7 @@ def fetch_prior(
             if chosen is None:
                 reasons.append(f"{peer.name}: study {study_uid} has no CT series to compare")
                 continue
-            remaining = max(deadline - time.monotonic(), 1.0)
+            remaining = max(deadline - time.monotonic(), TEARDOWN_S)
             if peer.retrieve == "move":
                 expect(chosen.series_uid, study_uid, peer.ae_title)
                 count = move_series(calling, peer, study_uid, chosen.series_uid, remaining)

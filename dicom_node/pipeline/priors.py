@@ -1,8 +1,11 @@
-"""Which earlier series a new one is compared with: the same patient, old enough, not too old.
+"""Which earlier series a new one is compared with (the same patient, old enough, not too
+old), and what a reading against it hands to the writers and to findings.json.
 
 A comparison with another patient's scan would be worse than none, so identity is checked on
 Patient ID and its issuer (both, because two hospitals' ID ranges overlap), and a candidate
-that fails is named with the reason, not silently skipped.
+that fails is named with the reason, not silently skipped. ``analyze --prior`` and the node
+(``prior_search``) read against a prior through :func:`read_against_prior`, so both report it
+the same way.
 """
 
 from __future__ import annotations

@@ -536,27 +536,41 @@ class EarlierSeries:
 
 
 def earlier_analyzed_series(session: Session, series_id: int) -> list[EarlierSeries]:
-    """Analyzed series of the patient's other studies dated before this series' study,
-    most recent first. Whether one is old enough or too old is the caller's rule."""
+    """Series of the patient's other studies dated before this series' study that the node
+    has read: analyzed ones (their current result), and priors fetched by C-MOVE from the
+    peer asked (what the comparison found in them); most recent first. Whether one is old
+    enough or too old is the caller's rule."""
     series = session.get_one(Series, series_id)
     study = session.get_one(Study, series.study_id)
     if not study.study_date:
         return []
-    rows = session.execute(
+    earlier = (
+        Study.patient_id == study.patient_id,
+        Study.id != study.id,
+        Study.study_date != "",
+        Study.study_date < study.study_date,
+    )
+    analyzed = session.execute(
         select(Series, Study, Result.findings_json)
         .join(Study, Series.study_id == Study.id)
         .join(Result, (Result.series_id == Series.id) & Result.current.is_(True))
+        .where(*earlier, Series.state == SeriesState.ANALYZED)
+    )
+    fetched = session.execute(
+        select(Series, Study, FetchedPrior.findings_json)
+        .join(Study, Series.study_id == Study.id)
+        .join(FetchedPrior, FetchedPrior.series_uid == Series.series_uid)
         .where(
-            Study.patient_id == study.patient_id,
-            Study.id != study.id,
-            Study.study_date != "",
-            Study.study_date < study.study_date,
-            Series.state == SeriesState.ANALYZED,
+            *earlier,
+            FetchedPrior.findings_json.is_not(None),
+            Series.calling_ae == FetchedPrior.peer_ae,
         )
-        .order_by(Study.study_date.desc(), Series.id)
+    )
+    rows = sorted(
+        [*analyzed, *fetched], key=lambda row: (row[1].study_date, -row[0].id), reverse=True
     )
     return [
-        EarlierSeries(int(s.id), s.series_uid, st.study_uid, st.study_date, findings)
+        EarlierSeries(int(s.id), s.series_uid, st.study_uid, st.study_date, str(findings))
         for s, st, findings in rows
     ]
 
@@ -574,6 +588,13 @@ def expect_prior(session: Session, series_uid: str, study_uid: str, peer_ae: str
     C-MOVE, so that its arrival is never taken for a series to report on)."""
     if session.get(FetchedPrior, series_uid) is None:
         session.add(FetchedPrior(series_uid=series_uid, study_uid=study_uid, peer_ae=peer_ae))
+
+
+def remember_prior_findings(session: Session, series_uid: str, findings_json: str) -> None:
+    """Keep what a comparison found in a fetched prior, for the next comparison with it."""
+    row = session.get(FetchedPrior, series_uid)
+    if row is not None:
+        row.findings_json = findings_json
 
 
 def fetched_prior(session: Session, series_uid: str) -> FetchedPrior | None:

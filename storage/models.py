@@ -176,6 +176,9 @@ class FetchedPrior(Base):
     #: The AE title the instances must come from (the peer asked).
     peer_ae: Mapped[str] = mapped_column(String(16))
     requested: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    #: What the comparison found in it (a result record without result objects), so that a
+    #: later comparison with the same prior reuses it instead of fetching and reading again.
+    findings_json: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class ResultInstance(Base):

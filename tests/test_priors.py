@@ -496,6 +496,15 @@ def test_node_fetches_the_prior_from_pacs(
                 assert row is not None and row.calling_ae == "ORTHANC"
                 assert "fetched from a PACS as a prior" in row.reason
                 assert index.current_result(session, row.id) is None
+                # What was found in it is kept: the next comparison reuses it, unfetched.
+                current = index.series_by_uid(session, current_uid)
+                assert current is not None
+                (held_prior,) = index.earlier_analyzed_series(session, current.id)
+                assert held_prior.series_uid == prior.SeriesInstanceUID
+                kept = ResultRecord.from_json(held_prior.findings_json).findings
+                assert any(
+                    np.linalg.norm(np.subtract(f.center_mm, PHANTOM_NODULE)) < 5 for f in kept
+                )
     finally:
         pacs.stop()
 

@@ -126,7 +126,23 @@ class PriorSearch:
                     f"{fetched.peer.name} sent series {fetched.series_uid} of another patient: "
                     "refused",
                 )
-            return read_against_prior(self.detector, series, detection, prior, fetched.days)
+            outcome = read_against_prior(self.detector, series, detection, prior, fetched.days)
+            if fetched.moved and outcome.time_point.follow_up:
+                self._remember(fetched.series_uid, outcome)
+            return outcome
+
+    def _remember(self, series_uid: str, outcome: PriorOutcome) -> None:
+        """Keep what was found in a moved prior (it stays held): the next comparison with it
+        reuses that, as for a series the node analyzed. A prior got by C-GET is not kept."""
+        record = ResultRecord(
+            findings=outcome.prior_findings,
+            tracking_uids=("",) * len(outcome.prior_findings),  # no result objects of its own
+            output_series={},
+            candidates=0,
+            timings_s={},
+        )
+        with self.db.begin() as session:
+            index.remember_prior_findings(session, series_uid, record.to_json())
 
     def _expect(self, series_uid: str, study_uid: str, peer_ae: str) -> None:
         with self.db.begin() as session:

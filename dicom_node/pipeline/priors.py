@@ -40,6 +40,8 @@ class PriorOutcome:
     findings: list[NoduleFinding]
     time_point: TimePoint
     prior: dict[str, object]
+    #: What was found in the prior (read afresh or reused), for keeping with a fetched prior.
+    prior_findings: tuple[FindingSummary, ...] = ()
 
     @classmethod
     def baseline(cls, findings: list[NoduleFinding], reason: str) -> PriorOutcome:
@@ -86,6 +88,7 @@ def read_against_prior(
                 [round(float(v), 6) for v in row] for row in reading.registration.current_to_prior
             ],
         },
+        reading.prior_findings,
     )
 
 

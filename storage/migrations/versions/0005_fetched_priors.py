@@ -21,6 +21,7 @@ def upgrade() -> None:
         sa.Column("study_uid", sa.String(length=64), nullable=False),
         sa.Column("peer_ae", sa.String(length=16), nullable=False),
         sa.Column("requested", sa.DateTime(), nullable=False),
+        sa.Column("findings_json", sa.Text(), nullable=True),
         sa.PrimaryKeyConstraint("series_uid"),
     )
 

@@ -17,6 +17,7 @@ from dicom_node.observe.audit import AuditTrail
 from dicom_node.pipeline.priors import (
     PriorOutcome,
     parse_da,
+    patient_of,
     read_against_prior,
     study_date,
     within_interval,
@@ -90,9 +91,7 @@ class PriorSearch:
     ) -> PriorOutcome:
         """Ask the query/retrieve peers for a prior, fetch it into a folder of its own that
         is deleted afterwards, and read against it: its results stay here, unsent."""
-        ds = series.slices[0]
-        patient = str(ds.get("PatientID", "") or "")
-        issuer = str(ds.get("IssuerOfPatientID", "") or "")
+        patient, issuer = patient_of(series)
         if not patient:
             return PriorOutcome.baseline(detection.findings, "the series has no Patient ID")
         root = Path(self.config.storage.path)
@@ -113,14 +112,7 @@ class PriorSearch:
                     f"the prior {fetched.series_uid} from {fetched.peer.name} cannot be read: "
                     f"{reason}",
                 )
-            theirs = prior.slices[0]
-            if (
-                str(theirs.get("PatientID", "")),
-                str(theirs.get("IssuerOfPatientID", "") or ""),
-            ) != (
-                patient,
-                issuer,
-            ):
+            if patient_of(prior) != (patient, issuer):
                 return PriorOutcome.baseline(
                     detection.findings,
                     f"{fetched.peer.name} sent series {fetched.series_uid} of another patient: "

@@ -109,7 +109,8 @@ def study_date(series: CTSeries) -> date | None:
     return parse_da(str(series.slices[0].get("StudyDate", "") or ""))
 
 
-def _patient(series: CTSeries) -> tuple[str, str]:
+def patient_of(series: CTSeries) -> tuple[str, str]:
+    """(Patient ID, Issuer of Patient ID): who a series is of, as priors are matched."""
     ds = series.slices[0]
     return str(ds.get("PatientID", "") or ""), str(ds.get("IssuerOfPatientID", "") or "")
 
@@ -122,7 +123,7 @@ def choose_prior(
     today = study_date(current)
     if today is None:
         return PriorChoice(None, "the current series has no valid Study Date (0008,0020)")
-    patient = _patient(current)
+    patient = patient_of(current)
     if not patient[0]:
         return PriorChoice(None, "the current series has no Patient ID (0010,0020)")
     eligible: list[tuple[int, float, CTSeries]] = []
@@ -130,7 +131,7 @@ def choose_prior(
     for candidate in candidates:
         if candidate.study_instance_uid == current.study_instance_uid:
             continue
-        if _patient(candidate) != patient:
+        if patient_of(candidate) != patient:
             reasons.append(f"{candidate.series_instance_uid}: another patient (Patient ID/issuer)")
             continue
         when = study_date(candidate)

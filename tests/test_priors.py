@@ -9,6 +9,7 @@ import socket
 import subprocess
 import time
 from dataclasses import replace
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,8 @@ from sqlalchemy import select
 
 from dicom_node.cli import main
 from dicom_node.config import PriorsSettings
+from dicom_node.fetch.priors import most_recent_dated
+from dicom_node.fetch.query_retrieve import RemoteStudy
 from dicom_node.lab.priors import write_prior_series
 from dicom_node.pipeline.priors import choose_prior
 from dicom_node.pipeline.results import ResultRecord
@@ -275,6 +278,21 @@ def test_prior_chosen_is_the_most_recent_eligible_study(tmp_path: Path) -> None:
     assert none.prior is None
     assert "12 days earlier, outside 30-1500" in none.reason
     assert "2343 days earlier" in none.reason
+
+
+def test_a_peer_study_without_a_date_in_range_is_never_taken_as_the_newest() -> None:
+    """A PACS that ignores the date range, or holds a study with a malformed or no date:
+    such studies are passed over, and the newest properly dated one is taken."""
+    answered = [
+        RemoteStudy("1.2.3", "2025"),  # malformed: would sort above every real date
+        RemoteStudy("1.2.4", ""),
+        RemoteStudy("1.2.5", "20250601"),
+        RemoteStudy("1.2.6", "20260530"),  # too recent: the PACS ignored the range
+        RemoteStudy("1.2.7", "20251201"),
+    ]
+    earliest, latest = date(2022, 4, 28), date(2026, 5, 2)
+    assert most_recent_dated(answered, earliest, latest) == (answered[4], date(2025, 12, 1))
+    assert most_recent_dated(answered[:2], earliest, latest) is None
 
 
 @pytest.mark.skipif(not DEFAULT_WEIGHTS.exists(), reason="shipped weights missing")

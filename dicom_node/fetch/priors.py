@@ -19,6 +19,7 @@ from dicom_node.config import NodeConfig, PriorPeer
 from dicom_node.fetch.query_retrieve import (
     PeerUnavailable,
     RemoteSeries,
+    RemoteStudy,
     find_series,
     find_studies,
     get_series,
@@ -62,6 +63,17 @@ def choose_series(
     return max(ct, key=lambda s: (lung(s), s.instances))
 
 
+def most_recent_dated(
+    studies: Sequence[RemoteStudy], earliest: date, latest: date
+) -> tuple[RemoteStudy, date] | None:
+    """The most recent study whose Study Date is a date within [earliest, latest]. A PACS
+    that ignores the date range, or holds a study with no or a malformed date, answers with
+    studies that cannot be compared: they are passed over, never taken as the newest."""
+    dated = [(s, parse_da(s.study_date)) for s in studies]
+    eligible = [(s, d) for s, d in dated if d is not None and earliest <= d <= latest]
+    return max(eligible, key=lambda pair: pair[1], default=None)
+
+
 def fetch_prior(
     config: NodeConfig,
     patient_id: str,
@@ -92,10 +104,11 @@ def fetch_prior(
         try:
             studies = find_studies(calling, peer, patient_id, issuer, date_range, remaining)
             _audit(audit, calling, peer, "query", "success", "", f"{len(studies)} study(ies)")
-            if not studies:
-                reasons.append(f"{peer.name}: no CT of this patient from {date_range}")
+            newest = most_recent_dated(studies, earliest, latest)
+            if newest is None:
+                reasons.append(f"{peer.name}: no CT of this patient dated {date_range}")
                 continue
-            study_uid = studies[0].study_uid
+            study_uid, when = newest[0].study_uid, newest[1]
             remaining = max(deadline - time.monotonic(), TEARDOWN_S)
             chosen = choose_series(
                 find_series(calling, peer, study_uid, remaining),
@@ -123,7 +136,6 @@ def fetch_prior(
             _audit(audit, calling, peer, "query", "failed", study_uid, str(exc))
             reasons.append(str(exc))
             continue
-        when = parse_da(studies[0].study_date) or earliest  # matched the range: never None
         return FetchedPrior(folder, study_uid, chosen.series_uid, (today - when).days, peer), ""
     return None, "; ".join(reasons) or "no query/retrieve peer is configured (priors.peers)"
 

@@ -123,8 +123,8 @@ def find_studies(
     date_range: str,
     timeout: float,
 ) -> list[RemoteStudy]:
-    """The patient's CT studies dated within ``date_range`` (DICOM range 'YYYYMMDD-YYYYMMDD'),
-    most recent first. Issuer of Patient ID is matched too, so that another hospital's
+    """The patient's CT studies the peer dates within ``date_range`` (DICOM range
+    'YYYYMMDD-YYYYMMDD'), in the peer's order. Issuer of Patient ID is matched too, so that another hospital's
     patient with the same ID is not taken."""
     query = Dataset()
     query.QueryRetrieveLevel = "STUDY"
@@ -135,7 +135,7 @@ def find_studies(
     query.StudyInstanceUID = ""
     with _association(calling_ae, peer, timeout) as assoc:
         found = _find(assoc, query, peer)
-    studies = [
+    return [
         RemoteStudy(str(m.StudyInstanceUID), str(m.get("StudyDate", "") or ""))
         for m in found
         if m.get("StudyInstanceUID")
@@ -143,7 +143,6 @@ def find_studies(
         and str(m.get("PatientID", patient_id)) == patient_id
         and str(m.get("IssuerOfPatientID", issuer) or issuer) == issuer
     ]
-    return sorted(studies, key=lambda s: s.study_date, reverse=True)
 
 
 def find_series(

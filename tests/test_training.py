@@ -11,6 +11,7 @@ import torch
 from inference.lab.training import TrainingConfig, phantom_background, positive_patch, train_model
 from inference.network import COMPOSITIONS, NetworkConfig
 from inference.patches import patch_geometric_centre
+from inference.volume import Volume
 
 
 def _tiny(seed: int) -> TrainingConfig:
@@ -103,3 +104,55 @@ def test_training_with_real_nodules_shows_their_sources(real_nodules, capsys) ->
     assert "transplanted real nodules" in err and "real nodules as VOIs" in err
     patients = len({v.patient_id for v in real_nodules})
     assert trained.record["real_nodules"] == {"nodules": 6, "patients": patients}
+
+
+def _real_like_background(seed: int) -> tuple[Volume, NetworkConfig]:
+    """A phantom chest handed over as if it were a real scan (real scans are split)."""
+    from inference.lab.synthesis import chest_phantom
+
+    config = NetworkConfig()
+    s = config.spacing_mm
+    image = chest_phantom(np.random.default_rng(seed), shape=(80, 200, 240), spacing_mm=s)
+    return Volume(image, (-150.0, -125.0, 0.0), (s, s, s), np.eye(3)), config
+
+
+def test_the_calibrating_half_of_a_real_scan_never_trains() -> None:
+    from inference.lab.training import _nodule_site, make_background
+
+    volume, config = _real_like_background(0)
+    background = make_background(volume, np.zeros((0, 3)), config)
+    halves = background.halves
+    assert halves is not None
+    lung = np.argwhere(background.lungs[::4, ::4, ::4]) * 4
+    lung_mm = background.work.index_to_world(lung[:, ::-1].astype(float))
+    # Half of the lungs' voxels on each side of the plane.
+    assert 0.4 < halves.calibrates(lung_mm).mean() < 0.6
+    allowed = background.allowed(lung)
+    assert allowed.any()
+    # No training patch is centred in the calibrating half, nor close enough to reach it.
+    assert np.all(lung_mm[allowed, 0] < halves.split_x_mm - 20.0)
+    rng = np.random.default_rng(1)
+    sites = np.array([_nodule_site(background, rng) for _ in range(30)])
+    sites_mm = background.work.index_to_world(sites[:, ::-1].astype(float))
+    assert not halves.calibrates(sites_mm).any() and halves.trains(sites_mm).all()
+
+
+def test_calibration_counts_only_the_calibrating_half() -> None:
+    from inference.detector import NoduleDetector, OperatingPoint, prepare
+    from inference.findings import ModelInfo
+    from inference.lab.experiments import Case, calibration_outcomes
+    from inference.lab.training import LungHalves
+
+    volume, config = _real_like_background(2)
+    trained = train_model([], _tiny(5), torch.device("cpu"), log=lambda _: None)
+    detector = NoduleDetector(
+        trained.model, OperatingPoint(threshold=0.0), ModelInfo("m", "0", "t"), torch.device("cpu")
+    )
+    outcomes = calibration_outcomes(detector, [Case("phantom", volume, ())], 3, ())
+    work, lungs = prepare(volume, config.spacing_mm)
+    halves = LungHalves.of(work, lungs, config.patch_voxels * config.spacing_mm)
+    assert outcomes and all(len(o.scores) for o in outcomes)
+    for outcome in outcomes:
+        assert halves.calibrates(outcome.points_mm).all()
+        centres = np.array([r.center_mm for r in outcome.references])
+        assert len(centres) and halves.calibrates(centres).all()

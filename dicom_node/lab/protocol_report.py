@@ -61,8 +61,9 @@ def write_protocol_report(
         "# Cross-case protocol",
         "",
         "Each model trained without the held-out case (positives only in the other cases' lungs "
-        "and phantoms; real nodules of the training patients), its operating point chosen on "
-        "calibration scans of the other cases, then scored on the held-out case: its "
+        "and phantoms, in the patient-right half of their lungs; real nodules of the training "
+        "patients), its operating point chosen on calibration scans of the other cases, in the "
+        "half of their lungs that never trained, then scored on the held-out case: its "
         "reader-marked nodules and false positives, validation patients' real nodules pasted "
         "into its lungs, and synthetic nodules there. Sensitivities with 95 % Wilson intervals; "
         "across seeds, the median (range).",

@@ -66,7 +66,10 @@ class ScanOutcome:
 
     def at_least(self, min_diameter_mm: float) -> ScanOutcome:
         """The same scan with only the detections of at least ``min_diameter_mm``."""
-        keep = self.diameters_mm >= min_diameter_mm
+        return self.where(self.diameters_mm >= min_diameter_mm)
+
+    def where(self, keep: np.ndarray) -> ScanOutcome:
+        """The same scan with only the detections ``keep`` marks."""
         return ScanOutcome(
             self.name,
             self.references,

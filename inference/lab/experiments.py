@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +18,7 @@ from inference.lab.evaluation import (
     threshold_for_fp_rate,
 )
 from inference.lab.nodule_folder import NoduleVOI
-from inference.lab.training import aerated_lung
+from inference.lab.training import CALIBRATING_SHARE, LungHalves, aerated_lung
 from inference.volume import Volume
 
 
@@ -61,9 +61,12 @@ def synthetic_outcomes(
     describe: bool = True,
     real: Sequence[NoduleVOI] = (),
     real_fraction: float = 0.5,
+    halves: Mapping[str, LungHalves] | None = None,
 ) -> tuple[list[ScanOutcome], list[dict[str, object]]]:
     """Insert nodules (synthetic, and real ones from ``real`` where given) into each case's
-    lungs, away from its own nodules, and score the detector.
+    lungs, away from its own nodules, and score the detector. With ``halves`` (by case
+    name) the nodules go into each case's calibrating half only, and only the detections
+    there count.
 
     Returns the outcomes and, per synthetic nodule, what the detector made of it at the
     operating point (for diameter error and malignancy AUC).
@@ -76,6 +79,8 @@ def synthetic_outcomes(
         case.name: lung_points_mm(case.volume, spacing, seeded(seed, case.name, "points"))
         for case in cases
     }
+    if halves is not None:
+        points = {name: p[halves[name].calibrates(p)] for name, p in points.items()}
     for case, n in tqdm(jobs, desc=f"{label} scans", unit="scan"):
         # Each scan draws from its own generator, named by case and number: what a scan
         # holds does not depend on which other cases were given, or in which order.
@@ -96,6 +101,8 @@ def synthetic_outcomes(
         ]
         scan = f"{case.name} {label} {n}"
         outcome, findings = score_scan(detector, volume, refs, scan, describe)
+        if halves is not None:
+            outcome = outcome.where(halves[case.name].calibrates(outcome.points_mm))
         outcomes.append(outcome)
         rows += [nodule_row(ref, findings, scan) for ref in refs if not ref.excluded]
     return outcomes, rows
@@ -155,8 +162,13 @@ def calibration_outcomes(
     detector: NoduleDetector, cases: list[Case], seed: int, real: Sequence[NoduleVOI]
 ) -> list[ScanOutcome]:
     """Fresh scans of ``cases`` holding synthetic nodules and the ``real`` ones (calibration
-    patients'), scored: what an operating point is chosen on, never a scan the detector is
-    then scored on."""
+    patients'), scored in the calibrating half of their lungs, where no training patch lay:
+    what an operating point is chosen on, never a scan the detector is then scored on."""
+    config = detector.model.config
+    halves = {}
+    for case in cases:
+        work, lungs = prepare(case.volume, config.spacing_mm)
+        halves[case.name] = LungHalves.of(work, lungs, config.patch_voxels * config.spacing_mm)
     outcomes, _ = synthetic_outcomes(
         detector,
         cases,
@@ -166,6 +178,7 @@ def calibration_outcomes(
         "calibration",
         describe=False,
         real=real,
+        halves=halves,
     )
     return outcomes
 
@@ -174,5 +187,8 @@ def choose_threshold(
     outcomes: list[ScanOutcome], fp_per_scan: float, min_diameter_mm: float = 0.0
 ) -> float:
     """The score threshold for ``fp_per_scan`` false positives per scan on calibration
-    ``outcomes``, counting only detections of at least ``min_diameter_mm``."""
-    return threshold_for_fp_rate([o.at_least(min_diameter_mm) for o in outcomes], fp_per_scan)
+    ``outcomes`` (each a calibrating half: :data:`CALIBRATING_SHARE` of the budget),
+    counting only detections of at least ``min_diameter_mm``."""
+    return threshold_for_fp_rate(
+        [o.at_least(min_diameter_mm) for o in outcomes], fp_per_scan * CALIBRATING_SHARE
+    )

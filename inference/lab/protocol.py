@@ -3,7 +3,8 @@
 For each annotated case B, models are trained (one per seed) with positives placed only in
 the other cases' lungs (plus phantoms), and the training patients' real nodules; each model's
 operating point is chosen on calibration scans of those other cases (synthetic nodules and
-the calibration patients' real ones). Only then is B scored, three ways:
+the calibration patients' real ones), in the half of their lungs that never trained
+(``training.LungHalves``). Only then is B scored, three ways:
 
 - its own reader-marked nodules, and its false positives, at that operating point;
 - real nodules of the validation patients (never trained on, never calibrated on) pasted

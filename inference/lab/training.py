@@ -9,6 +9,11 @@ as their own VOI shows them (what ``evaluate --nodules`` sees). Nothing is place
 positives or negatives. Negatives are the candidates the blob search finds in the same lungs:
 vessels and their junctions, airway walls, pleura, fissures, scars.
 
+The patient-left half of each real scan's lungs never trains (:class:`LungHalves`): the
+operating point is chosen there, among vessels and pleura the network was never told are not
+nodules, as in a new patient's scan. Chosen among its own training negatives, which it has
+learnt by heart, the threshold fell far too low for any other scan.
+
 Each head learns only where its label is known: malignancy, calcification and the LIDC
 characteristics from the radiologists' ratings of real nodules, composition and size from
 both sources, detection and the mask from all.
@@ -70,13 +75,43 @@ class TrainingConfig:
     network: NetworkConfig = field(default_factory=lambda: NetworkConfig(rating_heads=True))
 
 
+@dataclass(frozen=True)
+class LungHalves:
+    """The lungs cut by a sagittal plane through their median voxel: the patient's right
+    half trains, the left half (half of the lungs' voxels) calibrates."""
+
+    split_x_mm: float  # LPS x of the plane; patient left lies above it
+    #: Training patches are centred at least this far right of the plane: half a patch, so
+    #: that none reaches into the calibrating half.
+    margin_mm: float
+
+    @classmethod
+    def of(cls, work: Volume, lungs: np.ndarray, patch_mm: float) -> LungHalves:
+        voxels = np.argwhere(lungs[::2, ::2, ::2]) * 2
+        x_mm = work.index_to_world(voxels[:, ::-1].astype(float))[:, 0]
+        return cls(float(np.median(x_mm)), patch_mm / 2.0)
+
+    def trains(self, points_mm: np.ndarray) -> np.ndarray:
+        return np.asarray(points_mm)[:, 0] < self.split_x_mm - self.margin_mm
+
+    def calibrates(self, points_mm: np.ndarray) -> np.ndarray:
+        return np.asarray(points_mm)[:, 0] >= self.split_x_mm
+
+
+#: The share of each scan's lungs that calibrates: a false-positive budget per scan is this
+#: much per calibrating half.
+CALIBRATING_SHARE = 0.5
+
+
 @dataclass
 class Background:
-    """A scan to insert nodules into, on the network's grid, with its lung mask."""
+    """A scan to insert nodules into, on the network's grid, with its lung mask; a real
+    scan's ``halves`` say where training patches may lie (phantoms: anywhere)."""
 
     work: Volume
     lungs: np.ndarray
     avoid_kji: np.ndarray  # (n, 3) voxels of annotated nodules
+    halves: LungHalves | None = None
 
     @functools.cached_property
     def pleural_band(self) -> np.ndarray:
@@ -89,11 +124,17 @@ class Background:
         return voxels[self.work.array[tuple(voxels.T)] < AERATED_HU]
 
     def allowed(self, points_kji: np.ndarray) -> np.ndarray:
+        """Where a training patch may be centred: in the training half, away from the
+        scan's own nodules."""
+        allowed = np.ones(len(points_kji), dtype=bool)
+        if self.halves is not None and len(points_kji):
+            points_mm = self.work.index_to_world(np.asarray(points_kji)[:, ::-1].astype(float))
+            allowed &= self.halves.trains(points_mm)
         if len(self.avoid_kji) == 0:
-            return np.ones(len(points_kji), dtype=bool)
+            return allowed
         spacing = np.asarray(self.work.spacing[::-1])
         d = np.linalg.norm((points_kji[:, None] - self.avoid_kji[None]) * spacing, axis=2)
-        return d.min(axis=1) > AVOID_MM
+        return allowed & (d.min(axis=1) > AVOID_MM)
 
 
 #: Nodules this close to the lungs' edge touch the pleura; a share of them is placed there.
@@ -112,20 +153,24 @@ def aerated_lung(image: np.ndarray, lungs: np.ndarray, step: int = 1) -> np.ndar
 
 
 def make_background(volume: Volume, avoid_mm: np.ndarray, config: NetworkConfig) -> Background:
+    """A real scan as a background: only its lungs' training half trains."""
     work, lungs = prepare(volume, config.spacing_mm)
     avoid = (
         work.world_to_index(np.asarray(avoid_mm).reshape(-1, 3))[:, ::-1]
         if len(avoid_mm)
         else np.zeros((0, 3))
     )
-    return Background(work, lungs, avoid)
+    halves = LungHalves.of(work, lungs, config.patch_voxels * config.spacing_mm)
+    return Background(work, lungs, avoid, halves)
 
 
 def phantom_background(rng: np.random.Generator, config: NetworkConfig) -> Background:
+    """A synthetic chest: never calibrated on, so all of it trains."""
     s = config.spacing_mm
     image = chest_phantom(rng, spacing_mm=s)
     volume = Volume(image, (0.0, 0.0, 0.0), (s, s, s), np.eye(3))
-    return make_background(volume, np.zeros((0, 3)), config)
+    work, lungs = prepare(volume, s)
+    return Background(work, lungs, np.zeros((0, 3)))
 
 
 UNKNOWN = float("nan")

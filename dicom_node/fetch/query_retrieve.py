@@ -124,8 +124,8 @@ def find_studies(
     timeout: float,
 ) -> list[RemoteStudy]:
     """The patient's CT studies the peer dates within ``date_range`` (DICOM range
-    'YYYYMMDD-YYYYMMDD'), in the peer's order. Issuer of Patient ID is matched too, so that another hospital's
-    patient with the same ID is not taken."""
+    'YYYYMMDD-YYYYMMDD'), in the peer's order. Issuer of Patient ID is matched too, so that
+    another hospital's patient with the same ID is not taken."""
     query = Dataset()
     query.QueryRetrieveLevel = "STUDY"
     query.PatientID = patient_id

@@ -77,7 +77,8 @@ def test_ohif_shows_the_study_with_the_nodes_results(
             raise AssertionError(f"{OHIF_DIST} missing: scripts/test.sh fetches OHIF")
         pytest.skip(f"{OHIF_DIST} missing (scripts/test.sh fetches it)")
     # The case on which the shipped weights report more than one finding (its ground-glass
-    # nodule and a small one), so that stepping from one SR measurement to the next is seen.
+    # nodule and a false positive beside the spine), so that stepping from one SR measurement
+    # to the next is seen.
     case = lidc_root / "LIDC-IDRI-0002"
     ct_images = len(list(case.rglob("*.dcm")))
     study = str(
@@ -169,9 +170,10 @@ def test_ohif_shows_the_study_with_the_nodes_results(
     plain = _annotation_pixels(SHOTS / "ohif-ct.png")
     assert _annotation_pixels(SHOTS / "ohif-sr.png") > plain + 300, "no outline drawn"
     assert _annotation_pixels(SHOTS / "ohif-sr-2.png") > plain + 300, "no outline drawn"
-    # The SEG loaded and overlaid where OHIF jumps to it (its first frame), and each segment
+    # The SEG loaded and overlaid where OHIF jumps to it (its first frame: a nodule's edge
+    # slice, where a sliver of a hundred pixels or so may be all there is), and each segment
     # overlaid on the slice OHIF jumps to from the segmentation panel: one per nodule.
-    assert _annotation_pixels(SHOTS / "ohif-seg.png") > plain + 200, "no segment overlay"
+    assert _annotation_pixels(SHOTS / "ohif-seg.png") > plain + 100, "no segment overlay"
     assert f"/{ct_images})" in report["segViewport"]
     assert all(report["segSlices"]), report["segSlices"]
     # Segments on slices of their own are each jumped to on a slice of their own (LIDC-IDRI-0002's

@@ -11,7 +11,7 @@ from typing import Any
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage  # type: ignore[attr-defined]
 from sqlalchemy import select
 
@@ -116,6 +116,26 @@ def test_complete_series_is_queued_on_release(start_node: Any, tmp_path: Path) -
     wait_for(lambda: _state(node) == "queued", 10, "completion on release")
     with node.db() as session:
         assert queue.counts(session) == {("analyze", "queued"): 1}
+
+
+def test_a_release_reported_after_its_connection_closed_still_completes_the_series(
+    start_node: Any, tmp_path: Path
+) -> None:
+    """pynetdicom reports the connection's close (on the transport's thread) and the release
+    (on the association's) in either order; here the release waits until the close is told."""
+    node = start_node(workers={"count": 0}, completion={"quiet_seconds": 600})
+    closed = threading.Event()
+    released = node.handlers.on_released
+
+    def after_the_close(event: Any) -> None:
+        assert closed.wait(10)
+        released(event)
+
+    node.server.unbind(evt.EVT_RELEASED, released)
+    node.server.bind(evt.EVT_RELEASED, after_the_close)
+    node.server.bind(evt.EVT_CONN_CLOSE, lambda event: closed.set())
+    assert storescu(node.config.node.port, _series(tmp_path / "ct")).returncode == 0
+    wait_for(lambda: _state(node) == "queued", 10, "completion on release")
 
 
 def test_series_with_a_missing_slice_waits_for_the_quiet_period(

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pydicom.dataset import Dataset
 from pynetdicom import evt
 from pynetdicom.events import Event
+from pynetdicom.pdu_primitives import A_RELEASE
 
 from dicom_node import dimse
 from dicom_node.dimse import StoreStatus
@@ -100,6 +101,8 @@ class Transfer:
     #: Study Instance UID -> instances stored (new or resent) on this association.
     stored: Counter[str] = field(default_factory=Counter)
     refused: int = 0
+    #: The peer asked to release: everything it sent was answered.
+    release_requested: bool = False
 
 
 class StorageHandlers:
@@ -130,6 +133,7 @@ class StorageHandlers:
             (evt.EVT_REJECTED, self.on_rejected),
             (evt.EVT_C_ECHO, self.on_echo),
             (evt.EVT_C_STORE, self.on_store),
+            (evt.EVT_ACSE_RECV, self.on_acse_received),
             (evt.EVT_RELEASED, self.on_released),
             (evt.EVT_ABORTED, self.on_aborted),
             (evt.EVT_CONN_CLOSE, self.on_aborted),
@@ -267,10 +271,23 @@ class StorageHandlers:
             log.warning("association from %s: %s", event.assoc.requestor.address, detail)
             self._record(event, "instances-stored", "refused", detail=detail)
 
+    def on_acse_received(self, event: Event) -> None:
+        """A release request, marked on the association's thread before the node answers it:
+        the peer may close the connection as soon as the answer reaches it, and the
+        transport's thread may then report the close (EVT_CONN_CLOSE) before this thread
+        reports the release (EVT_RELEASED)."""
+        primitive = getattr(event, "primitive", None)
+        if isinstance(primitive, A_RELEASE) and primitive.result is None:
+            transfer = self._transfer(event)
+            if transfer is not None:
+                transfer.release_requested = True
+
     def on_released(self, event: Event) -> None:
         transfer = self._end(event)
-        if transfer is None:
-            return
+        if transfer is not None:
+            self._released(event, transfer)
+
+    def _released(self, event: Event, transfer: Transfer) -> None:
         if transfer.series and self.complete_on_release:
             try:
                 self.completion.on_release(transfer.series)
@@ -279,7 +296,12 @@ class StorageHandlers:
         self._audit_stored(event, transfer, "released")
 
     def on_aborted(self, event: Event) -> None:
-        """An aborted or dropped association: its series wait for the quiet period."""
+        """An aborted or dropped association: its series wait for the quiet period. A
+        connection that closes after its release was asked for was released."""
         transfer = self._end(event)
-        if transfer is not None:
+        if transfer is None:
+            return
+        if transfer.release_requested:
+            self._released(event, transfer)
+        else:
             self._audit_stored(event, transfer, "aborted")

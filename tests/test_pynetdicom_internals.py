@@ -2,8 +2,8 @@
 that moves them fails here, loudly, instead of quietly dropping a limit or the access policy.
 
 ``receive/handlers.py`` replaces an association's ``_ae`` (the per-caller allowlist of
-``receive/access.py``), sets its DUL's ``_run_loop_delay`` and swaps its transport's ``recv``
-(the bounded reader). ``receive/transport.py`` subclasses the threaded server and its
+``receive/access.py``) and swaps its transport's ``recv`` (the bounded reader);
+``receive/wakeups.py`` swaps the methods through which its two threads look for work. ``receive/transport.py`` subclasses the threaded server and its
 request handler, checks each PDU as the DUL decodes it and wraps ``Association.kill``.
 pyproject.toml pins pynetdicom to the minor release checked here.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 
 import pynetdicom
-from pynetdicom import AE, acse, dul
+from pynetdicom import AE, acse, dimse, dul, fsm
 from pynetdicom.association import Association
 from pynetdicom.transport import AssociationServer, AssociationSocket, RequestHandler
 
@@ -36,13 +36,25 @@ def test_acse_judges_callers_and_limits_through_the_associations_ae() -> None:
     assert "self.assoc.ae.maximum_associations" in source
 
 
-def test_the_dul_sleeps_its_run_loop_delay_and_reads_pdus_through_its_sockets_recv() -> None:
-    assoc = Association(AE(), "acceptor")
-    assert isinstance(assoc.dul._run_loop_delay, float)
+def test_the_dul_reads_pdus_through_its_sockets_recv() -> None:
     source = inspect.getsource(dul.DULServiceProvider)
-    assert "time.sleep(self._run_loop_delay)" in source
     assert "self.socket.recv(6)" in source and "self.socket.recv(pdu_length)" in source
     assert list(inspect.signature(AssociationSocket.recv).parameters) == ["self", "nr_bytes"]
+
+
+def test_the_threads_look_for_work_through_the_methods_wakeups_swaps() -> None:
+    reactor = inspect.getsource(dul.DULServiceProvider.run_reactor)
+    assert "if self._process_recv_primitive():" in reactor
+    assert "elif self._is_transport_event():" in reactor
+    assert "self.to_provider_queue.put(primitive)" in inspect.getsource(
+        dul.DULServiceProvider.send_pdu
+    )
+    assert "self._kill_thread = True" in inspect.getsource(dul.DULServiceProvider.stop_dul)
+    acceptor = inspect.getsource(Association._run_reactor)
+    assert "self.dimse.get_msg(block=False)" in acceptor
+    assert "if msg:" in acceptor
+    assert "self.msg_queue.get(" in inspect.getsource(dimse.DIMSEServiceProvider.get_msg)
+    assert "dul.to_user_queue.put(" in inspect.getsource(fsm)
 
 
 def test_the_dul_decodes_each_pdu_through_the_method_the_transport_checks() -> None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,6 @@ from dicom_node.dimse import StoreStatus
 from dicom_node.observe.audit import AuditRecord, AuditTrail, rfc5424_line
 from dicom_node.observe.metrics import REGISTRY
 from dicom_node.receive.access import AccessPolicy
-from dicom_node.receive.handlers import DUL_LOOP_DELAY_SECONDS
 from storage.models import AuditEvent, Instance
 from tests.adversarial import associate_rq, stalled_pdu
 from tests.dicom_factory import SeriesSpec, ct_datasets, phantom, write_series
@@ -331,18 +332,37 @@ def test_an_even_presentation_context_id_is_answered_with_an_abort(start_node: A
     assert _echo(port) == (True, None)
 
 
-def test_the_fast_transport_loop_starts_only_once_an_association_is_established(
-    start_node: Any,
-) -> None:
+def _cpu_seconds(threads: list[Any]) -> float:
+    """CPU time (user and system) the node's threads with these native ids have used."""
+    total = 0.0
+    for thread in threads:
+        stat = Path(f"/proc/self/task/{thread}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def test_open_associations_wait_for_work_instead_of_polling_for_it(start_node: Any) -> None:
+    """A PACS router holds its associations open between studies: polling for work, each
+    association's two threads took about 5 % of a core while nothing came (pynetdicom's
+    loops, sped up for throughput); waiting, they take next to nothing, and still answer."""
     node = start_node(workers={"count": 0})
     port = node.config.node.port
-    with _connect(port):  # connected, sends nothing
-        (idle,) = wait_for(lambda: node.server.active_associations, 10, "its association")
-        assert idle.dul._run_loop_delay > DUL_LOOP_DELAY_SECONDS  # pynetdicom's own pace
-        assoc = _associate(port)
-        (working,) = [a for a in node.server.active_associations if a.is_established]
-        assert working.dul._run_loop_delay == DUL_LOOP_DELAY_SECONDS
-        assoc.release()
+    peers = [_associate(port) for _ in range(4)]
+
+    def established() -> list[Any]:
+        return [a for a in node.server.active_associations if a.is_established]
+
+    wait_for(lambda: len(established()) == 4, 10, "four established associations")
+    threads = [t.native_id for a in established() for t in (a, a.dul)]
+    before = _cpu_seconds(threads)
+    time.sleep(2.0)
+    used = _cpu_seconds(threads) - before
+    assert used < 0.1, f"4 idle associations used {used:.2f} s of CPU in 2 s"
+    for peer in peers:  # each still answers, and releases
+        assert int(peer.send_c_echo().Status) == StoreStatus.SUCCESS
+        peer.release()
+        assert peer.is_released
+    wait_for(lambda: not node.server.active_associations, 5, "the associations' end")
 
 
 def test_a_connection_that_never_asks_is_closed_after_the_timeout_and_forgotten(

@@ -29,10 +29,10 @@ from dicom_node.receive.ingest import (
     Receiver,
     file_meta_header,
 )
+from dicom_node.receive.wakeups import wait_for_events
 
 log = logging.getLogger(__name__)
 
-DUL_LOOP_DELAY_SECONDS = 0.0002
 #: Room for a PDU other than P-DATA (an A-ASSOCIATE-RQ with many contexts) when the largest
 #: P-DATA PDU the node accepts is small.
 NEGOTIATION_PDU_BYTES = 1 << 20
@@ -191,11 +191,10 @@ class StorageHandlers:
         )
 
     def on_established(self, event: Event) -> None:
-        """pynetdicom's transport loop sleeps 1 ms whenever its queue is empty, which costs
-        several ms per instance in a CT stream; 0.2 ms keeps it responsive (pydicom/pynetdicom
-        issue 650) at a small CPU cost, only once an association is established: before, a
-        peer that connects and sends nothing would cost that CPU for nothing."""
-        event.assoc.dul._run_loop_delay = DUL_LOOP_DELAY_SECONDS
+        """pynetdicom's threads poll for work, which costs several ms per instance in a CT
+        stream and the CPU of every other association (pydicom/pynetdicom issue 650):
+        from here on they wait for it (:mod:`wakeups`)."""
+        wait_for_events(event.assoc)
         self._record(event, "association", "success")
 
     def on_rejected(self, event: Event) -> None:

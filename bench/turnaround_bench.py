@@ -35,7 +35,7 @@ from pydicom.uid import Comprehensive3DSRStorage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.analyze_bench import DEFAULT_CASE
-from dicom_node.lab.priors import write_prior_series
+from dicom_node.lab.priors import write_series_like
 from dicom_node.pipeline.series import read_series, unpacked
 from inference.lab.experiments import seeded
 from inference.lab.priors import repositioned
@@ -150,7 +150,7 @@ def main() -> int:
             (current,), _, _ = read_series([case])
             moved, _ = repositioned(current.volume, seeded(1, "turnaround prior"))
             prior_files = Path(tmp) / "prior"
-            write_prior_series(current, moved, 365, prior_files)
+            write_series_like(current, moved, prior_files, earlier_by_days=365)
         print(
             f"{platform.node()}, {os.cpu_count()} CPUs, device {args.device}; {args.case.name}; "
             f"prior: {args.prior}\n"

@@ -23,7 +23,7 @@ from dicom_node.cli import main
 from dicom_node.config import PriorsSettings
 from dicom_node.fetch.priors import most_recent_dated
 from dicom_node.fetch.query_retrieve import RemoteStudy
-from dicom_node.lab.priors import write_prior_series
+from dicom_node.lab.priors import write_series_like
 from dicom_node.pipeline.priors import choose_prior
 from dicom_node.pipeline.results import ResultRecord
 from dicom_node.pipeline.series import CTSeries, read_series
@@ -572,7 +572,7 @@ def test_a_generated_prior_is_written_as_an_earlier_study_of_the_same_patient(
 ) -> None:
     current = _series(_phantom_study(tmp_path / "now", 12.0, "20260601"))
     prior, _ = repositioned(current.volume, seeded(4, "written"))
-    write_prior_series(current, prior, 365, tmp_path / "prior")
+    write_series_like(current, prior, tmp_path / "prior", earlier_by_days=365)
     back = _series(tmp_path / "prior")
     assert str(back.slices[0].StudyDate) == "20250601"
     assert back.slices[0].PatientID == current.slices[0].PatientID

@@ -1,8 +1,10 @@
-"""A generated prior as DICOM files: what benchmarks send to a PACS or to the node.
+"""A generated scan as DICOM files: what benchmarks and tests send to a PACS or to the node.
 
-The prior volume (``inference.lab.priors``) is written slice by slice into copies of the
-current series' own datasets: same patient, new study, series and instance UIDs, a Study
-Date earlier by the pair's interval, and each slice's position moved with the prior's grid.
+A volume made from a real series (``inference.lab.priors``: a prior, or the scan with
+nodules planted in it) is written slice by slice into copies of that series' own datasets:
+same patient, new series and instance UIDs (the pixels are not the original's), and each
+slice's position taken from the volume's grid. A prior also gets a study of its own, a Study
+Date earlier by the pair's interval and its own frame of reference.
 """
 
 from __future__ import annotations
@@ -21,20 +23,26 @@ from dicom_node.pipeline.series import CTSeries
 from inference.volume import Volume
 
 
-def write_prior_series(
-    current: CTSeries, prior: Volume, interval_days: int, folder: Path
+def write_series_like(
+    current: CTSeries, volume: Volume, folder: Path, earlier_by_days: int = 0
 ) -> list[Path]:
-    """``prior`` (on a grid of the current's shape and spacing) as a CT series of an earlier
-    study of the same patient; one file per slice."""
+    """``volume`` (on a grid of the current's shape and spacing) as a CT series of the same
+    patient, one file per slice: with ``earlier_by_days``, of a new study that many days
+    before the current's (a prior); with 0, a new series of the current's own study."""
     if current.multiframe is not None:
-        raise ValueError("a prior is written slice by slice from a single-frame CT series")
-    if prior.array.shape != current.volume.array.shape:
-        raise ValueError(f"prior shape {prior.array.shape} is not {current.volume.array.shape}")
-    when = study_date(current)
-    if when is None:
-        raise ValueError("the current series has no Study Date to date the prior from")
-    day = (when - timedelta(days=interval_days)).strftime("%Y%m%d")
-    study, series, frame = str(UID()), str(UID()), str(UID())
+        raise ValueError("a series is written slice by slice from a single-frame CT series")
+    if volume.array.shape != current.volume.array.shape:
+        raise ValueError(f"volume shape {volume.array.shape} is not {current.volume.array.shape}")
+    first = current.slices[0]
+    study, frame = str(first.StudyInstanceUID), str(first.FrameOfReferenceUID)
+    day = None
+    if earlier_by_days:
+        when = study_date(current)
+        if when is None:
+            raise ValueError("the current series has no Study Date to date the prior from")
+        day = (when - timedelta(days=earlier_by_days)).strftime("%Y%m%d")
+        study, frame = str(UID()), str(UID())
+    series = str(UID())
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for k, template in enumerate(current.slices):
@@ -44,15 +52,16 @@ def write_prior_series(
         ds.file_meta = meta
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
         ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID = UID()
-        ds.StudyDate = ds.SeriesDate = ds.ContentDate = ds.AcquisitionDate = day
-        ds.AccessionNumber = ""
-        ds.ImagePositionPatient = [float(v) for v in prior.index_to_world(np.array([0, 0, k]))]
+        if day is not None:
+            ds.StudyDate = ds.SeriesDate = ds.ContentDate = ds.AcquisitionDate = day
+            ds.AccessionNumber = ""
+        ds.ImagePositionPatient = [float(v) for v in volume.index_to_world(np.array([0, 0, k]))]
         slope = float(ds.get("RescaleSlope", 1) or 1)
         intercept = float(ds.get("RescaleIntercept", 0) or 0)
         signed = int(ds.get("PixelRepresentation", 0)) == 1
         dtype = np.int16 if signed else np.uint16
         info = np.iinfo(dtype)
-        stored = np.round((prior.array[k] - intercept) / slope)
+        stored = np.round((volume.array[k] - intercept) / slope)
         ds.PixelData = np.clip(stored, info.min, info.max).astype(dtype).tobytes()
         ds["PixelData"].VR = "OW"
         ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15

@@ -27,6 +27,8 @@ from pynetdicom.association import Association
 CHECK_SECONDS = 0.05
 #: The DUL state in which the transport is closing: pynetdicom reads what is left and closes.
 CLOSING_STATE = "Sta13"
+#: The DUL state without a connection, in which pynetdicom's stop_dul stops the thread.
+IDLE_STATE = "Sta1"
 #: Put on the message queue to wake the association thread: not a message (pynetdicom's own
 #: "nothing arrived" value).
 NO_MESSAGE = (None, None)
@@ -60,7 +62,7 @@ def wait_for_events(assoc: Association) -> None:
 
     def stop_and_wake() -> bool:
         # stop_dul sets the flag and then waits for the thread: wake it to see the flag.
-        if dul.state_machine.current_state == "Sta1":
+        if dul.state_machine.current_state == IDLE_STATE:
             dul._kill_thread = True
             wake()
         return bool(stop_dul())

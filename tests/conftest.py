@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 import os
 import tarfile
 import uuid
@@ -21,6 +22,21 @@ def shared(path: str) -> Path:
     if not full.exists():
         pytest.skip(f"shared test data not found at {full} (set LUNGNODE_SHARED_DATA)")
     return full
+
+
+@pytest.fixture(autouse=True)
+def node_logging_undone() -> Iterator[None]:
+    """The CLI's ``configure`` puts a handler on the root logger that writes to sys.stderr,
+    which inside a test is pytest's capture stream, closed when the test ends; a record that
+    any thread logs later (a node's association ending in another test) would then print
+    "--- Logging error ---". The handler and the root level are removed after each test."""
+    root = logging.getLogger()
+    before, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        if handler not in before and type(handler) is logging.StreamHandler:
+            root.removeHandler(handler)
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")

@@ -26,18 +26,14 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.peers import NodeProcess, Orthanc, free_port, node_config
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+from tests.peers import NodeProcess, Orthanc, cpu_seconds, free_port, node_config
 
 
 def share_of_a_core(pid: int, seconds: float) -> float:
-    before = cpu_seconds(pid)
+    stat = Path(f"/proc/{pid}/stat")
+    before = cpu_seconds(stat)
     time.sleep(seconds)
-    return (cpu_seconds(pid) - before) / seconds
+    return (cpu_seconds(stat) - before) / seconds
 
 
 @contextmanager

@@ -28,6 +28,13 @@ REPO = Path(__file__).resolve().parents[1]
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 
+def cpu_seconds(stat: Path) -> float:
+    """User and system CPU time from a /proc stat file: /proc/PID/stat for a process,
+    /proc/self/task/TID/stat for one thread."""
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

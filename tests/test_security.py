@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
 import socket
 import subprocess
 import sys
@@ -28,7 +27,7 @@ from dicom_node.receive.access import AccessPolicy
 from storage.models import AuditEvent, Instance
 from tests.adversarial import associate_rq, stalled_pdu
 from tests.dicom_factory import SeriesSpec, ct_datasets, phantom, write_series
-from tests.peers import storescu, wait_for
+from tests.peers import cpu_seconds, storescu, wait_for
 
 
 def _associate(port: int, calling: str = "SCANNER", called: str = "RESMTNET") -> Association:
@@ -333,12 +332,8 @@ def test_an_even_presentation_context_id_is_answered_with_an_abort(start_node: A
 
 
 def _cpu_seconds(threads: list[Any]) -> float:
-    """CPU time (user and system) the node's threads with these native ids have used."""
-    total = 0.0
-    for thread in threads:
-        stat = Path(f"/proc/self/task/{thread}/stat").read_text().rsplit(")", 1)[1].split()
-        total += (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
-    return total
+    """CPU time the node's threads with these native ids have used."""
+    return sum(cpu_seconds(Path(f"/proc/self/task/{thread}/stat")) for thread in threads)
 
 
 def test_open_associations_wait_for_work_instead_of_polling_for_it(start_node: Any) -> None:

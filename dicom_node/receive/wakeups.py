@@ -35,9 +35,9 @@ NO_MESSAGE = (None, None)
 
 
 def wait_for_events(assoc: Association) -> None:
-    """Install the waits on an established association (on its own thread, at
-    EVT_ESTABLISHED: before that a peer that connects and sends nothing costs no thread
-    wake-ups either way)."""
+    """Install the waits on an established association, on its own thread at
+    EVT_ESTABLISHED; until then pynetdicom keeps its own pace (a 1 ms sleep), which a peer
+    that connects and never asks costs only until the ACSE timeout."""
     dul = assoc.dul
     transport = dul.socket
     if transport is None or transport.socket is None:

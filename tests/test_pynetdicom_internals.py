@@ -3,7 +3,9 @@ that moves them fails here, loudly, instead of quietly dropping a limit or the a
 
 ``receive/handlers.py`` replaces an association's ``_ae`` (the per-caller allowlist of
 ``receive/access.py``) and swaps its transport's ``recv`` (the bounded reader);
-``receive/wakeups.py`` swaps the methods through which its two threads look for work. ``receive/transport.py`` subclasses the threaded server and its
+``receive/wakeups.py`` swaps the methods through which its two threads look for work,
+``receive/store_response.py`` the one through which C-STORE responses are sent, and
+``receive/scp.py`` turns off pynetdicom's logging handlers. ``receive/transport.py`` subclasses the threaded server and its
 request handler, checks each PDU as the DUL decodes it and wraps ``Association.kill``.
 pyproject.toml pins pynetdicom to the minor release checked here.
 """
@@ -15,6 +17,7 @@ import inspect
 import pynetdicom
 from pynetdicom import AE, acse, dimse, dul, fsm
 from pynetdicom.association import Association
+from pynetdicom.service_class import ServiceClass, StorageServiceClass
 from pynetdicom.transport import AssociationServer, AssociationSocket, RequestHandler
 
 
@@ -55,6 +58,24 @@ def test_the_threads_look_for_work_through_the_methods_wakeups_swaps() -> None:
     assert "if msg:" in acceptor
     assert "self.msg_queue.get(" in inspect.getsource(dimse.DIMSEServiceProvider.get_msg)
     assert "dul.to_user_queue.put(" in inspect.getsource(fsm)
+
+
+def test_storage_responses_leave_through_the_method_store_response_swaps() -> None:
+    scp = inspect.getsource(StorageServiceClass.SCP)
+    assert "self.dimse.send_msg(rsp, cx_id)" in scp
+    assert "self.assoc.dimse" in inspect.getsource(ServiceClass)
+    assert list(inspect.signature(dimse.DIMSEServiceProvider.send_msg).parameters) == [
+        "self",
+        "primitive",
+        "context_id",
+    ]
+    assert "self.dul.send_pdu(" in inspect.getsource(dimse.DIMSEServiceProvider.send_msg)
+
+
+def test_the_logging_handlers_are_bound_only_at_the_standard_level() -> None:
+    assert '_config.LOG_HANDLER_LEVEL == "standard"' in inspect.getsource(
+        Association._bind_defaults
+    )
 
 
 def test_the_dul_decodes_each_pdu_through_the_method_the_transport_checks() -> None:

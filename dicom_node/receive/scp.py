@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import ssl
 import threading
@@ -19,7 +20,7 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE, AllStoragePresentationContexts
+from pynetdicom import AE, AllStoragePresentationContexts, _config
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_node.config import NodeSettings
@@ -44,6 +45,10 @@ TRANSFER_SYNTAXES = [
 
 
 def build_ae(settings: NodeSettings) -> AE:
+    # pynetdicom binds its logging handlers to every association and runs them for each PDU
+    # and message, dozens of calls per instance: only worth it when their lines are kept.
+    heard = logging.getLogger("pynetdicom").isEnabledFor(logging.INFO)
+    _config.LOG_HANDLER_LEVEL = "standard" if heard else "none"
     ae = AE(ae_title=settings.ae_title)
     ae.maximum_pdu_size = settings.max_pdu
     ae.maximum_associations = settings.max_associations

@@ -18,13 +18,13 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
     DeflatedExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
 )
 from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
@@ -32,6 +32,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import __version__
 from dicom_node.dimse import StoreStatus
+from dicom_node.receive.header import Header, Unreadable, file_meta, scan
 from storage import index
 from storage.files import FileStore, FreeSpace, InvalidUID, StoredFile, check_uid
 
@@ -92,12 +93,12 @@ class Ingested:
     study_uid: str
 
 
-def _text(ds: Dataset, keyword: str, limit: int = 64) -> str:
+def _text(ds: Dataset | Header, keyword: str, limit: int = 64) -> str:
     value = ds.get(keyword)
     return "" if value is None else str(value)[:limit]
 
 
-def _number(ds: Dataset, keyword: str) -> float | None:
+def _number(ds: Dataset | Header, keyword: str) -> float | None:
     try:
         value = ds.get(keyword)
         return None if value in (None, "") else float(value)
@@ -105,28 +106,37 @@ def _number(ds: Dataset, keyword: str) -> float | None:
         return None
 
 
-def _position_mm(ds: Dataset) -> float | None:
+def _values(ds: Dataset | Header, keyword: str) -> list[Any]:
+    """A multi-valued element's values: one value reads as itself, not as a sequence."""
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return []
+    return (
+        [value] if isinstance(value, str | bytes) or not hasattr(value, "__len__") else list(value)
+    )
+
+
+def _position_mm(ds: Dataset | Header) -> float | None:
     """Distance of the slice along its normal: what "contiguous" and "regular" are judged on.
     Plain arithmetic on six and three numbers: numpy's call overhead would dominate."""
     try:
-        rx, ry, rz, cx, cy, cz = (float(v) for v in ds.ImageOrientationPatient)
-        px, py, pz = (float(v) for v in ds.ImagePositionPatient)
-    except (AttributeError, TypeError, ValueError):
+        rx, ry, rz, cx, cy, cz = (float(v) for v in _values(ds, "ImageOrientationPatient"))
+        px, py, pz = (float(v) for v in _values(ds, "ImagePositionPatient"))
+    except (TypeError, ValueError):
         return None
     return px * (ry * cz - rz * cy) + py * (rz * cx - rx * cz) + pz * (rx * cy - ry * cx)
 
 
-def _shared_thickness(ds: Dataset) -> float | None:
+def _shared_thickness(ds: Dataset | Header) -> float | None:
     """A multi-frame CT keeps its slice thickness in the shared functional groups."""
     try:
-        return _number(
-            ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0], "SliceThickness"
-        )
-    except (AttributeError, IndexError):
+        groups = ds.get("SharedFunctionalGroupsSequence")
+        return _number(groups[0].PixelMeasuresSequence[0], "SliceThickness")
+    except (AttributeError, IndexError, TypeError):
         return None
 
 
-def read_record(ds: Dataset, transfer_syntax: str) -> index.InstanceRecord:
+def read_record(ds: Dataset | Header, transfer_syntax: str) -> index.InstanceRecord:
     """The index's view of a header; refuses what cannot be placed in the information model."""
     uids = {}
     for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
@@ -158,7 +168,7 @@ def read_record(ds: Dataset, transfer_syntax: str) -> index.InstanceRecord:
         position_mm=_position_mm(ds),
         slice_thickness_mm=_number(ds, "SliceThickness") or _shared_thickness(ds),
         images_in_acquisition=int(images) if images is not None else None,
-        image_type="\\".join(str(v) for v in ds.get("ImageType", []) or [])[:128],
+        image_type="\\".join(str(v) for v in _values(ds, "ImageType"))[:128],
         frames=int(_number(ds, "NumberOfFrames") or 1),
     )
 
@@ -168,33 +178,11 @@ def read_record(ds: Dataset, transfer_syntax: str) -> index.InstanceRecord:
 INFLATE_CHUNK = 1 << 24
 
 
-def _meta_syntax(encoded: bytes) -> tuple[str, int]:
-    """The Transfer Syntax UID in a file's meta group (always explicit VR little endian) and
-    where the data set starts; ("", 0) when the bytes are not a DICOM file."""
-    if encoded[128:132] != b"DICM":
-        return "", 0
-    offset, syntax = 132, ""
-    while offset + 8 <= len(encoded):
-        group, element = struct.unpack_from("<HH", encoded, offset)
-        if group != 0x0002:
-            break
-        if encoded[offset + 4 : offset + 6] in (b"OB", b"OW", b"UN", b"SQ", b"UT", b"UC"):
-            (length,) = struct.unpack_from("<I", encoded, offset + 8)
-            value_at = offset + 12
-        else:
-            (length,) = struct.unpack_from("<H", encoded, offset + 6)
-            value_at = offset + 8
-        if element == 0x0010:
-            syntax = encoded[value_at : value_at + length].rstrip(b"\0 ").decode("ascii", "replace")
-        offset = value_at + length
-    return syntax, offset
-
-
 def check_inflated_size(encoded: bytes, limit: int) -> None:
     """Refuse a deflated data set that inflates past ``limit`` (a deflate bomb: a few MB that
     become many GB), counting in bounded chunks before pydicom inflates it in one piece."""
-    syntax, body_at = _meta_syntax(encoded)
-    if syntax != DeflatedExplicitVRLittleEndian:
+    meta, body_at = file_meta(encoded)
+    if meta.get(0x0010) != DeflatedExplicitVRLittleEndian:
         return
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     pending, total = encoded[body_at:], 0
@@ -210,91 +198,6 @@ def check_inflated_size(encoded: bytes, limit: int) -> None:
         raise InstanceRefused(
             StoreStatus.OUT_OF_RESOURCES,
             f"deflated data set inflates to more than {limit} bytes (security.max_instance_bytes)",
-        )
-
-
-#: Explicit VRs with a 4-byte length (PS3.5 7.1.2); the others have 2 bytes.
-LONG_VRS = frozenset(
-    (b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV")
-)
-UNDEFINED_LENGTH = 0xFFFFFFFF
-ITEM, ITEM_END, SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
-
-
-def _unreadable(message: str) -> InstanceRefused:
-    return InstanceRefused(StoreStatus.CANNOT_UNDERSTAND, message)
-
-
-def check_encoding(encoded: bytes) -> None:
-    """Walk the data set's element headers, skipping their values, and refuse one that is cut
-    short, whose sequences never end, or that is not in the transfer syntax it declares.
-
-    pydicom reads leniently: it stops quietly at a truncated end and switches to implicit VR
-    when explicit was declared, so such an instance would be stored with a file meta that
-    lies about it. The walk keeps its own stack, so no nesting depth can exhaust Python's."""
-    syntax, at = _meta_syntax(encoded)
-    if (
-        not at or syntax == DeflatedExplicitVRLittleEndian
-    ):  # not a file (the parse reports it), or not walkable raw
-        return
-    end = len(encoded)
-    # Undefined-length "sequence"s and "item"s still open, each with whether its content is
-    # implicit VR (the data set's syntax, or implicit inside an undefined-length UN: PS3.5 6.2.2).
-    containers: list[tuple[str, bool]] = []
-    implicit = syntax == ImplicitVRLittleEndian
-    while at < end:
-        if at + 8 > end:
-            raise _unreadable(f"data set truncated: {end - at} byte(s) where an element starts")
-        group, element = struct.unpack_from("<HH", encoded, at)
-        tag, where = (group << 16) | element, f"({group:04X},{element:04X})"
-        inside, implicit_here = containers[-1] if containers else ("", implicit)
-        if group == 0xFFFE:
-            (length,) = struct.unpack_from("<I", encoded, at + 4)
-            at += 8
-            if tag == ITEM and inside == "sequence":
-                if length == UNDEFINED_LENGTH:
-                    containers.append(("item", implicit_here))
-                elif at + length > end:
-                    raise _unreadable(f"data set truncated inside an item of {length} bytes")
-                else:
-                    at += length
-            elif (tag, inside) in ((ITEM_END, "item"), (SEQUENCE_END, "sequence")):
-                containers.pop()
-            else:
-                raise _unreadable(f"misplaced item or delimiter {where}")
-            continue
-        if inside == "sequence":
-            raise _unreadable(f"element {where} inside a sequence, where an item was expected")
-        content_implicit = implicit_here
-        if implicit_here:
-            (length,) = struct.unpack_from("<I", encoded, at + 4)
-            at += 8
-        else:
-            vr = encoded[at + 4 : at + 6]
-            if not (vr.isalpha() and vr.isupper()):
-                raise _unreadable(
-                    f"element {where} has no explicit VR ({vr!r}): not encoded in {syntax}"
-                )
-            if vr in LONG_VRS:
-                if at + 12 > end:
-                    raise _unreadable(f"data set truncated in the header of {where}")
-                (length,) = struct.unpack_from("<I", encoded, at + 8)
-                at += 12
-                content_implicit = vr == b"UN"
-            else:
-                (length,) = struct.unpack_from("<H", encoded, at + 6)
-                at += 8
-        if length == UNDEFINED_LENGTH:
-            containers.append(("sequence", content_implicit))
-        elif at + length > end:
-            raise _unreadable(
-                f"data set truncated: {where} declares {length} bytes, {end - at} remain"
-            )
-        else:
-            at += length
-    if containers:
-        raise _unreadable(
-            f"data set ends inside {len(containers)} unterminated sequence(s)/item(s)"
         )
 
 
@@ -387,12 +290,18 @@ class Receiver:
         )
 
     def _header(self, encoded: bytes, expected_sop_uid: str | None) -> index.InstanceRecord:
-        check_encoding(encoded)
         try:
-            ds = pydicom.dcmread(io.BytesIO(encoded), stop_before_pixels=True, force=False)
-            syntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
-            requested_class = str(ds.file_meta.get("MediaStorageSOPClassUID", ""))
-            record = read_record(ds, syntax)
+            header = scan(encoded)
+        except Unreadable as exc:
+            raise InstanceRefused(StoreStatus.CANNOT_UNDERSTAND, str(exc)) from None
+        try:
+            if header is None:
+                ds = pydicom.dcmread(io.BytesIO(encoded), stop_before_pixels=True, force=False)
+                requested_class = str(ds.file_meta.get("MediaStorageSOPClassUID", ""))
+                record = read_record(ds, str(ds.file_meta.get("TransferSyntaxUID", "")))
+            else:
+                requested_class = header.requested_sop_class
+                record = read_record(header, header.transfer_syntax)
         except InstanceRefused:
             raise
         except Exception as exc:  # pydicom raises many types on malformed input

@@ -6,6 +6,7 @@ import copy
 import io
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pydicom
@@ -86,6 +87,21 @@ def test_instances_are_stored_indexed_and_counted_once(receiver: Receiver) -> No
         stored = Path(row.path).read_bytes()
         assert pydicom.dcmread(io.BytesIO(stored)).SOPInstanceUID == row.sop_uid
         assert len(stored) == row.size
+
+
+def test_slices_of_a_new_series_arriving_at_once_land_in_one_series(receiver: Receiver) -> None:
+    """Their index rows may share one transaction: the first creates the series, the others
+    find it there."""
+    spec = SeriesSpec(slices=8)
+    encoded = [_encoded(ds) for ds in ct_datasets(spec, phantom(spec, None))]
+    with ThreadPoolExecutor(len(encoded)) as pool:
+        done = list(pool.map(lambda e: receiver.ingest(e, "SCANNER", "127.0.0.1"), encoded))
+    assert all(d.new for d in done) and len({d.series_id for d in done}) == 1
+    with receiver.db() as session:
+        series = session.scalars(select(Series)).one()
+        assert series.version == 8
+        assert len(session.scalars(select(Instance)).all()) == 8
+        assert len(session.scalars(select(Patient)).all()) == 1
 
 
 def test_a_refused_instance_leaves_no_file(receiver: Receiver, tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
     DeflatedExplicitVRLittleEndian,
 )
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -35,6 +35,7 @@ from dicom_node.dimse import StoreStatus
 from dicom_node.receive.header import Header, Unreadable, file_meta, scan
 from storage import index
 from storage.files import FileStore, FreeSpace, InvalidUID, StoredFile, check_uid
+from storage.group_commit import GroupCommit
 
 log = logging.getLogger(__name__)
 
@@ -226,6 +227,7 @@ class Receiver:
         self.max_instances_per_series = max_instances_per_series
         self.db = db
         self.engine: Engine = db.kw["bind"]
+        self.index_writes = GroupCommit(self.engine)
         self._series: dict[str, index.SeriesPlace] = {}
         self._lock = threading.Lock()
         self._writer = ThreadPoolExecutor(max_workers=16, thread_name_prefix="store")
@@ -332,26 +334,31 @@ class Receiver:
         peer_host: str,
     ) -> Ingested:
         path = self.files.path_for(record.study_uid, record.series_uid, record.sop_uid)
-        place = self._series.get(record.series_uid)
+        known = self._series.get(record.series_uid)
+
+        # A bare connection: an ORM session per instance costs more than its statements. The
+        # row is committed while the file is still being made durable and named: a crash
+        # before both are done can leave a row naming a file that is not there, for an
+        # instance never acknowledged; its resend restores the file, and the analysis worker
+        # drops the rows of instances that never came back (index.forget_instances).
+        def write(connection: Connection) -> tuple[index.SeriesPlace, index.Recorded]:
+            place = known
+            if place is None or not place.holds(record):
+                # First sight of the series in this process, or an instance that disagrees
+                # with it: the ORM finds or creates its rows in the same transaction, so
+                # that a refused instance leaves no patient, study or series behind.
+                with self.db(bind=connection) as session:
+                    place = index.series_for(session, record, calling_ae, peer_host)
+                    session.flush()
+            recorded = index.record_instance(
+                connection, record, path, size, digest, place.series_id
+            )
+            if recorded.arrivals > self.max_instances_per_series:
+                raise _SeriesFull
+            return place, recorded
+
         try:
-            # A bare connection: an ORM session per instance costs more than its statements.
-            # The row is committed while the file is still being made durable and named: a
-            # crash before both are done can leave a row naming a file that is not there, for
-            # an instance never acknowledged; its resend restores the file, and the analysis
-            # worker drops the rows of instances that never came back (index.forget_instances).
-            with self.engine.begin() as connection:
-                if place is None or not place.holds(record):
-                    # First sight of the series in this process, or an instance that disagrees
-                    # with it: the ORM finds or creates its rows in the same transaction, so
-                    # that a refused instance leaves no patient, study or series behind.
-                    with self.db(bind=connection) as session:
-                        place = index.series_for(session, record, calling_ae, peer_host)
-                        session.flush()
-                recorded = index.record_instance(
-                    connection, record, path, size, digest, place.series_id
-                )
-                if recorded.arrivals > self.max_instances_per_series:
-                    raise _SeriesFull
+            place, recorded = self.index_writes.run(write)
         except (_SeriesFull, index.UIDConflict) as exc:
             if not placing.result().already_present:
                 self.files.discard(path)

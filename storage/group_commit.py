@@ -1,0 +1,93 @@
+"""Index writes that arrive together share one transaction: one commit, one fsync.
+
+With SQLite (WAL, synchronous=FULL) a commit waits for an fsync of the log, and commits are
+taken one at a time: with several associations sending at once, each receiver queued behind
+the others' fsyncs (measured, four associations: the index step took 3.9 ms median and 7.6 ms
+mean for 0.8 ms of CPU; SQLite's busy handler waits in sleeps of 1 to 100 ms). Here the first
+writer to arrive commits; whoever arrives meanwhile queues, and the next of them commits for
+all of the queue at once. Each one's work runs in its own savepoint, so one that fails (a
+refused instance) takes nothing of the others with it, and each gets its own result or error
+only once the shared commit is durable.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+from sqlalchemy import Connection, Engine
+
+T = TypeVar("T")
+
+
+class _Work(Generic[T]):
+    def __init__(self, work: Callable[[Connection], T]) -> None:
+        self.work = work
+        self.result: T | None = None
+        self.error: Exception | None = None
+        self.committed = False
+        self.finished = False
+
+    def outcome(self) -> T:
+        if self.error is not None:
+            raise self.error
+        if not self.committed:  # the committing thread was interrupted
+            raise RuntimeError("the shared index transaction did not complete")
+        return self.result  # type: ignore[return-value]
+
+
+class GroupCommit:
+    """Runs work on the database in transactions shared with whatever is queued alongside."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._changed = threading.Condition()
+        self._queued: list[_Work[object]] = []
+        self._committing = False
+
+    def run(self, work: Callable[[Connection], T]) -> T:
+        """``work``'s result once the transaction it ran in is committed; its exception if it
+        raised one (its changes rolled back) or if the commit failed."""
+        item = _Work(work)
+        with self._changed:
+            self._queued.append(item)  # type: ignore[arg-type]
+            while self._committing and not item.finished:
+                self._changed.wait()
+            if item.finished:  # committed by another thread's transaction
+                return item.outcome()
+            batch, self._queued = self._queued, []
+            self._committing = True
+        try:
+            self._commit(batch)
+        finally:
+            with self._changed:
+                for done in batch:
+                    done.finished = True
+                self._committing = False
+                self._changed.notify_all()
+        return item.outcome()
+
+    def _commit(self, batch: list[_Work[object]]) -> None:
+        if len(batch) == 1:  # alone: its transaction is its savepoint
+            try:
+                with self.engine.begin() as connection:
+                    batch[0].result = batch[0].work(connection)
+                batch[0].committed = True
+            except Exception as exc:  # handed to its caller's thread
+                batch[0].error = exc
+            return
+        try:
+            with self.engine.begin() as connection:
+                for item in batch:
+                    try:
+                        with connection.begin_nested():
+                            item.result = item.work(connection)
+                    except Exception as exc:  # its own failure, handed to its caller
+                        item.error = exc
+        except Exception as exc:  # the commit failed: nothing of the batch is durable
+            for item in batch:
+                item.error = item.error or exc
+            return
+        for item in batch:
+            item.committed = True

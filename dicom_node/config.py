@@ -69,8 +69,8 @@ class NodeSettings(_Section):
     max_pdu: Annotated[int, Field(ge=0)] = 4_194_304
     max_associations: Annotated[int, Field(ge=1)] = 16
     #: Processes accepting associations on the port (this one and receivers - 1 more): one
-    #: Python process serialises its associations on the interpreter lock. Each takes
-    #: max_associations / receivers (rounded up).
+    #: Python process serialises its associations on the interpreter lock. max_associations
+    #: counts the associations of all of them.
     receivers: Annotated[int, Field(ge=1, le=64)] = 1
     #: A peer silent this long (mid-PDU, in the TLS handshake, or idle in an association)
     #: is dropped; association negotiation gets at most 30 s of it.

@@ -28,7 +28,6 @@ from dicom_node.receive.processes import (
     DRAIN_SECONDS,
     ReceiverProcesses,
     ReceivingStore,
-    per_process,
 )
 from dicom_node.receive.scp import bind_scp, serve
 from dicom_node.receive.transport import GuardedAssociationServer
@@ -87,7 +86,7 @@ class Node:
                 self.receivers = ReceiverProcesses(self.config)
             try:
                 self.server = bind_scp(
-                    per_process(self.config.node),
+                    self.config.node,
                     self.handlers,
                     server_context(tls) if tls else None,
                     shares=self.receivers.shares(0) if self.receivers else None,

@@ -17,10 +17,9 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import select
 
-from dicom_node.config import NodeSettings
 from dicom_node.node import Node
 from dicom_node.observe import metrics
-from dicom_node.receive.processes import RESTART_SECONDS, STOP_SECONDS, per_process
+from dicom_node.receive.processes import RESTART_SECONDS, STOP_SECONDS
 from storage.models import Instance, Series
 from tests.dicom_factory import SeriesSpec, ct_datasets, phantom, write_series
 from tests.peers import NodeProcess, free_port, node_config, storescu, wait_for
@@ -80,10 +79,24 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def test_each_process_takes_its_share_of_the_association_limit() -> None:
-    settings = NodeSettings(max_associations=16, receivers=3)
-    assert per_process(settings).max_associations == 6
-    assert per_process(NodeSettings(max_associations=16)).max_associations == 16
+def test_the_association_limit_is_the_nodes_whichever_process_takes_them(
+    start_node: Any,
+) -> None:
+    """Only one of two processes accepts here: it may hold all of the node's four."""
+    node: Node = start_node(node={"receivers": 2, "max_associations": 4}, workers={"count": 0})
+    assert node.server is not None
+    node.server.shutdown()
+    node.server = None
+    ae = AE(ae_title="SCANNER")
+    ae.add_requested_context(Verification)
+    held = [ae.associate("127.0.0.1", node.config.node.port, ae_title="RESMTNET") for _ in range(5)]
+    try:
+        assert [a.is_established for a in held] == [True] * 4 + [False]
+        assert held[4].is_rejected
+    finally:
+        for assoc in held:
+            if assoc.is_established:
+                assoc.release()
 
 
 def test_receiving_processes_store_index_and_count_without_the_nodes_own(

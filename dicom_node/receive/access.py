@@ -118,11 +118,13 @@ class AccessPolicy:
 
 class GatedAE:
     """The node's AE as one association sees it: the caller's own allowlist and, for a host
-    over its rate, no room for another association. Everything else is the AE's."""
+    over its rate, no room for another association; the node's association limit less what
+    its other receiving processes hold. Everything else is the AE's."""
 
-    def __init__(self, ae: Any, verdict: Verdict) -> None:
+    def __init__(self, ae: Any, verdict: Verdict, open_elsewhere: Callable[[], int]) -> None:
         self._ae = ae
         self.verdict = verdict
+        self.open_elsewhere = open_elsewhere
 
     @property
     def require_calling_aet(self) -> list[str]:
@@ -133,7 +135,9 @@ class GatedAE:
 
     @property
     def maximum_associations(self) -> int:
-        return -1 if self.verdict.over_rate else int(self._ae.maximum_associations)
+        if self.verdict.over_rate:
+            return -1
+        return int(self._ae.maximum_associations) - self.open_elsewhere()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._ae, name)

@@ -10,6 +10,7 @@ import logging
 import socket
 import threading
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pydicom.dataset import Dataset
@@ -126,6 +127,8 @@ class StorageHandlers:
         self.max_instance_bytes = max_instance_bytes
         self._transfers: dict[int, Transfer] = {}
         self._lock = threading.Lock()
+        #: Connections the node's other receiving processes hold (:func:`scp.bind_scp`).
+        self.open_elsewhere: Callable[[], int] = lambda: 0
 
     def bindings(self) -> list[tuple[evt.EventType, object]]:
         return [
@@ -162,7 +165,7 @@ class StorageHandlers:
         except Exception:  # pynetdicom would swallow it and let the caller in: fail closed
             log.exception("access check for %s failed; rejecting", host)
             verdict = Verdict(host, (), over_rate=False)
-        assoc._ae = GatedAE(assoc.ae, verdict)  # type: ignore[assignment]
+        assoc._ae = GatedAE(assoc.ae, verdict, self.open_elsewhere)  # type: ignore[assignment]
         transfer = Transfer(verdict)
         transport = assoc.dul.socket
         if transport is not None and transport.socket is not None:

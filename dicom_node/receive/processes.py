@@ -13,7 +13,6 @@ when one dies, and stop when it stops or dies.
 from __future__ import annotations
 
 import logging
-import math
 import multiprocessing
 import os
 import queue
@@ -28,7 +27,7 @@ from types import FrameType
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.config import NodeConfig, NodeSettings
+from dicom_node.config import NodeConfig
 from dicom_node.observe import metrics
 from dicom_node.observe.audit import AuditTrail
 from dicom_node.observe.logs import LogSettings
@@ -97,13 +96,6 @@ class ReceivingStore:
         )
 
 
-def per_process(settings: NodeSettings) -> NodeSettings:
-    """``max_associations`` is the node's; each of its receiving processes takes its share
-    (rounded up), since no process sees the others' associations."""
-    share = math.ceil(settings.max_associations / settings.receivers)
-    return settings.model_copy(update={"max_associations": share})
-
-
 def receive(
     config: NodeConfig,
     listening: socket.socket,
@@ -127,7 +119,7 @@ def receive(
     store = ReceivingStore.open(config, db)
     tls = config.security.tls
     server = bind_scp(
-        per_process(config.node),
+        config.node,
         store.handlers(config),
         server_context(tls) if tls else None,
         listening=listening,

@@ -79,6 +79,8 @@ def bind_scp(
     connections wait in the socket's backlog until :func:`serve` or another process takes
     them."""
     ae = build_ae(settings)
+    if shares is not None:  # the association limit is the node's, not each process's
+        handlers.open_elsewhere = shares.open_elsewhere
     server = ae.make_server(
         (settings.host, settings.port),
         ssl_context=tls,

@@ -104,6 +104,11 @@ class ConnectionShares:
     def yield_to_others(self) -> bool:
         return bool(self.counts[self.slot] > min(self.counts[:]))
 
+    def open_elsewhere(self) -> int:
+        """Connections the other processes hold: the node's association limit counts them."""
+        counts = self.counts[:]
+        return int(sum(counts) - counts[self.slot])
+
 
 class GuardedRequestHandler(RequestHandler):
     server: GuardedAssociationServer

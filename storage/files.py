@@ -108,7 +108,8 @@ class FileStore:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._spares: queue.SimpleQueue[Path] = queue.SimpleQueue()
-        self._spare_wanted = threading.Event()
+        self._spare_taken = threading.Event()
+        self._last_taken = -SPARE_IDLE_SECONDS
         if spares:
             spare_dir = _own_spare_folder(self.root / ".spare")
             threading.Thread(
@@ -117,10 +118,11 @@ class FileStore:
 
     def _keep_spares(self, folder: Path, target: int) -> None:
         """Refill between bursts, not during one: creating files takes the file system's
-        journal, which the receiver's fsyncs are waiting on."""
+        journal, which the receiver's fsyncs are waiting on. A taker only notes the time
+        (this thread wakes once per burst, not once per instance)."""
         while True:
-            while self._spare_wanted.wait(timeout=SPARE_IDLE_SECONDS):
-                self._spare_wanted.clear()  # still taking spares: a transfer is running
+            while (quiet := time.monotonic() - self._last_taken) < SPARE_IDLE_SECONDS:
+                time.sleep(SPARE_IDLE_SECONDS - quiet)  # still taking spares: a transfer runs
             while self._spares.qsize() < target:
                 path = folder / f".{secrets.token_hex(8)}.tmp"
                 try:
@@ -128,7 +130,8 @@ class FileStore:
                 except OSError:  # disk full or gone: store() falls back to creating files
                     break
                 self._spares.put(path)
-            self._spare_wanted.wait()
+            self._spare_taken.wait()
+            self._spare_taken.clear()
 
     def _temporary(self) -> Path:
         try:
@@ -137,7 +140,8 @@ class FileStore:
             incoming = self.root / ".incoming"
             incoming.mkdir(exist_ok=True, mode=0o700)
             return incoming / f".{secrets.token_hex(8)}.tmp"
-        self._spare_wanted.set()
+        self._last_taken = time.monotonic()
+        self._spare_taken.set()  # wakes the refiller only when it waits for a first take
         return spare
 
     def path_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:

@@ -14,10 +14,8 @@ import logging
 import struct
 import threading
 import zlib
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pydicom
@@ -250,15 +248,17 @@ class Receiver:
                 StoreStatus.OUT_OF_RESOURCES, "storage below its free-space watermark; retry later"
             )
         check_inflated_size(encoded, self.max_inflated_bytes)
-        writing = self._writer.submit(self.files.write_temporary, encoded)
+        # One writer thread writes and fsyncs the bytes while this thread reads the header,
+        # then renames the file into place by the name this thread hands it and fsyncs that
+        # name, while this thread hashes and commits the index row; success waits for both.
+        naming: Future[index.InstanceRecord] = Future()
+        placing = self._writer.submit(self._write_and_place, encoded, naming)
         try:
             record = self._header(encoded, expected_sop_uid)
-        except InstanceRefused:
-            writing.add_done_callback(_discard(self.files))
+        except BaseException as exc:
+            naming.set_exception(exc)  # refused: the writer drops what it wrote
             raise
-        # The writer thread goes on to rename the file into place and fsync its name, while
-        # this thread hashes and commits the index row; success waits for both.
-        placing = self._writer.submit(self._place, writing, record)
+        naming.set_result(record)
         # Parsing and hashing together take less than the write and its fsync: hashing here
         # costs no time on the critical path, and no hand-over between threads.
         digest = hashlib.sha256(encoded).hexdigest()
@@ -286,10 +286,14 @@ class Receiver:
                 ) from exc
         raise AssertionError("unreachable")
 
-    def _place(self, writing: Future[Path], record: index.InstanceRecord) -> StoredFile:
-        return self.files.place(
-            writing.result(), record.study_uid, record.series_uid, record.sop_uid
-        )
+    def _write_and_place(self, encoded: bytes, naming: Future[index.InstanceRecord]) -> StoredFile:
+        temporary = self.files.write_temporary(encoded)
+        try:
+            record = naming.result()
+        except BaseException:  # the instance was refused: nothing of it is kept
+            self.files.discard(temporary)
+            raise
+        return self.files.place(temporary, record.study_uid, record.series_uid, record.sop_uid)
 
     def _header(self, encoded: bytes, expected_sop_uid: str | None) -> index.InstanceRecord:
         try:
@@ -384,13 +388,3 @@ class Receiver:
             if len(self._series) > 10_000:  # a long-running node sees many series
                 self._series.pop(next(iter(self._series)))
         return Ingested(recorded.series_id, recorded.new, record.study_uid)
-
-
-def _discard(files: FileStore) -> Callable[[Future[Path]], None]:
-    """Drop the temporary file of a refused instance once its write has finished."""
-
-    def discard(writing: Future[Path]) -> None:
-        if writing.exception() is None:
-            files.discard(writing.result())
-
-    return discard

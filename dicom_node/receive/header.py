@@ -66,8 +66,6 @@ TAGS: dict[int, tuple[str, str]] = {
 #: VRs pydicom decodes with its default encoding whatever the character set says, and splits
 #: at backslashes without stripping each value.
 PLAIN_VRS = frozenset(("CS", "DA", "DS", "IS", "UI"))
-#: Text VRs decoded in the instance's character set, each value stripped of trailing padding.
-TEXT_VRS = frozenset(("LO", "SH", "PN"))
 #: Character sets decoded here (Specific Character Set -> Python codec); pydicom's default,
 #: ISO-IR 6 included, is Latin-1. Others (ISO 2022 code extensions above all) go to pydicom.
 CHARACTER_SETS = {"": "latin-1", "ISO_IR 6": "latin-1", "ISO_IR 100": "latin-1"}
@@ -130,7 +128,7 @@ def _decode(raw: dict[str, tuple[str, bytes]]) -> dict[str, Any] | None:
                 values[keyword] = _split(value.decode("latin-1").rstrip(" \0"))
             elif vr == "PN":
                 values[keyword] = _split(value.rstrip(b"\0 ").decode(codec))
-            else:
+            else:  # LO, SH: in the character set, each value stripped of its padding
                 texts = [text.rstrip("\0 ") for text in value.decode(codec).split("\\")]
                 values[keyword] = texts[0] if len(texts) == 1 else texts
     except UnicodeDecodeError:

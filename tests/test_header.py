@@ -103,6 +103,37 @@ def test_sequences_nest_as_deep_as_the_limit_and_no_deeper() -> None:
         scan(nested(MAX_SEQUENCE_DEPTH + 1))
 
 
+def test_defined_length_sequences_are_walked_and_their_overruns_refused() -> None:
+    """pydicom writes sequences and items with their lengths: what is inside them is checked
+    as everything else is."""
+    ds = slice_()
+    del ds.PixelData
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator = "XYZ1", "99TEST"
+    ds.ProcedureCodeSequence = [code]
+    encoded = received(ds)
+    assert scan(encoded) is not None
+    value_length = encoded.index(b"XYZ1") - 2  # CodeValue's 2-byte length, before its value
+    overrun = bytearray(encoded)
+    overrun[value_length : value_length + 2] = (200).to_bytes(2, "little")
+    with pytest.raises(Unreadable, match="\\(0008,0100\\) declares 200 bytes"):
+        scan(bytes(overrun))
+
+
+def test_defined_length_nesting_is_bounded_too() -> None:
+    ds = slice_()
+    del ds.PixelData
+    inner = Dataset()
+    inner.CodeValue = "1"
+    for _ in range(MAX_SEQUENCE_DEPTH + 1):
+        outer = Dataset()
+        outer.ContentSequence = [inner]
+        inner = outer
+    ds.ContentSequence = inner.ContentSequence
+    with pytest.raises(Unreadable, match="nested more than"):
+        scan(received(ds))
+
+
 def shared_instances() -> list[Path]:
     folders = [SHARED_DATA / "interop", SHARED_DATA / "robustness"]
     return sorted(p for f in folders if f.is_dir() for p in f.rglob("*") if p.is_file())

@@ -136,44 +136,69 @@ def _decode(raw: dict[str, tuple[str, bytes]]) -> dict[str, Any] | None:
     return values
 
 
+def _sequence_in_implicit_vr(tag: int) -> bool:
+    """In implicit VR only the dictionary says which elements are sequences (pydicom parses
+    those; it keeps the bytes of private and unknown ones)."""
+    try:
+        return dictionary_VR(tag) == "SQ"
+    except KeyError:
+        return False
+
+
 def scan(encoded: bytes) -> Header | None:
-    """Walk the data set's element headers, skipping their values, and refuse one that is cut
-    short, whose sequences never end, or that is not in the transfer syntax it declares;
-    return the picked elements, or None where pydicom should read them. The walk keeps its
-    own stack, so no nesting depth can exhaust Python's."""
+    """Walk the data set's element headers, into its sequences and items, skipping the other
+    values, and refuse one that is cut short, whose sequences or items overrun or never end,
+    or that is not in the transfer syntax it declares; return the picked elements, or None
+    where pydicom should read them. The walk keeps its own stack, so no nesting depth can
+    exhaust Python's."""
     meta, at = file_meta(encoded)
     syntax = meta.get(0x0010, "")
     if not at or syntax == DeflatedExplicitVRLittleEndian:  # not a file, or not walkable raw
         return None
     end = len(encoded)
-    # Undefined-length "sequence"s and "item"s still open, each with whether its content is
-    # implicit VR (the data set's syntax, or implicit inside an undefined-length UN: PS3.5 6.2.2).
-    containers: list[tuple[str, bool]] = []
+    # The "sequence"s, "item"s and encapsulated pixel data ("fragments") the walk is inside,
+    # each with whether its content is implicit VR (the data set's syntax, or implicit inside
+    # a UN: PS3.5 6.2.2) and where it ends (None: undefined length, ended by a delimiter).
+    containers: list[tuple[str, bool, int | None]] = []
     implicit = syntax == ImplicitVRLittleEndian
     picked: dict[str, tuple[str, bytes]] = {}
     as_expected = True
-    while at < end:
-        if at + 8 > end:
-            raise Unreadable(f"data set truncated: {end - at} byte(s) where an element starts")
+    while True:
+        while containers and containers[-1][2] == at:  # a defined-length one ends here
+            containers.pop()
+        bound = next((e for _, _, e in reversed(containers) if e is not None), end)
+        if at >= bound:
+            if at > bound or containers:
+                kind = containers[-1][0] if containers else "data set"
+                raise Unreadable(f"data set truncated or overrun inside a {kind} ending at {bound}")
+            break
+        if at + 8 > bound:
+            raise Unreadable(f"data set truncated: {bound - at} byte(s) where an element starts")
         group, element = struct.unpack_from("<HH", encoded, at)
         tag, where = (group << 16) | element, f"({group:04X},{element:04X})"
-        inside, implicit_here = containers[-1] if containers else ("", implicit)
+        inside, implicit_here, _ = containers[-1] if containers else ("", implicit, None)
         if group == 0xFFFE:
             (length,) = struct.unpack_from("<I", encoded, at + 4)
             at += 8
-            if tag == ITEM and inside == "sequence":
-                if length == UNDEFINED_LENGTH:
-                    containers.append(("item", implicit_here))
-                elif at + length > end:
+            undefined = length == UNDEFINED_LENGTH
+            if tag == ITEM and inside in ("sequence", "fragments"):
+                if not undefined and at + length > bound:
                     raise Unreadable(f"data set truncated inside an item of {length} bytes")
+                if inside == "fragments" and not undefined:
+                    at += length  # a fragment of encapsulated pixel data: bytes, not elements
                 else:
-                    at += length
-            elif (tag, inside) in ((ITEM_END, "item"), (SEQUENCE_END, "sequence")):
+                    ends_at = None if undefined else at + length
+                    _open(containers, "item", implicit_here, ends_at, where)
+            elif (tag, inside) in (
+                (ITEM_END, "item"),
+                (SEQUENCE_END, "sequence"),
+                (SEQUENCE_END, "fragments"),
+            ) and (containers[-1][2] is None):
                 containers.pop()
             else:
                 raise Unreadable(f"misplaced item or delimiter {where}")
             continue
-        if inside == "sequence":
+        if inside in ("sequence", "fragments"):
             raise Unreadable(f"element {where} inside a sequence, where an item was expected")
         content_implicit = implicit_here
         vr = b""
@@ -187,7 +212,7 @@ def scan(encoded: bytes) -> Header | None:
                     f"element {where} has no explicit VR ({vr!r}): not encoded in {syntax}"
                 )
             if vr in LONG_VRS:
-                if at + 12 > end:
+                if at + 12 > bound:
                     raise Unreadable(f"data set truncated in the header of {where}")
                 (length,) = struct.unpack_from("<I", encoded, at + 8)
                 at += 12
@@ -201,16 +226,27 @@ def scan(encoded: bytes) -> Header | None:
             as_expected &= not vr or vr.decode() == expected_vr
             picked[keyword] = (expected_vr, encoded[at : at + length])
         if length == UNDEFINED_LENGTH:
-            if len(containers) >= 2 * MAX_SEQUENCE_DEPTH:
-                raise Unreadable(f"sequences nested more than {MAX_SEQUENCE_DEPTH} deep at {where}")
-            containers.append(("sequence", content_implicit))
-        elif at + length > end:
+            kind = "fragments" if vr in (b"OB", b"OW") else "sequence"  # encapsulated pixels
+            _open(containers, kind, content_implicit, None, where)
+        elif at + length > bound:
             raise Unreadable(
-                f"data set truncated: {where} declares {length} bytes, {end - at} remain"
+                f"data set truncated: {where} declares {length} bytes, {bound - at} remain"
             )
+        elif vr == b"SQ" or (implicit_here and _sequence_in_implicit_vr(tag)):
+            _open(containers, "sequence", content_implicit, at + length, where)
         else:
             at += length
-    if containers:
-        raise Unreadable(f"data set ends inside {len(containers)} unterminated sequence(s)/item(s)")
     values = _decode(picked) if as_expected else None
     return None if values is None else Header(syntax, meta.get(0x0002, ""), values)
+
+
+def _open(
+    containers: list[tuple[str, bool, int | None]],
+    kind: str,
+    implicit: bool,
+    ends_at: int | None,
+    where: str,
+) -> None:
+    if len(containers) >= 2 * MAX_SEQUENCE_DEPTH:
+        raise Unreadable(f"sequences nested more than {MAX_SEQUENCE_DEPTH} deep at {where}")
+    containers.append((kind, implicit, ends_at))

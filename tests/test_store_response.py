@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -59,13 +60,22 @@ def test_a_response_with_fields_beyond_status_and_comment_is_left_to_pynetdicom(
     assert encode_store_response(primitive) is None
 
 
+@pytest.fixture
+def pynetdicom_level() -> Iterator[Callable[[int], None]]:
+    """Sets the pynetdicom logger's level (setLevel: logging caches isEnabledFor) and
+    restores it afterwards."""
+    logger = logging.getLogger("pynetdicom")
+    before = logger.level
+    yield logger.setLevel
+    logger.setLevel(before)
+
+
 def test_the_nodes_answers_skip_pynetdicoms_encoder_unless_its_log_is_kept(
-    start_node: Any, monkeypatch: pytest.MonkeyPatch
+    start_node: Any, monkeypatch: pytest.MonkeyPatch, pynetdicom_level: Callable[[int], None]
 ) -> None:
     """pynetdicom's encoder refuses to run here: the answers must come the direct way."""
     monkeypatch.setattr(_config, "LOG_HANDLER_LEVEL", "standard")
-    pynetdicom_log = logging.getLogger("pynetdicom")
-    monkeypatch.setattr(pynetdicom_log, "level", logging.WARNING)
+    pynetdicom_level(logging.WARNING)
     node = start_node(workers={"count": 0})
     assert _config.LOG_HANDLER_LEVEL == "none"
 
@@ -81,6 +91,6 @@ def test_the_nodes_answers_skip_pynetdicoms_encoder_unless_its_log_is_kept(
     assoc.release()
     assert [int(a.Status) for a in answers] == [StoreStatus.SUCCESS] * 2
 
-    monkeypatch.setattr(pynetdicom_log, "level", logging.INFO)
+    pynetdicom_level(logging.INFO)
     start_node(workers={"count": 0})
     assert _config.LOG_HANDLER_LEVEL == "standard"

@@ -44,16 +44,20 @@ def the_node(work: Path) -> Iterator[tuple[int, int, str]]:
     )
     node = NodeProcess(config).start(port)
     assert node.process is not None
-    yield node.process.pid, port, "RESMTNET"
-    node.stop()
+    try:
+        yield node.process.pid, port, "RESMTNET"
+    finally:
+        node.stop()
 
 
 @contextmanager
 def orthanc(work: Path) -> Iterator[tuple[int, int, str]]:
     pacs = Orthanc(work / "orthanc", check_called_aet=False).start()
     assert pacs.process is not None
-    yield pacs.process.pid, pacs.dicom_port, "ORTHANC"
-    pacs.stop()
+    try:
+        yield pacs.process.pid, pacs.dicom_port, "ORTHANC"
+    finally:
+        pacs.stop()
 
 
 def main() -> int:

@@ -108,9 +108,11 @@ def _receiving_process(command: list[str], port: int, name: str) -> Iterator[tup
         command, env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     wait_for(lambda: _echo(port, "STORESCP"), 30, name)
-    yield port, "STORESCP"
-    proc.terminate()
-    proc.wait()
+    try:
+        yield port, "STORESCP"
+    finally:
+        proc.terminate()
+        proc.wait()
 
 
 def dcmtk_storescp(work: Path) -> AbstractContextManager[tuple[int, str]]:
@@ -130,8 +132,10 @@ def pynetdicom_storescp(work: Path) -> AbstractContextManager[tuple[int, str]]:
 @contextmanager
 def orthanc(work: Path) -> Iterator[tuple[int, str]]:
     pacs = Orthanc(work / "orthanc", check_called_aet=False).start()
-    yield pacs.dicom_port, "ORTHANC"
-    pacs.stop()
+    try:
+        yield pacs.dicom_port, "ORTHANC"
+    finally:
+        pacs.stop()
 
 
 def this_node(receivers: int) -> Callable[[Path], AbstractContextManager[tuple[int, str]]]:
@@ -146,8 +150,10 @@ def this_node(receivers: int) -> Callable[[Path], AbstractContextManager[tuple[i
             completion={"quiet_seconds": 3600},
         )
         node = NodeProcess(config).start(port)
-        yield port, "RESMTNET"
-        node.stop()
+        try:
+            yield port, "RESMTNET"
+        finally:
+            node.stop()
 
     return start
 

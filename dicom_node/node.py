@@ -204,6 +204,7 @@ class Node:
                     thread.name,
                     grace_seconds,
                 )
+        self.handlers.receiver.close()
         self.db.kw["bind"].dispose()
 
     def run_until_signalled(self) -> None:

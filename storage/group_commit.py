@@ -27,7 +27,8 @@ class _Work(Generic[T]):
         self.result: T | None = None
         self.error: Exception | None = None
         self.committed = False
-        self.finished = False
+        self.taken = False  # in a batch that a committing thread holds
+        self.finished = False  # committed and flushed, or failed
 
     def outcome(self) -> T:
         if self.error is not None:
@@ -38,35 +39,55 @@ class _Work(Generic[T]):
 
 
 class GroupCommit:
-    """Runs work on the database in transactions shared with whatever is queued alongside."""
+    """Runs work on the database in transactions shared with whatever is queued alongside.
 
-    def __init__(self, engine: Engine) -> None:
+    With ``flush`` (see :func:`storage.database.flushed_later`) a commit is made durable after
+    it, while the next batch already commits; nobody hears of a commit before its flush."""
+
+    def __init__(self, engine: Engine, flush: Callable[[], None] = lambda: None) -> None:
         self.engine = engine
+        self.flush = flush
         self._changed = threading.Condition()
         self._queued: list[_Work[object]] = []
         self._committing = False
 
     def run(self, work: Callable[[Connection], T]) -> T:
-        """``work``'s result once the transaction it ran in is committed; its exception if it
-        raised one (its changes rolled back) or if the commit failed."""
+        """``work``'s result once the transaction it ran in is committed and durable; its
+        exception if it raised one (its changes rolled back) or if the commit failed."""
         item = _Work(work)
         with self._changed:
             self._queued.append(item)  # type: ignore[arg-type]
-            while self._committing and not item.finished:
+            while not item.finished and (item.taken or self._committing):
                 self._changed.wait()
             if item.finished:  # committed by another thread's transaction
                 return item.outcome()
             batch, self._queued = self._queued, []
+            for taken in batch:
+                taken.taken = True
             self._committing = True
         try:
-            self._commit(batch)
+            try:
+                self._commit(batch)
+            finally:
+                with self._changed:  # the next batch may commit while this one flushes
+                    self._committing = False
+                    self._changed.notify_all()
+            if any(done.committed for done in batch):
+                self._flush(batch)
         finally:
             with self._changed:
                 for done in batch:
                     done.finished = True
-                self._committing = False
                 self._changed.notify_all()
         return item.outcome()
+
+    def _flush(self, batch: list[_Work[object]]) -> None:
+        try:
+            self.flush()
+        except OSError as exc:  # committed, but not known to be on disk: not acknowledged
+            for done in batch:
+                if done.committed:
+                    done.committed, done.error = False, exc
 
     def _commit(self, batch: list[_Work[object]]) -> None:
         """All of the batch in one transaction; if anything of it fails, each one again in a

@@ -80,7 +80,7 @@ def test_any_bytes_get_a_status_and_leave_nothing_half_done() -> None:
                 assert refused.status in REFUSALS, refused
 
         check()
-        receiver._writer.shutdown(wait=True)  # refused instances' writes end, then are dropped
+        receiver.close()  # refused instances' writes end, then are dropped
         with db() as session:
             indexed = list(session.scalars(select(Instance)))
         stored = [p for p in (root / "store").rglob("*.dcm")]

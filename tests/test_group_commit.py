@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -10,7 +11,7 @@ import pytest
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.exc import IntegrityError
 
-from storage.database import open_engine
+from storage.database import flushed_later, open_engine
 from storage.group_commit import GroupCommit
 from tests.peers import wait_for
 
@@ -88,3 +89,54 @@ def test_a_commit_that_fails_fails_every_write_it_held(engine: Engine) -> None:
             future.result(10)
     failing.clear()
     assert names(engine) == []
+
+
+def test_nobody_hears_of_a_commit_before_its_flush(engine: Engine) -> None:
+    flushing, flushed = threading.Event(), threading.Event()
+
+    def flush() -> None:
+        flushing.set()
+        assert flushed.wait(10)
+
+    group = GroupCommit(engine, flush)
+    pool = ThreadPoolExecutor(2)
+    writing = pool.submit(group.run, insert("a"))
+    assert flushing.wait(10)
+    # Committed, yet unflushed: its writer still waits, while the next write commits.
+    assert names(engine) == ["a"] and not writing.done()
+    following = pool.submit(group.run, insert("b"))
+    wait_for(lambda: names(engine) == ["a", "b"], 10, "the next commit")
+    assert not writing.done() and not following.done()
+    flushed.set()
+    assert writing.result(10) == "a" and following.result(10) == "b"
+
+
+def test_a_failed_flush_fails_the_writes_it_should_have_made_durable(engine: Engine) -> None:
+    def flush() -> None:
+        raise OSError("log device gone")
+
+    group = GroupCommit(engine, flush)
+    with pytest.raises(OSError, match="log device gone"):
+        group.run(insert("a"))
+
+
+def test_sqlite_commits_leave_the_log_flush_for_after_the_write_lock(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    deferred, flush = flushed_later(engine)
+    if engine.dialect.name != "sqlite":  # PostgreSQL flushes at commit, outside row locks
+        assert deferred is engine
+        return
+    try:
+        with engine.connect() as full:
+            assert full.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+        with deferred.connect() as normal:
+            assert normal.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+        flushed: list[str] = []
+        monkeypatch.setattr(
+            os, "fdatasync", lambda fd: flushed.append(os.readlink(f"/proc/self/fd/{fd}"))
+        )
+        flush()
+        assert flushed == [f"{engine.url.database}-wal"]
+    finally:
+        deferred.dispose()

@@ -63,13 +63,15 @@ def receiver(database_url: str, tmp_path: Path) -> Iterator[Receiver]:
     db = open_database(database_url)
     limits = SecuritySettings()
     store = FileStore(tmp_path / "store", spares=2)
-    yield Receiver(
+    receiver = Receiver(
         store,
         db,
         limits.max_instances_per_series,
         FreeSpace(store.root, 0),
         limits.max_instance_bytes,
     )
+    yield receiver
+    receiver.close()
     db.kw["bind"].dispose()
 
 

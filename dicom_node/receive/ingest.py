@@ -1,8 +1,8 @@
 """One received instance: check its header, store it durably, index it, then say so.
 
 The contract with the sender: a success status only once the file is fsynced, renamed and its
-name fsynced, and the index row committed (the two proceed side by side). A crash anywhere
-before leaves nothing acknowledged; the sender resends and the same SOP Instance UID lands on
+name fsynced, and the index row committed and its log flushed (the two proceed side by side).
+A crash anywhere before leaves nothing acknowledged; the sender resends and the same SOP Instance UID lands on
 the same file and index row (stored once).
 """
 
@@ -32,6 +32,7 @@ from dicom_node import __version__
 from dicom_node.dimse import StoreStatus
 from dicom_node.receive.header import Header, Unreadable, file_meta, scan
 from storage import index
+from storage.database import flushed_later
 from storage.files import FileStore, FreeSpace, InvalidUID, StoredFile, check_uid
 from storage.group_commit import GroupCommit
 
@@ -225,10 +226,20 @@ class Receiver:
         self.max_instances_per_series = max_instances_per_series
         self.db = db
         self.engine: Engine = db.kw["bind"]
-        self.index_writes = GroupCommit(self.engine)
+        # Index rows are flushed after their commit, outside SQLite's write lock, which the
+        # other associations and receiving processes then take without waiting out an fsync.
+        self._index_engine, flush = flushed_later(self.engine)
+        self.index_writes = GroupCommit(self._index_engine, flush)
         self._series: dict[str, index.SeriesPlace] = {}
         self._lock = threading.Lock()
         self._writer = ThreadPoolExecutor(max_workers=16, thread_name_prefix="store")
+
+    def close(self) -> None:
+        """Let writes in flight end (a refused instance's file is dropped by its writer),
+        then let go of the index's own connections."""
+        self._writer.shutdown(wait=True)
+        if self._index_engine is not self.engine:
+            self._index_engine.dispose()
 
     def ingest(
         self,

@@ -117,10 +117,11 @@ def receive(
     signal.signal(signal.SIGINT, on_signal)
     db = open_database(config.storage.database_url)
     store = ReceivingStore.open(config, db)
+    handlers = store.handlers(config)
     tls = config.security.tls
     server = bind_scp(
         config.node,
-        store.handlers(config),
+        handlers,
         server_context(tls) if tls else None,
         listening=listening,
         shares=shares,
@@ -145,6 +146,7 @@ def receive(
     server.shutdown()
     server.end_associations(DRAIN_SECONDS)
     report()
+    handlers.receiver.close()
     db.kw["bind"].dispose()
 
 

@@ -4,7 +4,8 @@ that moves them fails here, loudly, instead of quietly dropping a limit or the a
 ``receive/handlers.py`` replaces an association's ``_ae`` (the per-caller allowlist of
 ``receive/access.py``) and swaps its transport's ``recv`` (the bounded reader);
 ``receive/wakeups.py`` swaps the methods through which its two threads look for work,
-``receive/store_response.py`` the one through which C-STORE responses are sent, and
+``receive/store_response.py`` the one through which C-STORE responses are sent,
+``receive/store_request.py`` the one through which P-DATA reaches the DIMSE provider, and
 ``receive/scp.py`` turns off pynetdicom's logging handlers. ``receive/transport.py`` subclasses the threaded server and its
 request handler, checks each PDU as the DUL decodes it and wraps ``Association.kill``.
 pyproject.toml pins pynetdicom to the minor release checked here.
@@ -17,6 +18,7 @@ import inspect
 import pynetdicom
 from pynetdicom import AE, acse, dimse, dul, fsm
 from pynetdicom.association import Association
+from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.service_class import ServiceClass, StorageServiceClass
 from pynetdicom.transport import AssociationServer, AssociationSocket, RequestHandler
 
@@ -70,6 +72,20 @@ def test_storage_responses_leave_through_the_method_store_response_swaps() -> No
         "context_id",
     ]
     assert "self.dul.send_pdu(" in inspect.getsource(dimse.DIMSEServiceProvider.send_msg)
+
+
+def test_storage_requests_arrive_through_the_method_store_request_swaps() -> None:
+    assert "dul.assoc.dimse.receive_primitive(" in inspect.getsource(fsm.DT_2)
+    receive = inspect.getsource(dimse.DIMSEServiceProvider.receive_primitive)
+    # What the direct reader does in its place: the queue it feeds, the message it defers to,
+    # the event an undecodable message raises, and the context ID it sets.
+    assert "self.msg_queue.put((context_id, cast(DimseServiceType, d_primitive)))" in receive
+    assert "if self.message is None:" in receive
+    assert 'self.dul.event_queue.put("Evt19")' in receive
+    assert "primitive._context_id = self.context_id" in inspect.getsource(
+        DIMSEMessage.message_to_primitive
+    )
+    assert "STORE_RECV_CHUNKED_DATASET" in inspect.getsource(DIMSEMessage.decode_msg)
 
 
 def test_the_logging_handlers_are_bound_only_at_the_standard_level() -> None:

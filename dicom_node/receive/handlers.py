@@ -30,6 +30,7 @@ from dicom_node.receive.ingest import (
     Receiver,
     file_meta_header,
 )
+from dicom_node.receive.store_request import read_stores_directly
 from dicom_node.receive.store_response import answer_stores_directly
 from dicom_node.receive.wakeups import wait_for_events
 
@@ -197,9 +198,10 @@ class StorageHandlers:
     def on_established(self, event: Event) -> None:
         """pynetdicom's threads poll for work, which costs several ms per instance in a CT
         stream and the CPU of every other association (pydicom/pynetdicom issue 650):
-        from here on they wait for it (:mod:`wakeups`), and C-STORE responses skip pydicom's
-        general writer (:mod:`store_response`)."""
+        from here on they wait for it (:mod:`wakeups`), and C-STORE requests and responses
+        skip pydicom's general reader and writer (:mod:`store_request`, :mod:`store_response`)."""
         wait_for_events(event.assoc)
+        read_stores_directly(event.assoc)
         answer_stores_directly(event.assoc)
         self._record(event, "association", "success")
 

@@ -1,0 +1,132 @@
+"""C-STORE requests read straight from their P-DATA.
+
+pynetdicom decodes every request's command set into a pydicom Dataset and copies it element by
+element onto the primitive, and copies each data set fragment once more on the way into the
+message: about 0.4 ms of interpreter time per instance on the thread that also reads the
+socket. A C-STORE-RQ command set holds a handful of elements of fixed VR (PS3.7 9.3.1.1,
+Implicit VR Little Endian as PS3.7 6.3.1 requires), so it is read here directly, and the
+fragments are appended without the extra copy. Anything else (another command, an element
+this reader does not know, a handler bound to EVT_DIMSE_RECV, pynetdicom's chunked storage)
+goes through pynetdicom's own path; a message that breaks PS3.8 Annex E part-way (a command
+fragment or another presentation context inside a data set) is an invalid PDU, as pynetdicom
+treats an undecodable message: the association is aborted.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import Callable
+from io import BytesIO
+from typing import Any
+
+from pynetdicom import _config, evt
+from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu_primitives import P_DATA
+
+log = logging.getLogger(__name__)
+
+#: Command Field of a C-STORE-RQ, and the Command Data Set Type that means "no data set".
+C_STORE_RQ = 0x0001
+NO_DATA_SET = 0x0101
+#: Message Control Header bits (PS3.8 E.2).
+COMMAND, LAST_FRAGMENT = 1, 2
+#: Invalid or unrecognised PDU (PS3.8 9.2): the state machine's event for an A-ABORT.
+INVALID_PDU = "Evt19"
+
+_ELEMENT_HEADER = struct.Struct("<HHI")
+_UNSIGNED_SHORT = struct.Struct("<H")
+_UIDS = {0x0002: "AffectedSOPClassUID", 0x1000: "AffectedSOPInstanceUID"}
+_NUMBERS = {0x0110: "MessageID", 0x0700: "Priority", 0x1031: "MoveOriginatorMessageID"}
+_MOVE_ORIGINATOR = 0x1030
+_SKIPPED = {0x0000, 0x0100, 0x0800}  # group length; command field and data set type, checked
+
+
+def decode_store_request(command: bytes) -> C_STORE | None:
+    """The C-STORE primitive of a complete C-STORE-RQ command set, as pynetdicom's decoder
+    would fill it; None for any other command, any other element, a value of another length
+    than its VR has, or a value pynetdicom's setters refuse."""
+    fields: dict[str, Any] = {}
+    command_field = data_set_type = None
+    at = 0
+    try:
+        while at < len(command):
+            group, element, length = _ELEMENT_HEADER.unpack_from(command, at)
+            value = command[at + 8 : at + 8 + length]
+            at += 8 + length
+            if group != 0x0000 or len(value) != length:
+                return None
+            if element in _UIDS:
+                fields[_UIDS[element]] = value.decode("ascii").rstrip("\0 ")
+            elif element in _NUMBERS or element in (0x0100, 0x0800):
+                if length != 2:
+                    return None
+                (number,) = _UNSIGNED_SHORT.unpack(value)
+                if element == 0x0100:
+                    command_field = number
+                elif element == 0x0800:
+                    data_set_type = number
+                else:
+                    fields[_NUMBERS[element]] = number
+            elif element == _MOVE_ORIGINATOR:
+                fields["MoveOriginatorApplicationEntityTitle"] = value.decode("ascii").strip()
+            elif element not in _SKIPPED:
+                return None
+        if command_field != C_STORE_RQ or data_set_type in (None, NO_DATA_SET):
+            return None
+        primitive = C_STORE()
+        for name, value in fields.items():
+            setattr(primitive, name, value)
+    except (struct.error, UnicodeDecodeError, ValueError, TypeError):
+        return None
+    return primitive
+
+
+def read_stores_directly(assoc: Association) -> None:
+    """Receive this association's C-STORE requests through :func:`decode_store_request`."""
+    dimse, dul = assoc.dimse, assoc.dul
+    general: Callable[[P_DATA], None] = dimse.receive_primitive
+    store: C_STORE | None = None
+    context = 0
+    data = BytesIO()
+
+    def receive_primitive(primitive: P_DATA) -> None:
+        nonlocal store, context, data
+        fragments = primitive.presentation_data_value_list
+        if store is None:
+            first = fragments[0] if fragments else None
+            if (
+                first is None
+                or first[1][0] & (COMMAND | LAST_FRAGMENT) != COMMAND | LAST_FRAGMENT
+                or dimse.message is not None  # pynetdicom holds part of a message
+                or _config.STORE_RECV_CHUNKED_DATASET
+                or assoc.get_handlers(evt.EVT_DIMSE_RECV)
+            ):
+                general(primitive)
+                return
+            store = decode_store_request(first[1][1:])
+            if store is None:
+                general(primitive)
+                return
+            context, data = first[0], BytesIO()
+            fragments = fragments[1:]
+        for context_id, fragment in fragments:
+            if fragment[0] & COMMAND or context_id != context:
+                log.error(
+                    "association from %s: a C-STORE data set broken by a command fragment or "
+                    "another presentation context (PS3.8 E.2); aborting",
+                    assoc.requestor.address,
+                )
+                store = None
+                dul.event_queue.put(INVALID_PDU)
+                return
+            data.write(memoryview(fragment)[1:])
+            if fragment[0] & LAST_FRAGMENT:
+                store.DataSet = data
+                store._context_id = context
+                done, store = store, None
+                dimse.msg_queue.put((context, done))
+                return
+
+    dimse.receive_primitive = receive_primitive  # type: ignore[method-assign]

@@ -8,16 +8,16 @@ together. The receiver fills :class:`InstanceRecord` from the header; nothing he
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Select, bindparam, delete, func, select, update
+from sqlalchemy import Connection, Dialect, Select, bindparam, delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, NoResultFound
 from sqlalchemy.orm import Session
 
 from storage.models import (
@@ -204,7 +204,7 @@ def record_instance(
         "received": now,
     }
     # One statement, no read first: the same instance may arrive on two associations at once.
-    inserted = connection.execute(_insert_instance(connection.dialect.name), values).first()
+    inserted = _first_row(connection, _insert_instance(connection.dialect.name), values)
     if inserted is None:
         existing = connection.execute(
             select(Instance.series_id).where(Instance.sop_uid == record.sop_uid)
@@ -218,9 +218,61 @@ def record_instance(
 def count_arrival(connection: Connection, series_id: int) -> int:
     """The series received something new: it is receiving again and will complete anew.
     Returns its arrivals so far."""
-    return int(
-        connection.execute(_COUNT_INSTANCE, {"series": series_id, "now": utcnow()}).scalar_one()
+    row = _first_row(connection, _COUNT_INSTANCE, {"series": series_id, "now": utcnow()})
+    if row is None:
+        raise NoResultFound(f"series {series_id} is not in the index")
+    return int(row[0])
+
+
+@dataclass(frozen=True)
+class _DriverStatement:
+    """A statement compiled once, with the bind processors SQLAlchemy would apply to each
+    value (dates, states), in the order of its positional parameters."""
+
+    sql: str
+    names: tuple[str, ...]
+    processors: tuple[Callable[[Any], Any] | None, ...]
+    constants: dict[str, Any]
+
+
+@functools.cache
+def _for_driver(statement: Any, keys: tuple[str, ...], dialect: Dialect) -> _DriverStatement:
+    compiled = statement.compile(dialect=dialect, column_keys=list(keys))
+    names = tuple(compiled.positiontup or ())
+    binds = [compiled.binds[name] for name in names]
+    return _DriverStatement(
+        compiled.string,
+        names,
+        tuple(bind.type.bind_processor(dialect) for bind in binds),
+        {
+            name: bind.effective_value
+            for name, bind in zip(names, binds, strict=True)
+            if not bind.required
+        },
     )
+
+
+def _first_row(connection: Connection, statement: Any, values: dict[str, Any]) -> Any:
+    """The first row of a statement an instance's arrival runs. On SQLite it runs on the
+    driver's cursor, in the connection's transaction: SQLAlchemy's execution path took about
+    0.1 ms of interpreter time per statement there, several times the statement's own, on the
+    receiver's critical path. Elsewhere (PostgreSQL's named parameters) the usual path."""
+    if connection.dialect.paramstyle != "qmark":
+        return connection.execute(statement, values).first()
+    driver = _for_driver(statement, tuple(values), connection.dialect)
+    given = {**driver.constants, **values}
+    cursor = connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    try:
+        cursor.execute(
+            driver.sql,
+            [
+                given[name] if process is None else process(given[name])
+                for name, process in zip(driver.names, driver.processors, strict=True)
+            ],
+        )
+        return cursor.fetchone()
+    finally:
+        cursor.close()
 
 
 # --- completion and selection --------------------------------------------------------------

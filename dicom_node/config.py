@@ -58,6 +58,18 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+#: More receiving processes than this gain nothing on the machines measured (bench/README.md:
+#: past one per core they compete for the cores and SQLite's write lock) and cost about
+#: 110 MB each.
+MAX_AUTO_RECEIVERS = 4
+
+
+def auto_receivers() -> int:
+    """``node.receivers: auto``: one receiving process per core this process may run on."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(cores or 1, MAX_AUTO_RECEIVERS))
+
+
 class NodeSettings(_Section):
     """The network edge: who this node is and what it takes."""
 
@@ -70,8 +82,9 @@ class NodeSettings(_Section):
     max_associations: Annotated[int, Field(ge=1)] = 16
     #: Processes accepting associations on the port (this one and receivers - 1 more): one
     #: Python process serialises its associations on the interpreter lock. max_associations
-    #: counts the associations of all of them.
-    receivers: Annotated[int, Field(ge=1, le=64)] = 1
+    #: counts the associations of all of them. "auto": one per CPU core this process may use,
+    #: at most MAX_AUTO_RECEIVERS.
+    receivers: Annotated[int, Field(ge=1, le=64)] = Field(default_factory=auto_receivers)
     #: A peer silent this long (mid-PDU, in the TLS handshake, or idle in an association)
     #: is dropped; association negotiation gets at most 30 s of it.
     timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
@@ -82,6 +95,11 @@ class NodeSettings(_Section):
     #: send (deliveries). Several processes on several machines may share one PostgreSQL
     #: database and one storage path, each with its own roles.
     roles: list[Role] = ["receiver", "worker", "sender"]
+
+    @field_validator("receivers", mode="before")
+    @classmethod
+    def _auto_receivers(cls, value: object) -> object:
+        return auto_receivers() if value == "auto" else value
 
     @field_validator("roles")
     @classmethod
@@ -353,7 +371,7 @@ class DashboardSettings(_Section):
 
 
 class NodeConfig(_Section):
-    node: NodeSettings = NodeSettings()
+    node: NodeSettings = Field(default_factory=NodeSettings)
     storage: StorageSettings = StorageSettings()
     completion: CompletionSettings = CompletionSettings()
     workers: WorkerSettings = WorkerSettings()

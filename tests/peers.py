@@ -170,7 +170,8 @@ class Orthanc:
 def node_config(folder: Path, port: int, **sections: Any) -> Path:
     """A config.yaml for a node under test: its own storage and SQLite database."""
     config: dict[str, Any] = {
-        "node": {"ae_title": "RESMTNET", "host": "127.0.0.1", "port": port},
+        # One process unless a test asks for more: tests look into the node's own server.
+        "node": {"ae_title": "RESMTNET", "host": "127.0.0.1", "port": port, "receivers": 1},
         "storage": {
             "path": str(folder / "storage"),
             "database_url": f"sqlite:///{folder / 'node.db'}",

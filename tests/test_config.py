@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
-from dicom_node.config import ConfigError, load_config
+from dicom_node.config import MAX_AUTO_RECEIVERS, ConfigError, load_config
 from tests.conftest import REPO
 
 
@@ -23,6 +24,18 @@ def test_shipped_config_has_the_documented_keys() -> None:
     (pacs,) = config.destinations
     assert (pacs.name, pacs.ae_title, pacs.port) == ("pacs", "PACS", 4242)
     assert pacs.objects == ["sr", "seg", "key_images"]
+
+
+def test_receiving_processes_default_to_one_per_core(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for cores, expected in ((1, 1), (2, 2), (16, MAX_AUTO_RECEIVERS)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda _pid, n=cores: set(range(n)))
+        assert load_config(REPO / "config.yaml", environ={}).node.receivers == expected
+        assert load_config(None, environ={}).node.receivers == expected
+    path = tmp_path / "config.yaml"
+    path.write_text("node:\n  receivers: 3\n")
+    assert load_config(path, environ={}).node.receivers == 3
 
 
 def test_no_file_means_embedded_defaults() -> None:

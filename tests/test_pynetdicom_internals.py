@@ -19,6 +19,7 @@ import pynetdicom
 from pynetdicom import AE, acse, dimse, dul, fsm
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import DIMSEMessage
+from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.service_class import ServiceClass, StorageServiceClass
 from pynetdicom.transport import AssociationServer, AssociationSocket, RequestHandler
 
@@ -86,6 +87,12 @@ def test_storage_requests_arrive_through_the_method_store_request_swaps() -> Non
         DIMSEMessage.message_to_primitive
     )
     assert "STORE_RECV_CHUNKED_DATASET" in inspect.getsource(DIMSEMessage.decode_msg)
+    # The PDUs it splits itself: what the DUL decodes them through, and the event of one.
+    assert "pdu, event = self._decode_pdu(bytestream)" in inspect.getsource(
+        dul.DULServiceProvider._read_pdu_data
+    )
+    assert dul._PDU_TYPES[b"\x04"] == (P_DATA_TF, "Evt10")
+    assert "item.presentation_data_value" in inspect.getsource(P_DATA_TF.to_primitive)
 
 
 def test_the_logging_handlers_are_bound_only_at_the_standard_level() -> None:

@@ -13,10 +13,11 @@ from pynetdicom import AE
 from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ, DIMSEMessage
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.dsutils import encode
+from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
 
 from dicom_node.dimse import StoreStatus
-from dicom_node.receive.store_request import decode_store_request
+from dicom_node.receive.store_request import decode_store_request, split_p_data
 from tests.dicom_factory import SeriesSpec, ct_datasets, phantom
 from tests.peers import wait_for
 
@@ -84,6 +85,37 @@ def test_other_commands_and_unknown_elements_are_left_to_pynetdicom() -> None:
     )
     for command in (command_set(echo), unknown, wide_id, plain[:-3], b"\xff" * 8):
         assert decode_store_request(command) is None
+
+
+def p_data_tf(*items: tuple[int, bytes]) -> bytearray:
+    pdata = P_DATA()
+    pdata.presentation_data_value_list.extend(items)
+    return bytearray(P_DATA_TF(pdata).encode())
+
+
+def test_a_p_data_pdu_is_split_into_what_pynetdicom_decodes() -> None:
+    pdu = p_data_tf((1, b"\x03" + command_set(request())), (1, b"\x02" + b"\x08\x00" * 3001))
+    general = P_DATA_TF()
+    general.decode(bytes(pdu))
+    split = split_p_data(pdu)
+    assert split is not None
+    assert [
+        (i.presentation_context_id, bytes(i.presentation_data_value))
+        for i in split.presentation_data_value_items
+    ] == [
+        (i.presentation_context_id, i.presentation_data_value)
+        for i in general.presentation_data_value_items
+    ]
+
+
+def test_a_p_data_pdu_whose_items_do_not_add_up_is_left_to_pynetdicom() -> None:
+    whole = p_data_tf((1, b"\x02abcd"))
+    for broken in (
+        whole + b"\0\0",  # a stray tail too short for an item header
+        whole[:-1],  # the item runs past the PDU's end
+        whole[:6] + struct.pack(">IB", 1, 1),  # an item without room for its control header
+    ):
+        assert split_p_data(bytearray(broken)) is None
 
 
 def _ct_association(port: int) -> Any:

@@ -2,8 +2,8 @@
 
 The contract with the sender: a success status only once the file is fsynced, renamed and its
 name fsynced, and the index row committed and its log flushed (the two proceed side by side).
-A crash anywhere before leaves nothing acknowledged; the sender resends and the same SOP Instance UID lands on
-the same file and index row (stored once).
+A crash anywhere before leaves nothing acknowledged; the sender resends and the same SOP
+Instance UID lands on the same file and index row (stored once).
 """
 
 from __future__ import annotations

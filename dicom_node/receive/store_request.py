@@ -4,14 +4,16 @@ pynetdicom copies each received P-DATA-TF PDU three times before its fragments r
 DIMSE provider (to bytes, past the PDU header, per item), decodes every request's command set
 into a pydicom Dataset and copies it element by element onto the primitive, and copies each
 data set fragment once more on the way into the message: about 0.4 ms of interpreter time
-and a few MB of copying per instance, on the thread that also reads the socket. Here a
-P-DATA-TF's items are views into the bytes received. A C-STORE-RQ command set holds a handful of elements of fixed VR (PS3.7 9.3.1.1,
-Implicit VR Little Endian as PS3.7 6.3.1 requires), so it is read here directly, and the
-fragments are appended without the extra copy. Anything else (another command, an element
-this reader does not know, a handler bound to EVT_DIMSE_RECV, pynetdicom's chunked storage)
-goes through pynetdicom's own path; a message that breaks PS3.8 Annex E part-way (a command
-fragment or another presentation context inside a data set) is an invalid PDU, as pynetdicom
-treats an undecodable message: the association is aborted.
+and a few MB of copying per instance, on the thread that also reads the socket.
+
+Here a P-DATA-TF's items are views into the bytes received, a C-STORE-RQ command set (a
+handful of elements of fixed VR, PS3.7 9.3.1.1, Implicit VR Little Endian as PS3.7 6.3.1
+requires) is read directly, and the data set fragments are appended without the extra copy.
+Anything else (another command, an element this reader does not know, a handler bound to
+EVT_DIMSE_RECV, pynetdicom's chunked storage) goes through pynetdicom's own path; a message
+that breaks PS3.8 Annex E part-way (a command fragment or another presentation context
+inside a data set) is an invalid PDU, as pynetdicom treats an undecodable message: the
+association is aborted.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_items import PresentationDataValueItem
 from pynetdicom.pdu_primitives import P_DATA
 
+from dicom_node.receive.transport import INVALID_PDU
+
 log = logging.getLogger(__name__)
 
 #: Command Field of a C-STORE-RQ, and the Command Data Set Type that means "no data set".
@@ -36,8 +40,6 @@ C_STORE_RQ = 0x0001
 NO_DATA_SET = 0x0101
 #: Message Control Header bits (PS3.8 E.2).
 COMMAND, LAST_FRAGMENT = 1, 2
-#: Invalid or unrecognised PDU (PS3.8 9.2): the state machine's event for an A-ABORT.
-INVALID_PDU = "Evt19"
 #: PDU type of a P-DATA-TF (PS3.8 9.3.5), and the state machine's event for one received.
 P_DATA_TF_TYPE = b"\x04"
 P_DATA_RECEIVED = "Evt10"

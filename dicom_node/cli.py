@@ -53,7 +53,15 @@ def _training_config(args: argparse.Namespace) -> TrainingConfig:
 
     given = {
         name: getattr(args, name)
-        for name in ("seed", "synthetic", "transplanted", "voi_views", "negatives", "epochs")
+        for name in (
+            "seed",
+            "synthetic",
+            "transplanted",
+            "voi_views",
+            "negatives",
+            "hard_negatives",
+            "epochs",
+        )
         if getattr(args, name, None) is not None
     }
     return TrainingConfig(**given)
@@ -229,6 +237,12 @@ def _training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--transplanted", type=int, help="patches of pasted real nodules")
     parser.add_argument("--voi-views", type=int, help="patches of real nodules as their VOI")
     parser.add_argument("--negatives", type=int, help="negative patches")
+    parser.add_argument(
+        "--hard-negatives",
+        type=int,
+        help="candidates added to each epoch of the second half: those the model then scores "
+        "highest",
+    )
     parser.add_argument("--epochs", type=int)
     parser.add_argument(
         "--detection-flips",

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import numpy as np
 import pytest
 import torch
 
-from inference.lab.training import TrainingConfig, phantom_background, positive_patch, train_model
+from inference.lab.training import (
+    TrainingConfig,
+    hardest,
+    phantom_background,
+    positive_patch,
+    train_model,
+)
 from inference.network import COMPOSITIONS, NetworkConfig
 from inference.patches import patch_geometric_centre
 from inference.volume import Volume
@@ -156,3 +163,27 @@ def test_calibration_counts_only_the_calibrating_half() -> None:
         assert halves.calibrates(outcome.points_mm).all()
         centres = np.array([r.center_mm for r in outcome.references])
         assert len(centres) and halves.calibrates(centres).all()
+
+
+def test_hardest_are_the_highest_scoring_highest_first() -> None:
+    logits = np.array([0.1, 3.0, -1.0, 2.0, 2.5])
+    assert hardest(logits, 3).tolist() == [1, 4, 3]
+    assert hardest(logits, 10).tolist() == [1, 4, 3, 0, 2]
+
+
+def test_hard_negatives_join_the_second_half_of_training(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    config = TrainingConfig(**{**_tiny(6).__dict__, "epochs": 2, "hard_negatives": 4})
+    trained = train_model([], config, torch.device("cpu"), log=lambda _: None)
+    patches = trained.record["training_patches"]
+    assert isinstance(patches, dict) and patches["hard_negatives_per_epoch"] == 4
+    total = config.synthetic + config.negatives  # no real nodules: no real positives
+    rows = total - int(total * config.validation_fraction)
+    err = capsys.readouterr().err
+
+    def batches(epoch: str) -> int:
+        return max(int(n) for n in re.findall(rf"{epoch}: .*?\| *\d+/(\d+)", err))
+
+    assert batches("epoch 1/2") == math.ceil(rows / config.batch_size)
+    assert batches("epoch 2/2") == math.ceil((rows + 4) / config.batch_size)

@@ -7,7 +7,10 @@ nodule folder pasted into those lungs (real textures at new places); and the sam
 as their own VOI shows them (what ``evaluate --nodules`` sees). Nothing is placed within
 ``AVOID_MM`` of a scan's annotated nodules, so that a case's own nodules never become training
 positives or negatives. Negatives are the candidates the blob search finds in the same lungs:
-vessels and their junctions, airway walls, pleura, fissures, scars.
+vessels and their junctions, airway walls, pleura, fissures, scars. With ``hard_negatives``,
+the second half of training also sees, each epoch, the candidates the model then scores
+highest: on an unseen scan its false positives are the vessels it ranks among nodules, and a
+random draw of candidates holds few of those.
 
 The patient-left half of each real scan's lungs never trains (:class:`LungHalves`): the
 operating point is chosen there, among vessels and pleura the network was never told are not
@@ -67,6 +70,9 @@ class TrainingConfig:
     transplanted: int = 2000
     voi_views: int = 1500
     negatives: int = 4000
+    #: Candidates added to each epoch of the second half of training: those the model then
+    #: scores highest among every candidate of the backgrounds (0: none).
+    hard_negatives: int = 0
     phantoms: int = 2
     epochs: int = 10
     batch_size: int = 32
@@ -256,8 +262,29 @@ class PatchSet:
         self.offset_mm[n] = labels.offset_mm
         self.characteristics[n] = labels.characteristics
 
+    def put_negatives(
+        self, start: int, backgrounds: list[Background], sites: list[tuple[int, np.ndarray]]
+    ) -> None:
+        """Rows from ``start`` on: the patch around each (background, voxel) site."""
+        size = self.patches.shape[1]
+        for n, (b, centre) in enumerate(sites):
+            patch = extract_patches(backgrounds[b].work.array, centre[None], size)[0]
+            self.put(start + n, patch, None, None)
+
     def subset(self, index: np.ndarray) -> PatchSet:
         return PatchSet(**{k: v[index] for k, v in self.__dict__.items()})
+
+    def extended(self, rows: int) -> PatchSet:
+        """A copy with ``rows`` empty rows (negatives) appended."""
+        more = PatchSet.empty(rows, self.patches.shape[1])
+        return PatchSet(
+            **{k: np.concatenate([v, more.__dict__[k]]) for k, v in self.__dict__.items()}
+        )
+
+    def replace_rows(self, start: int, other: PatchSet) -> None:
+        """Rows from ``start`` on become ``other``'s."""
+        for k, v in other.__dict__.items():
+            self.__dict__[k][start : start + len(v)] = v
 
 
 def _nodule_site(background: Background, rng: np.random.Generator) -> np.ndarray:
@@ -367,9 +394,10 @@ def build_patch_set(
     nodules: list[NoduleVOI],
     config: TrainingConfig,
     rng: np.random.Generator,
-) -> PatchSet:
-    """Every training patch, positives of the three sources first, then negatives. Without
-    real nodules the real sources are left out."""
+) -> tuple[PatchSet, list[tuple[int, np.ndarray]]]:
+    """Every training patch, positives of the three sources first, then negatives drawn from
+    the :func:`negative_sites`, which come back too. Without real nodules the real sources
+    are left out."""
     size = config.network.patch_voxels
     real = config.transplanted + config.voi_views if nodules else 0
     n_pos = config.synthetic + real
@@ -386,7 +414,18 @@ def build_patch_set(
         order = rng.permutation(config.voi_views) % len(nodules)
         for n, v in enumerate(tqdm(order, desc="real nodules as VOIs", unit="patch")):
             data.put(start + n, *voi_view_patch(nodules[v], rng, size, config.network.spacing_mm))
-    negatives: list[tuple[int, np.ndarray]] = []
+    sites = negative_sites(backgrounds, rng)
+    pick = rng.choice(len(sites), size=config.negatives, replace=len(sites) < config.negatives)
+    data.put_negatives(n_pos, backgrounds, [sites[idx] for idx in pick])
+    return data, sites
+
+
+def negative_sites(
+    backgrounds: list[Background], rng: np.random.Generator
+) -> list[tuple[int, np.ndarray]]:
+    """(background, voxel) of every candidate the blob search finds where training may look,
+    and of random lung voxels there."""
+    sites: list[tuple[int, np.ndarray]] = []
     for b, background in enumerate(tqdm(backgrounds, desc="hard negatives", unit="scan")):
         cands = np.array(
             [c.kji for c in find_candidates(background.work, background.lungs, per_scale=400)]
@@ -395,15 +434,22 @@ def build_patch_set(
         lung = np.argwhere(background.lungs[::4, ::4, ::4]) * 4
         lung = lung[rng.choice(len(lung), size=min(len(lung), 200), replace=False)]
         lung = lung[background.allowed(lung)]
-        negatives += [(b, c) for c in cands] + [(b, c) for c in lung]
-    pick = rng.choice(
-        len(negatives), size=config.negatives, replace=len(negatives) < config.negatives
-    )
-    for n, idx in enumerate(pick):
-        b, centre = negatives[idx]
-        patch = extract_patches(backgrounds[b].work.array, centre[None], size)[0]
-        data.put(n_pos + n, patch, None, None)
-    return data
+        sites += [(b, c) for c in cands] + [(b, c) for c in lung]
+    return sites
+
+
+def negative_pool(
+    backgrounds: list[Background], sites: list[tuple[int, np.ndarray]], size: int
+) -> PatchSet:
+    """Each site's patch once: what hard negatives are mined from."""
+    pool = PatchSet.empty(len(sites), size)
+    pool.put_negatives(0, backgrounds, sites)
+    return pool
+
+
+def hardest(logits: np.ndarray, count: int) -> np.ndarray:
+    """Indices of the ``count`` highest ``logits``, highest first."""
+    return np.argsort(-logits, kind="stable")[:count]
 
 
 def augment(batch: dict[str, torch.Tensor], rng: random.Random) -> dict[str, torch.Tensor]:
@@ -541,13 +587,22 @@ def train_model(
     seed_everything(config.seed)
     rng = np.random.default_rng(config.seed)
     phantoms = [phantom_background(rng, config.network) for _ in range(config.phantoms)]
-    data = build_patch_set(backgrounds + phantoms, list(nodules), config, rng)
+    everywhere = backgrounds + phantoms
+    data, sites = build_patch_set(everywhere, list(nodules), config, rng)
     order = rng.permutation(len(data.nodule))
     n_val = int(len(order) * config.validation_fraction)
     val, trn = data.subset(order[:n_val]), data.subset(order[n_val:])
+    hard = min(config.hard_negatives, len(sites))
+    pool = negative_pool(everywhere, sites if hard else [], config.network.patch_voxels)
+    plain = len(trn.nodule)
+    trn = trn.extended(hard)
+    mine_from = config.epochs // 2 if hard else config.epochs
     model = build_model(config.network).to(device)
     optimiser = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=1e-4)
-    steps = config.epochs * math.ceil(len(trn.nodule) / config.batch_size)
+    steps = sum(
+        math.ceil((plain + (hard if epoch >= mine_from else 0)) / config.batch_size)
+        for epoch in range(config.epochs)
+    )
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimiser, config.learning_rate, total_steps=steps
     )
@@ -555,8 +610,13 @@ def train_model(
     weights = composition_weights(trn.composition).to(device)
     history = []
     for epoch in range(config.epochs):
+        rows = plain
+        if epoch >= mine_from:
+            logits = predict_logits(model, pool, device, config.batch_size)
+            trn.replace_rows(plain, pool.subset(hardest(logits, hard)))
+            rows += hard
         model.train()
-        perm = rng.permutation(len(trn.nodule))
+        perm = rng.permutation(rows)
         bar = tqdm(
             range(0, len(perm), config.batch_size),
             desc=f"epoch {epoch + 1}/{config.epochs}",
@@ -587,6 +647,8 @@ def train_model(
             "transplanted": config.transplanted if nodules else 0,
             "voi_views": config.voi_views if nodules else 0,
             "negatives": config.negatives,
+            "hard_negatives_per_epoch": hard,
+            "negative_sites": len(sites),
         },
         "real_nodules": {"nodules": len(nodules), "patients": len({v.patient_id for v in nodules})},
         "backgrounds": len(backgrounds),

@@ -49,6 +49,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _training_config(args: argparse.Namespace) -> TrainingConfig:
+    from dataclasses import replace
+
     from inference.lab.training import TrainingConfig
 
     given = {
@@ -64,6 +66,8 @@ def _training_config(args: argparse.Namespace) -> TrainingConfig:
         )
         if getattr(args, name, None) is not None
     }
+    if getattr(args, "context", None) is not None:
+        given["network"] = replace(TrainingConfig().network, context=args.context)
     return TrainingConfig(**given)
 
 
@@ -244,6 +248,13 @@ def _training_arguments(parser: argparse.ArgumentParser) -> None:
         "highest",
     )
     parser.add_argument("--epochs", type=int)
+    parser.add_argument(
+        "--context",
+        type=int,
+        choices=(1, 2, 3),
+        help="a second input channel showing N times the patch's field at 1/N of its "
+        "resolution (1: none, the default)",
+    )
     parser.add_argument(
         "--detection-flips",
         action="store_true",

@@ -18,7 +18,7 @@ from inference.lungrads import lung_rads_category
 from inference.lungs import segment_lungs
 from inference.measure import axial_axes, half_maximum_edge, measure
 from inference.network import CHARACTERISTICS, COMPOSITIONS, NetworkConfig, ResMTNet, build_model
-from inference.patches import extract_patches, patch_geometric_centre
+from inference.patches import network_input, patch_geometric_centre
 from inference.transforms import NETWORK_HU_WINDOW, ClipHU, Compose, ResampleToSpacing
 from inference.volume import Volume
 
@@ -277,12 +277,12 @@ class NoduleDetector:
     ) -> dict[str, np.ndarray]:
         """Outputs for patches around ``centres``, each patch flipped along the axes
         ``flips`` names; offsets come back in the unflipped patch's frame."""
-        size = self.model.config.patch_voxels
-        axes = tuple(1 + axis for axis, flipped in enumerate(flips) if flipped)
+        size, context = self.model.config.patch_voxels, self.model.config.context
+        axes = tuple(2 + axis for axis, flipped in enumerate(flips) if flipped)
         back = np.array([-1.0 if flipped else 1.0 for flipped in flips])
         parts: dict[str, list[np.ndarray]] = {}
         for start in range(0, len(centres), self.batch_size):
-            patches = extract_patches(image, centres[start : start + self.batch_size], size)
+            patches = network_input(image, centres[start : start + self.batch_size], size, context)
             if axes:
                 patches = np.flip(patches, axis=axes)
             outputs = self.run_patches(patches, with_mask)
@@ -296,13 +296,13 @@ class NoduleDetector:
 
     @torch.inference_mode()
     def run_patches(self, patches: np.ndarray, with_mask: bool = False) -> dict[str, np.ndarray]:
-        """The network's raw outputs for (N, P, P, P) patches already in [0, 1] (what
-        :func:`~inference.patches.extract_patches` makes), in batches."""
+        """The network's raw outputs for (N, C, P, P, P) patches already in [0, 1] (what
+        :func:`~inference.patches.network_input` makes), in batches."""
         parts: dict[str, list[np.ndarray]] = {}
         for start in range(0, len(patches), self.batch_size):
             batch = torch.from_numpy(
                 np.ascontiguousarray(patches[start : start + self.batch_size], np.float32)
-            )[:, None].to(self.device)
+            ).to(self.device)
             if self.device.type == "cpu":
                 batch = batch.contiguous(memory_format=torch.channels_last_3d)
             out = self.model(batch, with_mask=with_mask)

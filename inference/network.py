@@ -33,6 +33,13 @@ class NetworkConfig:
     #: Heads trained on radiologists' ratings: calcification and the characteristics above.
     #: False for weights trained before they existed.
     rating_heads: bool = False
+    #: 1: the patch alone; k > 1: a second input channel showing k times its field at 1/k
+    #: of its resolution (:func:`inference.patches.network_input`).
+    context: int = 1
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.context == 1 else 2
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -93,7 +100,7 @@ class MaskDecoder(nn.Module):
 class ResMTNet(nn.Module):
     """Shared residual trunk -> task heads.
 
-    Input: (N, 1, P, P, P) patches, HU clipped to ``NETWORK_HU_WINDOW`` and scaled to [0, 1], on an
+    Input: (N, C, P, P, P) patches (:func:`inference.patches.network_input`), HU clipped to ``NETWORK_HU_WINDOW`` and scaled to [0, 1], on an
     isotropic ``spacing_mm`` grid. Trunk: stem at P, three strided residual stages at P/2,
     P/4, P/8. Heads: on the globally pooled last stage (detection, malignancy, composition,
     diameter, centre offset) and a decoder over all levels (mask).
@@ -104,7 +111,9 @@ class ResMTNet(nn.Module):
         self.config = config
         stem, w1, w2, w3 = config.widths
         self.stem = nn.Sequential(
-            nn.Conv3d(1, stem, 3, padding=1, bias=False), nn.BatchNorm3d(stem), nn.ReLU(True)
+            nn.Conv3d(config.channels, stem, 3, padding=1, bias=False),
+            nn.BatchNorm3d(stem),
+            nn.ReLU(True),
         )
         n = config.blocks_per_stage
         self.stages = nn.ModuleList(

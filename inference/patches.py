@@ -1,5 +1,9 @@
 """Cutting fixed-size patches around voxels: one function, shared by training and inference,
-so that the offsets the network learns mean the same thing when it runs."""
+so that the offsets the network learns mean the same thing when it runs.
+
+With context, the network gets a second channel: the same number of voxels around the same
+centre, covering ``context`` times the field at 1/``context`` of the resolution. A hilum or
+the diaphragm fills a 40 mm patch as a large nodule would; 80 mm show what it belongs to."""
 
 from __future__ import annotations
 
@@ -42,3 +46,26 @@ def extract_patches(image: np.ndarray, centres_kji: np.ndarray, size: int) -> np
     for n, centre in enumerate(np.asarray(centres_kji, dtype=int).reshape(-1, 3)):
         out[n] = crop_cube(image, centre - half, size)
     return normalize_hu(np.clip(out, *NETWORK_HU_WINDOW))
+
+
+def coarsened(cube: np.ndarray, factor: int) -> np.ndarray:
+    """``cube``'s (..., size * factor, size * factor, size * factor) voxels averaged in blocks
+    of ``factor`` per axis; block n's middle lies where voxel n's would on a grid of that
+    spacing, so the two channels share their geometric centre."""
+    if factor == 1:
+        return cube
+    *lead, k, j, i = cube.shape
+    blocks = cube.reshape(*lead, k // factor, factor, j // factor, factor, i // factor, factor)
+    return blocks.mean(axis=(-5, -3, -1))
+
+
+def network_input(
+    image: np.ndarray, centres_kji: np.ndarray, size: int, context: int = 1
+) -> np.ndarray:
+    """(N, C, size, size, size) float32 in [0, 1]: :func:`extract_patches`, and with
+    ``context`` > 1 the wider, coarser channel around the same centres."""
+    fine = extract_patches(image, centres_kji, size)[:, None]
+    if context == 1:
+        return fine
+    wide = extract_patches(image, centres_kji, size * context)
+    return np.concatenate([fine, coarsened(wide, context)[:, None]], axis=1)

@@ -88,3 +88,13 @@ def test_augment_moves_offsets_with_the_image() -> None:
         out = augment(batch, random.Random(seed))
         kji = np.argwhere(out["patches"][0, 0].numpy() == 1.0)[0]
         np.testing.assert_allclose(kji - middle, out["offset_mm"][0].numpy() / mm_per_voxel)
+
+
+def test_with_context_the_network_reads_two_channels() -> None:
+    config = NetworkConfig(context=2)
+    model = build_model(config).eval()
+    p = config.patch_voxels
+    with torch.no_grad():
+        out = model(torch.rand(2, 2, p, p, p))
+    assert out.nodule_logit.shape == (2,)
+    assert out.mask_logits is not None and out.mask_logits.shape == (2, 1, p, p, p)

@@ -17,7 +17,7 @@ from inference.lab.training import (
     train_model,
 )
 from inference.network import COMPOSITIONS, NetworkConfig
-from inference.patches import patch_geometric_centre
+from inference.patches import coarsened, patch_geometric_centre
 from inference.volume import Volume
 
 
@@ -50,7 +50,7 @@ def test_positive_patch_labels_match_its_mask() -> None:
     background = phantom_background(rng, config)
     for _ in range(5):
         patch, mask, labels = positive_patch(background, rng, config.patch_voxels)
-        assert patch.shape == mask.shape == (32, 32, 32)
+        assert patch.shape == (1, *mask.shape) == (1, 32, 32, 32)
         assert patch.min() >= 0.0 and patch.max() <= 1.0
         centre = np.argwhere(mask).mean(axis=0)
         # The offset label points from the patch's middle to the nodule's centre of mass.
@@ -96,7 +96,7 @@ def test_real_nodule_patches_carry_the_readers_labels_and_their_mask(real_nodule
             transplanted_patch(background, voi, rng, config.patch_voxels),
             voi_view_patch(voi, rng, config.patch_voxels, config.spacing_mm),
         ):
-            assert patch.shape == mask.shape == (32, 32, 32) and mask.any()
+            assert patch.shape == (1, *mask.shape) == (1, 32, 32, 32) and mask.any()
             expected = (np.argwhere(mask).mean(axis=0) - middle) * config.spacing_mm
             assert np.linalg.norm(labels.offset_mm - expected) < 2.0
             assert labels.malignancy == (voi.ratings.malignancy - 1) / 4
@@ -187,3 +187,27 @@ def test_hard_negatives_join_the_second_half_of_training(
 
     assert batches("epoch 1/2") == math.ceil(rows / config.batch_size)
     assert batches("epoch 2/2") == math.ceil((rows + 4) / config.batch_size)
+
+
+def _context_matches_patch(patch: np.ndarray, context: int) -> None:
+    """The context channel's middle is the patch itself, averaged to the coarser grid."""
+    p = patch.shape[-1]
+    lo, hi = p // 2 - p // (2 * context), p // 2 + p // (2 * context)
+    middle = patch[1, lo:hi, lo:hi, lo:hi].astype(np.float32)
+    np.testing.assert_allclose(middle, coarsened(patch[0].astype(np.float32), context), atol=2e-3)
+
+
+def test_positive_patches_with_context_see_the_same_nodule_wider(real_nodules) -> None:  # type: ignore[no-untyped-def]
+    from inference.lab.training import transplanted_patch, voi_view_patch
+
+    rng = np.random.default_rng(2)
+    config = NetworkConfig(context=2)
+    background = phantom_background(rng, config)
+    size = config.patch_voxels
+    for patch, mask, _ in (
+        positive_patch(background, rng, size, 2),
+        transplanted_patch(background, real_nodules[0], rng, size, 2),
+        voi_view_patch(real_nodules[0], rng, size, config.spacing_mm, 2),
+    ):
+        assert patch.shape == (2, size, size, size) and mask.shape == (size, size, size)
+        _context_matches_patch(patch, 2)

@@ -10,10 +10,8 @@ import numpy as np
 
 from inference.detector import NoduleDetector
 from inference.lab.nodule_folder import NoduleVOI
-from inference.lab.transplant import Placement, voi_patch
+from inference.lab.transplant import Placement, voi_input
 from inference.network import COMPOSITIONS
-from inference.patches import normalize_hu
-from inference.transforms import NETWORK_HU_WINDOW
 
 #: Test-time flips: each axis flipped or not, the eight views averaged.
 FLIPS = tuple((a, b, c) for a in (False, True) for b in (False, True) for c in (False, True))
@@ -42,18 +40,14 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def voi_views(voi: NoduleVOI, spacing_mm: float, size: int, flips: tuple = FLIPS) -> np.ndarray:
-    """The network's input for one VOI: one [0, 1] patch per view, centred on the centroid."""
+def voi_views(
+    voi: NoduleVOI, spacing_mm: float, size: int, flips: tuple = FLIPS, context: int = 1
+) -> np.ndarray:
+    """The network's input for one VOI: one (C, P, P, P) view per flip, centred on the
+    centroid."""
     centre = np.full(3, size / 2 - 0.5)
     return np.stack(
-        [
-            normalize_hu(
-                np.clip(
-                    voi_patch(voi, spacing_mm, size, Placement(centre, 0.0, f)), *NETWORK_HU_WINDOW
-                )
-            )
-            for f in flips
-        ]
+        [voi_input(voi, spacing_mm, size, Placement(centre, 0.0, f), context) for f in flips]
     )
 
 
@@ -65,7 +59,9 @@ def characterize(
     config = detector.model.config
     predictions = []
     for voi in vois:
-        out = detector.run_patches(voi_views(voi, config.spacing_mm, config.patch_voxels, flips))
+        out = detector.run_patches(
+            voi_views(voi, config.spacing_mm, config.patch_voxels, flips, config.context)
+        )
         composition = _softmax(out["composition_logits"].mean(axis=0))
         calcification = out.get("calcification_logit")
         predictions.append(

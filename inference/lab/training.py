@@ -41,10 +41,9 @@ from inference.candidates import find_candidates
 from inference.detector import MODEL_NAME, prepare
 from inference.lab.nodule_folder import NoduleVOI, Ratings
 from inference.lab.synthesis import chest_phantom, insert_nodule, random_spec
-from inference.lab.transplant import Placement, paste_nodule, voi_mask_patch, voi_patch
+from inference.lab.transplant import Placement, paste_nodule, voi_input, voi_mask_patch
 from inference.network import CHARACTERISTICS, COMPOSITIONS, NetworkConfig, ResMTNet, build_model
-from inference.patches import crop_cube, extract_patches, patch_geometric_centre
-from inference.transforms import NETWORK_HU_WINDOW, normalize_hu
+from inference.patches import crop_cube, network_input, patch_geometric_centre
 from inference.volume import Volume
 
 #: Patches for training are cut this far from any annotated nodule (a 40 mm patch's corner
@@ -220,7 +219,7 @@ def equivalent_diameter_mm(mask: np.ndarray, spacing_kji: np.ndarray) -> float:
 class PatchSet:
     """Training patches and their labels, in memory (float16 halves the footprint)."""
 
-    patches: np.ndarray  # (N, P, P, P) float16 in [0, 1]
+    patches: np.ndarray  # (N, C, P, P, P) float16 in [0, 1]
     masks: np.ndarray  # (N, P, P, P) bool
     nodule: np.ndarray  # (N,)
     malignancy: np.ndarray  # NaN where unknown
@@ -231,10 +230,10 @@ class PatchSet:
     characteristics: np.ndarray  # (N, len(CHARACTERISTICS)), NaN where unknown
 
     @classmethod
-    def empty(cls, count: int, size: int) -> PatchSet:
+    def empty(cls, count: int, size: int, channels: int = 1) -> PatchSet:
         nan = np.float32("nan")
         return cls(
-            patches=np.zeros((count, size, size, size), dtype=np.float16),
+            patches=np.zeros((count, channels, size, size, size), dtype=np.float16),
             masks=np.zeros((count, size, size, size), dtype=bool),
             nodule=np.zeros(count, dtype=np.float32),
             malignancy=np.full(count, nan, dtype=np.float32),
@@ -263,12 +262,16 @@ class PatchSet:
         self.characteristics[n] = labels.characteristics
 
     def put_negatives(
-        self, start: int, backgrounds: list[Background], sites: list[tuple[int, np.ndarray]]
+        self,
+        start: int,
+        backgrounds: list[Background],
+        sites: list[tuple[int, np.ndarray]],
+        context: int,
     ) -> None:
         """Rows from ``start`` on: the patch around each (background, voxel) site."""
-        size = self.patches.shape[1]
+        size = self.patches.shape[2]
         for n, (b, centre) in enumerate(sites):
-            patch = extract_patches(backgrounds[b].work.array, centre[None], size)[0]
+            patch = network_input(backgrounds[b].work.array, centre[None], size, context)[0]
             self.put(start + n, patch, None, None)
 
     def subset(self, index: np.ndarray) -> PatchSet:
@@ -276,7 +279,7 @@ class PatchSet:
 
     def extended(self, rows: int) -> PatchSet:
         """A copy with ``rows`` empty rows (negatives) appended."""
-        more = PatchSet.empty(rows, self.patches.shape[1])
+        more = PatchSet.empty(rows, self.patches.shape[2], self.patches.shape[1])
         return PatchSet(
             **{k: np.concatenate([v, more.__dict__[k]]) for k, v in self.__dict__.items()}
         )
@@ -307,11 +310,12 @@ def _cut(
     spacing: np.ndarray,
     rng: np.random.Generator,
     size: int,
+    context: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The training patch around a nodule placed in ``crop``: centred off the nodule as a
     candidate would be; returns the patch, its mask, and the offset label."""
     patch_centre = np.round(nodule_centre + _jitter(radius_mm, rng) / spacing).astype(int)
-    patch = extract_patches(crop, patch_centre[None], size)[0]
+    patch = network_input(crop, patch_centre[None], size, context)[0]
     half = size // 2
     box = tuple(slice(c - half, c + half) for c in patch_centre)
     centroid = np.argwhere(mask).mean(axis=0)
@@ -319,52 +323,59 @@ def _cut(
     return patch, mask[box], offset
 
 
+def _site_crop(
+    background: Background, rng: np.random.Generator, size: int, context: int
+) -> tuple[np.ndarray, float]:
+    """A copy of the background around a random nodule site, wide enough for the patch and
+    its context wherever the jitter puts it; and where the site lies in it, per axis."""
+    half = size * (context + 1) // 2
+    centre = _nodule_site(background, rng)
+    return crop_cube(background.work.array, centre - half, 2 * half), float(half)
+
+
 def transplanted_patch(
-    background: Background, voi: NoduleVOI, rng: np.random.Generator, size: int
+    background: Background, voi: NoduleVOI, rng: np.random.Generator, size: int, context: int = 1
 ) -> tuple[np.ndarray, np.ndarray, Labels]:
     """A real nodule pasted into aerated lung of ``background``, turned and flipped."""
     spacing = np.asarray(background.work.spacing[::-1])
-    centre = _nodule_site(background, rng)
-    crop = crop_cube(background.work.array, centre - size, 2 * size)
-    placement = Placement.random(np.full(3, float(size)) + rng.uniform(-0.5, 0.5, 3), rng)
+    crop, site = _site_crop(background, rng, size, context)
+    placement = Placement.random(np.full(3, site) + rng.uniform(-0.5, 0.5, 3), rng)
     mask = paste_nodule(crop, spacing, voi, placement, rng)
     diameter = equivalent_diameter_mm(mask, spacing)
     patch, patch_mask, offset = _cut(
-        crop, mask, placement.centre_kji, diameter / 2, spacing, rng, size
+        crop, mask, placement.centre_kji, diameter / 2, spacing, rng, size, context
     )
     return patch, patch_mask, rated_labels(voi.ratings, offset, diameter)
 
 
 def voi_view_patch(
-    voi: NoduleVOI, rng: np.random.Generator, size: int, spacing_mm: float
+    voi: NoduleVOI, rng: np.random.Generator, size: int, spacing_mm: float, context: int = 1
 ) -> tuple[np.ndarray, np.ndarray, Labels]:
     """A real nodule as its VOI alone shows it, off-centre, turned and flipped."""
     spacing = np.full(3, spacing_mm)
     middle = patch_geometric_centre(np.full(3, size // 2))
     radius = equivalent_diameter_mm(voi.mask, np.asarray(voi.image.spacing[::-1])) / 2
     placement = Placement.random(middle - _jitter(radius, rng) / spacing, rng)
-    cube = voi_patch(voi, spacing_mm, size, placement)
+    patch = voi_input(voi, spacing_mm, size, placement, context)
     mask = voi_mask_patch(voi, spacing_mm, size, placement)
-    patch = normalize_hu(np.clip(cube, *NETWORK_HU_WINDOW))
     offset = (placement.centre_kji - middle) * spacing
     return patch, mask, rated_labels(voi.ratings, offset, equivalent_diameter_mm(mask, spacing))
 
 
 def positive_patch(
-    background: Background, rng: np.random.Generator, size: int
+    background: Background, rng: np.random.Generator, size: int, context: int = 1
 ) -> tuple[np.ndarray, np.ndarray, Labels]:
     """A synthetic nodule blended into aerated lung of ``background``: exact mask, known
     size and composition; no malignancy label (only readers' ratings teach that)."""
     spacing = np.asarray(background.work.spacing[::-1])
-    centre = _nodule_site(background, rng)
+    crop, site = _site_crop(background, rng, size, context)
     spec = random_spec(rng)
-    crop = crop_cube(background.work.array, centre - size, 2 * size)
-    nodule_centre = np.full(3, float(size)) + rng.uniform(-0.5, 0.5, 3)
+    nodule_centre = np.full(3, site) + rng.uniform(-0.5, 0.5, 3)
     mask = insert_nodule(
         crop, spec, nodule_centre, spacing, rng, slice_blur_mm=float(rng.uniform(0, 1.5))
     )
     patch, patch_mask, offset = _cut(
-        crop, mask, nodule_centre, spec.diameter_mm / 2, spacing, rng, size
+        crop, mask, nodule_centre, spec.diameter_mm / 2, spacing, rng, size, context
     )
     labels = Labels(
         offset_mm=offset,
@@ -398,25 +409,26 @@ def build_patch_set(
     """Every training patch, positives of the three sources first, then negatives drawn from
     the :func:`negative_sites`, which come back too. Without real nodules the real sources
     are left out."""
-    size = config.network.patch_voxels
+    size, context = config.network.patch_voxels, config.network.context
     real = config.transplanted + config.voi_views if nodules else 0
     n_pos = config.synthetic + real
-    data = PatchSet.empty(n_pos + config.negatives, size)
+    data = PatchSet.empty(n_pos + config.negatives, size, config.network.channels)
     for n in tqdm(range(config.synthetic), desc="synthetic nodules", unit="patch"):
-        data.put(n, *positive_patch(backgrounds[n % len(backgrounds)], rng, size))
+        data.put(n, *positive_patch(backgrounds[n % len(backgrounds)], rng, size, context))
     if nodules:
         start = config.synthetic
         order = rng.permutation(config.transplanted) % len(nodules)
         for n, v in enumerate(tqdm(order, desc="transplanted real nodules", unit="patch")):
             background = backgrounds[n % len(backgrounds)]
-            data.put(start + n, *transplanted_patch(background, nodules[v], rng, size))
+            data.put(start + n, *transplanted_patch(background, nodules[v], rng, size, context))
         start += config.transplanted
         order = rng.permutation(config.voi_views) % len(nodules)
         for n, v in enumerate(tqdm(order, desc="real nodules as VOIs", unit="patch")):
-            data.put(start + n, *voi_view_patch(nodules[v], rng, size, config.network.spacing_mm))
+            spacing_mm = config.network.spacing_mm
+            data.put(start + n, *voi_view_patch(nodules[v], rng, size, spacing_mm, context))
     sites = negative_sites(backgrounds, rng)
     pick = rng.choice(len(sites), size=config.negatives, replace=len(sites) < config.negatives)
-    data.put_negatives(n_pos, backgrounds, [sites[idx] for idx in pick])
+    data.put_negatives(n_pos, backgrounds, [sites[idx] for idx in pick], context)
     return data, sites
 
 
@@ -439,11 +451,11 @@ def negative_sites(
 
 
 def negative_pool(
-    backgrounds: list[Background], sites: list[tuple[int, np.ndarray]], size: int
+    backgrounds: list[Background], sites: list[tuple[int, np.ndarray]], config: NetworkConfig
 ) -> PatchSet:
     """Each site's patch once: what hard negatives are mined from."""
-    pool = PatchSet.empty(len(sites), size)
-    pool.put_negatives(0, backgrounds, sites)
+    pool = PatchSet.empty(len(sites), config.patch_voxels, config.channels)
+    pool.put_negatives(0, backgrounds, sites, config.context)
     return pool
 
 
@@ -530,7 +542,7 @@ def multitask_loss(
 
 def to_batch(data: PatchSet, index: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
     return {
-        "patches": torch.from_numpy(data.patches[index].astype(np.float32))[:, None].to(device),
+        "patches": torch.from_numpy(data.patches[index].astype(np.float32)).to(device),
         "masks": torch.from_numpy(data.masks[index])[:, None].to(device),
         "nodule": torch.from_numpy(data.nodule[index]).to(device),
         "malignancy": torch.from_numpy(data.malignancy[index]).to(device),
@@ -593,7 +605,7 @@ def train_model(
     n_val = int(len(order) * config.validation_fraction)
     val, trn = data.subset(order[:n_val]), data.subset(order[n_val:])
     hard = min(config.hard_negatives, len(sites))
-    pool = negative_pool(everywhere, sites if hard else [], config.network.patch_voxels)
+    pool = negative_pool(everywhere, sites if hard else [], config.network)
     plain = len(trn.nodule)
     trn = trn.extended(hard)
     mine_from = config.epochs // 2 if hard else config.epochs

@@ -12,12 +12,14 @@ is exactly the voxels that took the nodule's values: labels and image never disa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import ndimage
 
 from inference.lab.nodule_folder import NoduleVOI
+from inference.patches import coarsened
+from inference.transforms import NETWORK_HU_WINDOW, normalize_hu
 
 #: Width of the blended rim around the mask (mm): no seam, and no more of the nodule's own
 #: surroundings than a reader would call its edge.
@@ -134,6 +136,25 @@ def voi_patch(voi: NoduleVOI, spacing_mm: float, size: int, placement: Placement
         voi.image.array, coords, order=1, mode="constant", cval=lung_fill_hu(voi)
     )
     return cube.reshape(size, size, size).astype(np.float32)
+
+
+def voi_input(
+    voi: NoduleVOI, spacing_mm: float, size: int, placement: Placement, context: int = 1
+) -> np.ndarray:
+    """The network's (C, size, size, size) input for the VOI placed as ``placement`` says,
+    in [0, 1]: :func:`voi_patch`, and with ``context`` > 1 the same placement seen ``context``
+    times wider at that much coarser resolution (see :func:`inference.patches.network_input`)."""
+
+    def seen(cube: np.ndarray) -> np.ndarray:
+        return normalize_hu(np.clip(cube, *NETWORK_HU_WINDOW))
+
+    channels = [seen(voi_patch(voi, spacing_mm, size, placement))]
+    if context > 1:
+        wide = size * context
+        centre = np.asarray(placement.centre_kji) + (wide - size) / 2
+        view = replace(placement, centre_kji=centre)
+        channels.append(coarsened(seen(voi_patch(voi, spacing_mm, wide, view)), context))
+    return np.stack(channels)
 
 
 def voi_mask_patch(

@@ -605,10 +605,10 @@ def train_model(
     n_val = int(len(order) * config.validation_fraction)
     val, trn = data.subset(order[:n_val]), data.subset(order[n_val:])
     hard = min(config.hard_negatives, len(sites))
-    pool = negative_pool(everywhere, sites if hard else [], config.network)
     plain = len(trn.nodule)
     trn = trn.extended(hard)
-    mine_from = config.epochs // 2 if hard else config.epochs
+    mine_from = config.epochs // 2
+    pool = negative_pool(everywhere, sites, config.network) if hard else None
     model = build_model(config.network).to(device)
     optimiser = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=1e-4)
     steps = sum(
@@ -623,7 +623,7 @@ def train_model(
     history = []
     for epoch in range(config.epochs):
         rows = plain
-        if epoch >= mine_from:
+        if pool is not None and epoch >= mine_from:
             logits = predict_logits(model, pool, device, config.batch_size)
             trn.replace_rows(plain, pool.subset(hardest(logits, hard)))
             rows += hard

@@ -5,6 +5,7 @@ outlive the node."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import threading
@@ -174,7 +175,11 @@ def test_idle_associations_do_not_hold_the_node_up_when_it_stops(tmp_path: Path)
     assert node.process is not None
     started = time.monotonic()
     assert node.stop() == 0
-    assert time.monotonic() - started < STOP_SECONDS
+    stopped_in = time.monotonic() - started
+    log_text = config.with_name("node.log").read_text()  # where each thread stood, if late
+    assert stopped_in < STOP_SECONDS, log_text
+    assert "did not stop; killed" not in log_text
+    aborted = re.findall(r"aborting (\d+) association\(s\) still open after 5 s", log_text)
+    assert sum(map(int, aborted)) == len(idle)  # counted by the processes that held them
     wait_for(lambda: not any(assoc.is_alive() for assoc in idle), 10, "the aborts")
     assert all(assoc.is_aborted for assoc in idle)
-    assert "did not stop; killed" not in config.with_name("node.log").read_text()

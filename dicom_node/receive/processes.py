@@ -12,6 +12,7 @@ when one dies, and stop when it stops or dies.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import multiprocessing
 import os
@@ -143,11 +144,15 @@ def receive(
         if os.getppid() != parent:
             log.error("the node's process is gone; this receiving process stops")
             break
+    # Killed for taking too long, a process would leave no trace of why: shortly before,
+    # where each of its threads stands goes to the log.
+    faulthandler.dump_traceback_later(STOP_SECONDS - 1.0)
     server.shutdown()
     server.end_associations(DRAIN_SECONDS)
     report()
     handlers.receiver.close()
     db.kw["bind"].dispose()
+    faulthandler.cancel_dump_traceback_later()
 
 
 @dataclass

@@ -197,7 +197,12 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         deadline = time.monotonic() + grace_seconds
         while self.active_associations and time.monotonic() < deadline:
             time.sleep(0.1)
-        for association in self.active_associations:
+        open_ones = self.active_associations
+        if open_ones:
+            log.info(
+                "aborting %d association(s) still open after %.0f s", len(open_ones), grace_seconds
+            )
+        for association in open_ones:
             association.abort()
 
     def shutdown_request(self, request: Any) -> None:

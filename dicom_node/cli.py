@@ -61,6 +61,7 @@ def _training_config(args: argparse.Namespace) -> TrainingConfig:
             "transplanted",
             "voi_views",
             "negatives",
+            "voi_negatives",
             "hard_negatives",
             "epochs",
         )
@@ -241,6 +242,11 @@ def _training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--transplanted", type=int, help="patches of pasted real nodules")
     parser.add_argument("--voi-views", type=int, help="patches of real nodules as their VOI")
     parser.add_argument("--negatives", type=int, help="negative patches")
+    parser.add_argument(
+        "--voi-negatives",
+        type=int,
+        help="negative patches of real lung in the nodules' VOIs, away from the nodule",
+    )
     parser.add_argument(
         "--hard-negatives",
         type=int,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 
@@ -111,6 +112,62 @@ def test_training_with_real_nodules_shows_their_sources(real_nodules, capsys) ->
     assert "transplanted real nodules" in err and "real nodules as VOIs" in err
     patients = len({v.patient_id for v in real_nodules})
     assert trained.record["real_nodules"] == {"nodules": 6, "patients": patients}
+
+
+def test_voi_negatives_are_centred_away_from_the_nodule_mostly_on_dense_tissue(
+    real_nodules,  # type: ignore[no-untyped-def]
+) -> None:
+    from inference.lab.training import (
+        DENSE_HU,
+        VOI_NEGATIVE_CLEARANCE_MM,
+        voi_negative_centres,
+        voi_negative_patch,
+    )
+    from inference.transforms import NETWORK_HU_WINDOW
+
+    def seen(hu: float) -> float:  # the network's [0, 1] value of a HU
+        low, high = NETWORK_HU_WINDOW
+        return (hu - low) / (high - low)
+
+    config = NetworkConfig()
+    middle = patch_geometric_centre(np.full(3, config.patch_voxels // 2))
+    centre = np.linalg.norm(np.indices((32, 32, 32)).T - middle, axis=-1).T * config.spacing_mm
+    offering = 0
+    for voi in real_nodules:
+        spacing = np.asarray(voi.image.spacing[::-1])
+        anywhere, dense = voi_negative_centres(voi)
+        nodule = np.argwhere(voi.mask) * spacing
+        for point in anywhere[:: max(1, len(anywhere) // 50)]:
+            assert np.min(np.linalg.norm(nodule - point * spacing, axis=1)) >= (
+                VOI_NEGATIVE_CLEARANCE_MM
+            )
+        assert all(voi.image.array[tuple(p)] > DENSE_HU for p in dense)
+        if not len(dense):
+            continue
+        offering += 1
+        # The nodule at 400 HU in lung of -800 HU, what is dense besides it at 100 HU: no
+        # view shows the nodule near its centre, and most are centred on the dense tissue.
+        marked = copy.deepcopy(voi)
+        marked.image.array[...] = -800
+        marked.image.array[voi.mask] = 400
+        marked.image.array[tuple(dense.T)] = 100
+        on_dense = 0
+        for seed in range(12):
+            (patch,) = voi_negative_patch(
+                marked, np.random.default_rng(seed), 32, config.spacing_mm
+            )
+            near = patch[centre <= VOI_NEGATIVE_CLEARANCE_MM - 2 * float(spacing.max())]
+            assert near.max() < seen(100) + 0.01
+            on_dense += bool(patch[centre <= 1.25].max() > seen(-400))
+        assert on_dense >= 6
+    assert offering >= 2
+
+
+def test_training_with_voi_negatives_counts_them(real_nodules, capsys) -> None:  # type: ignore[no-untyped-def]
+    config = TrainingConfig(**{**_tiny(5).__dict__, "voi_negatives": 4})
+    trained = train_model([], config, torch.device("cpu"), real_nodules, log=lambda _: None)
+    assert "real lung around VOIs" in capsys.readouterr().err
+    assert trained.record["training_patches"]["voi_negatives"] == 4
 
 
 def _real_like_background(seed: int) -> tuple[Volume, NetworkConfig]:

@@ -3,6 +3,7 @@ mask exactly where their voxels went."""
 
 from __future__ import annotations
 
+import copy
 import shutil
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from inference.lab.transplant import (
     FEATHER_MM,
     Placement,
     paste_nodule,
+    placement_showing,
     voi_mask_patch,
     voi_patch,
 )
@@ -117,6 +119,24 @@ def test_a_voi_patch_and_its_mask_patch_agree_under_any_placement(largest) -> No
         mask = voi_mask_patch(largest, 1.25, size, placement)
         assert np.allclose(np.argwhere(mask).mean(axis=0), size / 2 - 0.5, atol=0.6)
         assert cube[mask].mean() > cube[~mask].mean() + 300
+
+
+def test_a_placement_showing_a_voi_voxel_puts_it_at_that_patch_voxel(largest) -> None:  # type: ignore[no-untyped-def]
+    """A view centred elsewhere than on the nodule: a marked spot of the VOI, away from the
+    nodule, lands where it is asked to, under any turn and flips."""
+    voi = copy.deepcopy(largest)
+    spacing = np.asarray(voi.image.spacing[::-1])
+    spot = np.array(voi.mask.shape) // 2
+    spot[1:] = (2, 2)  # a corner of the middle slice
+    assert not voi.mask[tuple(spot)]
+    near = np.linalg.norm((np.indices(voi.mask.shape).T - spot) * spacing, axis=-1).T <= 1.5
+    voi.image.array[...] = -800
+    voi.image.array[near] = 300
+    at = np.array([14.5, 17.5, 12.5])
+    for seed in range(4):
+        placement = placement_showing(voi, spot, at, 1.25, np.random.default_rng(seed))
+        cube = voi_patch(voi, 1.25, 32, placement)
+        assert np.allclose(np.argwhere(cube > -250).mean(axis=0), at, atol=0.75)
 
 
 @pytest.mark.parametrize("rated", [True, False])

@@ -10,7 +10,9 @@ positives or negatives. Negatives are the candidates the blob search finds in th
 vessels and their junctions, airway walls, pleura, fissures, scars. With ``hard_negatives``,
 the second half of training also sees, each epoch, the candidates the model then scores
 highest: on an unseen scan its false positives are the vessels it ranks among nodules, and a
-random draw of candidates holds few of those.
+random draw of candidates holds few of those. With ``voi_negatives``, real lung of other
+patients joins them: views of the nodule folder's VOIs centred away from the nodule, mostly on
+a vessel or the pleura, since two scans' lungs are all the negatives the shared cases hold.
 
 The patient-left half of each real scan's lungs never trains (:class:`LungHalves`): the
 operating point is chosen there, among vessels and pleura the network was never told are not
@@ -41,7 +43,13 @@ from inference.candidates import find_candidates
 from inference.detector import MODEL_NAME, prepare
 from inference.lab.nodule_folder import NoduleVOI, Ratings
 from inference.lab.synthesis import chest_phantom, insert_nodule, random_spec
-from inference.lab.transplant import Placement, paste_nodule, voi_input, voi_mask_patch
+from inference.lab.transplant import (
+    Placement,
+    paste_nodule,
+    placement_showing,
+    voi_input,
+    voi_mask_patch,
+)
 from inference.network import CHARACTERISTICS, COMPOSITIONS, NetworkConfig, ResMTNet, build_model
 from inference.patches import crop_cube, network_input, patch_geometric_centre
 from inference.volume import Volume
@@ -69,6 +77,8 @@ class TrainingConfig:
     transplanted: int = 2000
     voi_views: int = 1500
     negatives: int = 4000
+    #: Negative patches cut from the real nodules' VOIs away from the nodule (0: none).
+    voi_negatives: int = 0
     #: Candidates added to each epoch of the second half of training: those the model then
     #: scores highest among every candidate of the backgrounds (0: none).
     hard_negatives: int = 0
@@ -362,6 +372,40 @@ def voi_view_patch(
     return patch, mask, rated_labels(voi.ratings, offset, equivalent_diameter_mm(mask, spacing))
 
 
+#: A VOI's negative view is centred at least this far from the nodule's mask: farther than
+#: any positive view's centre lies from it (:data:`MAX_JITTER_MM`), so no centre is both.
+VOI_NEGATIVE_CLEARANCE_MM = 10.0
+#: Denser than aerated lung: vessels, airway walls, pleura, scars, what an unseen lung's false
+#: positives are made of. Most VOI negatives are centred on such a voxel.
+DENSE_HU = -600.0
+DENSE_SHARE = 0.75
+
+
+def voi_negative_centres(voi: NoduleVOI) -> tuple[np.ndarray, np.ndarray]:
+    """The VOI's voxels (k, j, i) far enough from its nodule to centre a negative view on,
+    all of them and the dense ones; empty where the VOI is mostly nodule."""
+    spacing = np.asarray(voi.image.spacing[::-1])
+    far = ndimage.distance_transform_edt(~voi.mask, sampling=spacing) >= VOI_NEGATIVE_CLEARANCE_MM
+    return np.argwhere(far), np.argwhere(far & (voi.image.array > DENSE_HU))
+
+
+def voi_negative_patch(
+    voi: NoduleVOI, rng: np.random.Generator, size: int, spacing_mm: float, context: int = 1
+) -> np.ndarray:
+    """A view of a real nodule's VOI centred away from the nodule, mostly on a vessel or the
+    pleura, turned and flipped: real lung of another patient, seen the way the VOI's positive
+    views see it (nothing above or below its slices), so that what tells the two apart is
+    what lies at the centre, not the VOI's edges. The VOI must have a centre to offer
+    (:func:`voi_negative_centres`)."""
+    anywhere, dense = voi_negative_centres(voi)
+    centres = dense if len(dense) and rng.random() < DENSE_SHARE else anywhere
+    point = centres[rng.integers(len(centres))]
+    middle = patch_geometric_centre(np.full(3, size // 2))
+    return voi_input(
+        voi, spacing_mm, size, placement_showing(voi, point, middle, spacing_mm, rng), context
+    )
+
+
 def positive_patch(
     background: Background, rng: np.random.Generator, size: int, context: int = 1
 ) -> tuple[np.ndarray, np.ndarray, Labels]:
@@ -412,7 +456,9 @@ def build_patch_set(
     size, context = config.network.patch_voxels, config.network.context
     real = config.transplanted + config.voi_views if nodules else 0
     n_pos = config.synthetic + real
-    data = PatchSet.empty(n_pos + config.negatives, size, config.network.channels)
+    voi_negatives = config.voi_negatives if nodules else 0
+    rows = n_pos + voi_negatives + config.negatives
+    data = PatchSet.empty(rows, size, config.network.channels)
     for n in tqdm(range(config.synthetic), desc="synthetic nodules", unit="patch"):
         data.put(n, *positive_patch(backgrounds[n % len(backgrounds)], rng, size, context))
     if nodules:
@@ -426,9 +472,15 @@ def build_patch_set(
         for n, v in enumerate(tqdm(order, desc="real nodules as VOIs", unit="patch")):
             spacing_mm = config.network.spacing_mm
             data.put(start + n, *voi_view_patch(nodules[v], rng, size, spacing_mm, context))
+    if voi_negatives:
+        offering = [v for v in nodules if len(voi_negative_centres(v)[0])]
+        order = rng.permutation(voi_negatives) % len(offering)
+        for n, v in enumerate(tqdm(order, desc="real lung around VOIs", unit="patch")):
+            patch = voi_negative_patch(offering[v], rng, size, config.network.spacing_mm, context)
+            data.put(n_pos + n, patch, None, None)
     sites = negative_sites(backgrounds, rng)
     pick = rng.choice(len(sites), size=config.negatives, replace=len(sites) < config.negatives)
-    data.put_negatives(n_pos, backgrounds, [sites[idx] for idx in pick], context)
+    data.put_negatives(n_pos + voi_negatives, backgrounds, [sites[idx] for idx in pick], context)
     return data, sites
 
 
@@ -659,6 +711,7 @@ def train_model(
             "transplanted": config.transplanted if nodules else 0,
             "voi_views": config.voi_views if nodules else 0,
             "negatives": config.negatives,
+            "voi_negatives": config.voi_negatives if nodules else 0,
             "hard_negatives_per_epoch": hard,
             "negative_sites": len(sites),
         },

@@ -43,6 +43,29 @@ class Placement:
         return cls(np.asarray(centre_kji, float), float(rng.uniform(0, 2 * np.pi)), flips)  # type: ignore[arg-type]
 
 
+def placement_showing(
+    voi: NoduleVOI,
+    point_kji: np.ndarray,
+    at_kji: np.ndarray,
+    spacing_mm: float,
+    rng: np.random.Generator,
+) -> Placement:
+    """A random turn and flips under which the VOI's voxel ``point_kji`` lands at voxel
+    ``at_kji`` of a patch on an isotropic ``spacing_mm`` grid: a view of the VOI centred
+    elsewhere than on its nodule (:func:`_voi_coordinates` run backwards)."""
+    turned = Placement.random(np.zeros(3), rng)
+    voi_spacing = np.asarray(voi.image.spacing[::-1])
+    centroid = np.argwhere(voi.mask).mean(axis=0)
+    offset_mm = (np.asarray(point_kji, float) - centroid) * voi_spacing
+    c, s = np.cos(turned.angle_rad), np.sin(turned.angle_rad)
+    j, i = offset_mm[1], offset_mm[2]
+    offset_mm[1], offset_mm[2] = c * j + s * i, -s * j + c * i
+    for axis, flip in enumerate(turned.flips):
+        if flip:
+            offset_mm[axis] *= -1
+    return replace(turned, centre_kji=np.asarray(at_kji, float) - offset_mm / spacing_mm)
+
+
 def noise_sigma(image: np.ndarray, box: tuple[slice, ...] | None = None) -> float:
     """The scan's noise in aerated lung: the spread of what a light blur removes."""
     region = image[box] if box is not None else image

@@ -109,7 +109,9 @@ class FileStore:
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._spares: queue.SimpleQueue[Path] = queue.SimpleQueue()
         self._spare_wanted = threading.Event()
-        self._last_wanted = -SPARE_IDLE_SECONDS
+        # A node may start in the middle of a transfer, its first instance a few ms after
+        # this: the refill waits for a first pause from here on, not from the first take.
+        self._last_wanted = time.monotonic()
         if spares:
             spare_dir = _own_spare_folder(self.root / ".spare")
             threading.Thread(

@@ -154,7 +154,7 @@ def test_voi_negatives_are_centred_away_from_the_nodule_mostly_on_dense_tissue(
         on_dense = 0
         for seed in range(12):
             (patch,) = voi_negative_patch(
-                marked, np.random.default_rng(seed), 32, config.spacing_mm
+                marked, (anywhere, dense), np.random.default_rng(seed), 32, config.spacing_mm
             )
             near = patch[centre <= VOI_NEGATIVE_CLEARANCE_MM - 2 * float(spacing.max())]
             assert near.max() < seen(100) + 0.01

@@ -383,23 +383,30 @@ DENSE_SHARE = 0.75
 
 def voi_negative_centres(voi: NoduleVOI) -> tuple[np.ndarray, np.ndarray]:
     """The VOI's voxels (k, j, i) far enough from its nodule to centre a negative view on,
-    all of them and the dense ones; empty where the VOI is mostly nodule."""
+    all of them and the dense ones; empty where the VOI is mostly nodule. Small integers:
+    a training run keeps them for every VOI."""
     spacing = np.asarray(voi.image.spacing[::-1])
     far = ndimage.distance_transform_edt(~voi.mask, sampling=spacing) >= VOI_NEGATIVE_CLEARANCE_MM
-    return np.argwhere(far), np.argwhere(far & (voi.image.array > DENSE_HU))
+    dense = far & (voi.image.array > DENSE_HU)
+    return np.argwhere(far).astype(np.int16), np.argwhere(dense).astype(np.int16)
 
 
 def voi_negative_patch(
-    voi: NoduleVOI, rng: np.random.Generator, size: int, spacing_mm: float, context: int = 1
+    voi: NoduleVOI,
+    centres: tuple[np.ndarray, np.ndarray],
+    rng: np.random.Generator,
+    size: int,
+    spacing_mm: float,
+    context: int = 1,
 ) -> np.ndarray:
     """A view of a real nodule's VOI centred away from the nodule, mostly on a vessel or the
     pleura, turned and flipped: real lung of another patient, seen the way the VOI's positive
     views see it (nothing above or below its slices), so that what tells the two apart is
-    what lies at the centre, not the VOI's edges. The VOI must have a centre to offer
-    (:func:`voi_negative_centres`)."""
-    anywhere, dense = voi_negative_centres(voi)
-    centres = dense if len(dense) and rng.random() < DENSE_SHARE else anywhere
-    point = centres[rng.integers(len(centres))]
+    what lies at the centre, not the VOI's edges. ``centres``: the VOI's
+    :func:`voi_negative_centres`, at least one."""
+    anywhere, dense = centres
+    among = dense if len(dense) and rng.random() < DENSE_SHARE else anywhere
+    point = among[rng.integers(len(among))]
     middle = patch_geometric_centre(np.full(3, size // 2))
     return voi_input(
         voi, spacing_mm, size, placement_showing(voi, point, middle, spacing_mm, rng), context
@@ -473,10 +480,13 @@ def build_patch_set(
             spacing_mm = config.network.spacing_mm
             data.put(start + n, *voi_view_patch(nodules[v], rng, size, spacing_mm, context))
     if voi_negatives:
-        offering = [v for v in nodules if len(voi_negative_centres(v)[0])]
+        around = [(v, voi_negative_centres(v)) for v in nodules]
+        offering = [(v, centres) for v, centres in around if len(centres[0])]
         order = rng.permutation(voi_negatives) % len(offering)
         for n, v in enumerate(tqdm(order, desc="real lung around VOIs", unit="patch")):
-            patch = voi_negative_patch(offering[v], rng, size, config.network.spacing_mm, context)
+            voi, centres = offering[v]
+            spacing_mm = config.network.spacing_mm
+            patch = voi_negative_patch(voi, centres, rng, size, spacing_mm, context)
             data.put(n_pos + n, patch, None, None)
     sites = negative_sites(backgrounds, rng)
     pick = rng.choice(len(sites), size=config.negatives, replace=len(sites) < config.negatives)

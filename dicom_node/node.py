@@ -40,6 +40,8 @@ from storage.files import FileStore
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.25
+#: How often the main thread looks whether a stop signal came.
+SIGNAL_CHECK_SECONDS = 0.2
 ERROR_PAUSE_SECONDS = 5.0
 
 
@@ -208,13 +210,20 @@ class Node:
         self.db.kw["bind"].dispose()
 
     def run_until_signalled(self) -> None:
+        # No lock in a handler (Event.set, logging): a second signal landing inside the
+        # first would wait for it for ever (Ctrl-C twice, a service manager's SIGTERMs).
+        signalled: list[int] = []
+
         def on_signal(signum: int, _frame: FrameType | None) -> None:
-            log.info("%s: stopping", signal.Signals(signum).name)
-            self.stopping.set()
+            signalled.append(signum)
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         self.start()
-        self.stopping.wait()
+        while not signalled and not self.stopping.is_set():
+            time.sleep(SIGNAL_CHECK_SECONDS)
+        if signalled:
+            log.info("%s: stopping", signal.Signals(signalled[0]).name)
+        self.stopping.set()
         self.stop()
         log.info("stopped")

@@ -109,10 +109,14 @@ def receive(
     """A receiving process's life: accept on the node's socket until told to stop (SIGTERM,
     SIGINT) or until the node's process is gone."""
     logs.apply()
-    stopping = threading.Event()
+    # A signal handler runs between two bytecodes of this thread, inside whatever it was
+    # doing, even inside another handler: one that takes a lock (Event.set, logging) waits
+    # for ever when a second SIGTERM lands while the first holds it. The node sends one
+    # per stop step; a list's append takes no lock.
+    signalled: list[int] = []
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
-        stopping.set()
+        signalled.append(signum)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -139,7 +143,8 @@ def receive(
             counts.put(increments)
             reported.update(totals)
 
-    while not stopping.wait(REPORT_SECONDS):
+    while not signalled:
+        time.sleep(REPORT_SECONDS)
         report()
         if os.getppid() != parent:
             log.error("the node's process is gone; this receiving process stops")

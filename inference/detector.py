@@ -246,7 +246,7 @@ class NoduleDetector:
         clock.lap("classify")
         spacing_kji = np.asarray(work.spacing[::-1])
         refined = patch_geometric_centre(centres) + outputs["offset_mm"] / spacing_kji
-        keep = self._suppress(refined * spacing_kji, scores, outputs["diameter_mm"])
+        keep = suppress_same_nodule(refined * spacing_kji, scores, outputs["diameter_mm"])
         points = work.index_to_world(refined[:, ::-1]) if len(refined) else np.zeros((0, 3))
         return ScoredCandidates(
             work, refined, points, scores, outputs["diameter_mm"], keep, _midline_x_mm(work, lungs)
@@ -314,21 +314,6 @@ class NoduleDetector:
     def _calibrate(self, logits: np.ndarray) -> np.ndarray:
         return 1.0 / (1.0 + np.exp(-logits / self.operating_point.temperature))
 
-    def _suppress(
-        self, points_mm: np.ndarray, scores: np.ndarray, diameters: np.ndarray
-    ) -> np.ndarray:
-        """Non-maximum suppression in mm: a lower-scored detection inside a higher one's
-        radius (or within 5 mm) is the same nodule."""
-        kept: list[int] = []
-        for n in np.argsort(scores)[::-1]:
-            if kept:
-                d = np.linalg.norm(points_mm[kept] - points_mm[n], axis=1)
-                radius = np.maximum(5.0, np.maximum(diameters[kept], diameters[n]) / 2.0)
-                if np.any(d < radius):
-                    continue
-            kept.append(int(n))
-        return np.array(kept, dtype=int)
-
     def _describe(
         self,
         source: Volume,
@@ -364,10 +349,17 @@ class NoduleDetector:
                     else None,
                 )
             )
-        findings.sort(key=lambda f: f.score, reverse=True)
+        # Measured from its mask, a nodule can turn out larger than the diameter head said:
+        # two survivors of the first suppression then segment one nodule. Suppressed again
+        # with the measured centres and long axes, it is reported once.
+        distinct = suppress_same_nodule(
+            np.array([f.center_mm for f in findings]).reshape(-1, 3),
+            np.array([f.score for f in findings]),
+            np.array([f.long_axis_mm for f in findings]),
+        )
         return [
-            NoduleFinding(**{**f.__dict__, "id": number})
-            for number, f in enumerate(findings, start=1)
+            NoduleFinding(**{**findings[n].__dict__, "id": number})
+            for number, n in enumerate(distinct, start=1)
         ]
 
     def _mask_on_source(
@@ -482,3 +474,19 @@ def _midline_x_mm(work: Volume, lungs: np.ndarray) -> float:
 
 def _segment(ends: np.ndarray) -> tuple[tuple[float, float], tuple[float, float]]:
     return ((float(ends[0, 0]), float(ends[0, 1])), (float(ends[1, 0]), float(ends[1, 1])))
+
+
+def suppress_same_nodule(
+    points_mm: np.ndarray, scores: np.ndarray, diameters_mm: np.ndarray
+) -> np.ndarray:
+    """Indices of the detections kept, best first. Non-maximum suppression in mm: a
+    lower-scored detection inside a higher one's radius (or within 5 mm) is the same nodule."""
+    kept: list[int] = []
+    for n in np.argsort(scores)[::-1]:
+        if kept:
+            d = np.linalg.norm(points_mm[kept] - points_mm[n], axis=1)
+            radius = np.maximum(5.0, np.maximum(diameters_mm[kept], diameters_mm[n]) / 2.0)
+            if np.any(d < radius):
+                continue
+        kept.append(int(n))
+    return np.array(kept, dtype=int)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from inference.candidates import find_candidates
-from inference.detector import prepare
+from inference.detector import prepare, suppress_same_nodule
 from inference.lab.synthesis import NoduleSpec, insert_nodule
 from inference.measure import measure
 from inference.transforms import ClipHU, ResampleToSpacing
@@ -135,6 +138,32 @@ def test_nodules_below_the_smallest_reported_size_are_not_reported() -> None:
     found = every.detect(volume).findings
     assert any(np.linalg.norm(np.subtract(f.center_mm, centre_mm)) < 6 for f in found)
     assert large_only.detect(volume).findings == []
+
+
+def test_suppression_keeps_the_best_detection_of_one_nodule_and_both_of_two() -> None:
+    """Inside a higher-scored detection's radius a detection is the same nodule; two small
+    nodules 6 mm apart are two."""
+    points = np.array([[0.0, 0.0, 0.0], [1.7, 0.0, 0.0], [30.0, 0.0, 0.0], [36.0, 0.0, 0.0]])
+    scores = np.array([0.9, 0.99, 0.8, 0.7])
+    diameters = np.array([25.0, 25.0, 6.0, 6.0])
+    assert suppress_same_nodule(points, scores, diameters).tolist() == [1, 2, 3]
+
+
+def test_a_large_nodule_is_reported_once(lidc_root: Path) -> None:
+    """LIDC-IDRI-0002's 23 mm ground-glass nodule draws candidates 10 mm apart whose diameter
+    heads say 16-19 mm, so both pass the first suppression; their masks each take in the
+    whole nodule. No finding may lie inside another's extent."""
+    from dicom_node.pipeline.series import read_series
+    from inference.detector import DEFAULT_WEIGHTS, NoduleDetector
+
+    if not DEFAULT_WEIGHTS.exists():
+        pytest.skip("shipped weights missing")
+    (series,), _, _ = read_series([lidc_root / "LIDC-IDRI-0002"])
+    findings = NoduleDetector.from_weights(DEFAULT_WEIGHTS, "cpu").detect(series.volume).findings
+    assert findings
+    for a, b in itertools.combinations(findings, 2):
+        apart = np.linalg.norm(np.subtract(a.center_mm, b.center_mm))
+        assert apart >= max(a.long_axis_mm, b.long_axis_mm) / 2, (a.id, b.id, apart)
 
 
 def test_flipped_scoring_gives_a_mirrored_scan_the_same_scores() -> None:

@@ -63,7 +63,6 @@ def _training_config(args: argparse.Namespace) -> TrainingConfig:
             "negatives",
             "voi_negatives",
             "hard_negatives",
-            "lung_split",
             "epochs",
         )
         if getattr(args, name, None) is not None
@@ -253,13 +252,6 @@ def _training_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         help="candidates added to each epoch of the second half: those the model then scores "
         "highest",
-    )
-    parser.add_argument(
-        "--lung-split",
-        choices=("halves", "quadrants"),
-        help="which part of each scan's lungs trains and which calibrates: the patient's right "
-        "and left halves (the default), or diagonal quadrants (right upper and left lower "
-        "train)",
     )
     parser.add_argument("--epochs", type=int)
     parser.add_argument(

@@ -180,45 +180,28 @@ def _real_like_background(seed: int) -> tuple[Volume, NetworkConfig]:
     return Volume(image, (-150.0, -125.0, 0.0), (s, s, s), np.eye(3)), config
 
 
-@pytest.mark.parametrize("split", ["halves", "quadrants"])
-def test_the_calibrating_part_of_a_real_scan_never_trains(split: str) -> None:
+def test_the_calibrating_half_of_a_real_scan_never_trains() -> None:
     from inference.lab.training import _nodule_site, make_background
 
     volume, config = _real_like_background(0)
-    background = make_background(volume, np.zeros((0, 3)), config, split)
+    background = make_background(volume, np.zeros((0, 3)), config)
     halves = background.halves
-    assert halves is not None and (halves.split_z_mm is None) == (split == "halves")
+    assert halves is not None
     lung = np.argwhere(background.lungs[::4, ::4, ::4]) * 4
     lung_mm = background.work.index_to_world(lung[:, ::-1].astype(float))
-    # About half of the lungs' voxels calibrate.
+    # Half of the lungs' voxels on each side of the plane.
     assert 0.4 < halves.calibrates(lung_mm).mean() < 0.6
     allowed = background.allowed(lung)
     assert allowed.any()
-    # No training patch is centred in the calibrating part, nor close enough to reach it:
-    # each corner of the 40 mm square around it (in x and z) lies outside that part.
-    for dx in (-20.0, 20.0):
-        for dz in (-20.0, 20.0):
-            assert not halves.calibrates(lung_mm[allowed] + [dx, 0.0, dz]).any()
-    if split == "quadrants":
-        # Both lungs train: the anatomy of either side is met in training.
-        x_mm = lung_mm[allowed, 0]
-        assert (x_mm < halves.split_x_mm).any() and (x_mm > halves.split_x_mm).any()
+    # No training patch is centred in the calibrating half, nor close enough to reach it.
+    assert np.all(lung_mm[allowed, 0] < halves.split_x_mm - 20.0)
     rng = np.random.default_rng(1)
     sites = np.array([_nodule_site(background, rng) for _ in range(30)])
     sites_mm = background.work.index_to_world(sites[:, ::-1].astype(float))
     assert not halves.calibrates(sites_mm).any() and halves.trains(sites_mm).all()
 
 
-def test_an_unknown_lung_split_is_named() -> None:
-    from inference.lab.training import make_background
-
-    volume, config = _real_like_background(0)
-    with pytest.raises(ValueError, match="lung split 'thirds': expected one of halves, quadrants"):
-        make_background(volume, np.zeros((0, 3)), config, "thirds")
-
-
-@pytest.mark.parametrize("split", ["halves", "quadrants"])
-def test_calibration_counts_only_the_calibrating_part(split: str) -> None:
+def test_calibration_counts_only_the_calibrating_half() -> None:
     from inference.detector import NoduleDetector, OperatingPoint, prepare
     from inference.findings import ModelInfo
     from inference.lab.experiments import Case, calibration_outcomes
@@ -229,9 +212,9 @@ def test_calibration_counts_only_the_calibrating_part(split: str) -> None:
     detector = NoduleDetector(
         trained.model, OperatingPoint(threshold=0.0), ModelInfo("m", "0", "t"), torch.device("cpu")
     )
-    outcomes = calibration_outcomes(detector, [Case("phantom", volume, ())], 3, (), split)
+    outcomes = calibration_outcomes(detector, [Case("phantom", volume, ())], 3, ())
     work, lungs = prepare(volume, config.spacing_mm)
-    halves = LungHalves.of(work, lungs, config.patch_voxels * config.spacing_mm, split)
+    halves = LungHalves.of(work, lungs, config.patch_voxels * config.spacing_mm)
     assert outcomes and all(len(o.scores) for o in outcomes)
     for outcome in outcomes:
         assert halves.calibrates(outcome.points_mm).all()

@@ -59,9 +59,7 @@ def train(
         f"training on {len(cases)} scan(s) + phantoms and {len(learn)} real nodule(s), "
         f"device {device}"
     )
-    backgrounds = [
-        make_background(c.volume, c.avoid_mm, config.network, config.lung_split) for c in cases
-    ]
+    backgrounds = [make_background(c.volume, c.avoid_mm, config.network) for c in cases]
     trained = train_model(backgrounds, config, device, learn)
     model, record, temperature = trained.model, trained.record, trained.temperature
     detector = NoduleDetector(
@@ -70,7 +68,7 @@ def train(
         ModelInfo(MODEL_NAME, __version__, "unsaved"),
         device,
     )
-    outcomes = calibration_outcomes(detector, cases, config.seed + 1, calibrate, config.lung_split)
+    outcomes = calibration_outcomes(detector, cases, config.seed + 1, calibrate)
     threshold = choose_threshold(outcomes, fp_per_scan, min_diameter_mm)
     operating_point = {
         "threshold": threshold,

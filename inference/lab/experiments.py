@@ -159,11 +159,7 @@ CALIBRATION_SCANS, CALIBRATION_NODULES = 3, 4
 
 
 def calibration_outcomes(
-    detector: NoduleDetector,
-    cases: list[Case],
-    seed: int,
-    real: Sequence[NoduleVOI],
-    lung_split: str = "halves",
+    detector: NoduleDetector, cases: list[Case], seed: int, real: Sequence[NoduleVOI]
 ) -> list[ScanOutcome]:
     """Fresh scans of ``cases`` holding synthetic nodules and the ``real`` ones (calibration
     patients'), scored in the calibrating half of their lungs, where no training patch lay:
@@ -172,8 +168,7 @@ def calibration_outcomes(
     halves = {}
     for case in cases:
         work, lungs = prepare(case.volume, config.spacing_mm)
-        patch_mm = config.patch_voxels * config.spacing_mm
-        halves[case.name] = LungHalves.of(work, lungs, patch_mm, lung_split)
+        halves[case.name] = LungHalves.of(work, lungs, config.patch_voxels * config.spacing_mm)
     outcomes, _ = synthetic_outcomes(
         detector,
         cases,

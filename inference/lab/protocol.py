@@ -200,9 +200,7 @@ def cross_case(
         if held_out_names and held_out.name not in held_out_names:
             continue
         others = [c for c in cases if c.name != held_out.name]
-        backgrounds = [
-            make_background(c.volume, c.avoid_mm, config.network, config.lung_split) for c in others
-        ]
+        backgrounds = [make_background(c.volume, c.avoid_mm, config.network) for c in others]
         for seed in seeds:
             seeded = TrainingConfig(**{**config.__dict__, "seed": seed})
             trained = train_model(backgrounds, seeded, device, learn)
@@ -212,9 +210,7 @@ def cross_case(
                 ModelInfo(MODEL_NAME, "cross-case", f"seed {seed}"),
                 device,
             )
-            calibration = calibration_outcomes(
-                detector, others, seed + 1, calibrate, config.lung_split
-            )
+            calibration = calibration_outcomes(detector, others, seed + 1, calibrate)
             outcome, _ = score_scan(
                 detector, held_out.volume, list(held_out.references), held_out.name, False
             )

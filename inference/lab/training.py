@@ -82,8 +82,6 @@ class TrainingConfig:
     #: Candidates added to each epoch of the second half of training: those the model then
     #: scores highest among every candidate of the backgrounds (0: none).
     hard_negatives: int = 0
-    #: How each real scan's lungs are shared between training and calibration.
-    lung_split: str = "halves"
     phantoms: int = 2
     epochs: int = 10
     batch_size: int = 32
@@ -92,50 +90,27 @@ class TrainingConfig:
     network: NetworkConfig = field(default_factory=lambda: NetworkConfig(rating_heads=True))
 
 
-#: How a real scan's lungs are shared between training and calibration (:class:`LungHalves`).
-LUNG_SPLITS = ("halves", "quadrants")
-
-
 @dataclass(frozen=True)
 class LungHalves:
     """The lungs cut by a sagittal plane through their median voxel: the patient's right
-    half trains, the left half (half of the lungs' voxels) calibrates. With ``split_z_mm``
-    (``quadrants``) an axial plane through the median voxel cuts them again and the
-    diagonal quadrants share the roles: the right lung's upper and the left lung's lower part
-    train, the other two calibrate, so that the anatomy of both sides (the aortic arch and
-    the left heart border are on the left) is met in training and in calibration."""
+    half trains, the left half (half of the lungs' voxels) calibrates."""
 
     split_x_mm: float  # LPS x of the plane; patient left lies above it
-    #: Training patches are centred at least this far from a plane: half a patch, so that
-    #: none reaches into the calibrating part.
+    #: Training patches are centred at least this far right of the plane: half a patch, so
+    #: that none reaches into the calibrating half.
     margin_mm: float
-    split_z_mm: float | None = None  # LPS z of the axial plane; superior lies above it
 
     @classmethod
-    def of(
-        cls, work: Volume, lungs: np.ndarray, patch_mm: float, split: str = "halves"
-    ) -> LungHalves:
-        if split not in LUNG_SPLITS:
-            raise ValueError(f"lung split {split!r}: expected one of {', '.join(LUNG_SPLITS)}")
+    def of(cls, work: Volume, lungs: np.ndarray, patch_mm: float) -> LungHalves:
         voxels = np.argwhere(lungs[::2, ::2, ::2]) * 2
-        mm = work.index_to_world(voxels[:, ::-1].astype(float))
-        z_mm = float(np.median(mm[:, 2])) if split == "quadrants" else None
-        return cls(float(np.median(mm[:, 0])), patch_mm / 2.0, z_mm)
+        x_mm = work.index_to_world(voxels[:, ::-1].astype(float))[:, 0]
+        return cls(float(np.median(x_mm)), patch_mm / 2.0)
 
     def trains(self, points_mm: np.ndarray) -> np.ndarray:
-        x, z, m = np.asarray(points_mm)[:, 0], np.asarray(points_mm)[:, 2], self.margin_mm
-        right = x < self.split_x_mm - m
-        if self.split_z_mm is None:
-            return right
-        left = x > self.split_x_mm + m
-        return (right & (z > self.split_z_mm + m)) | (left & (z < self.split_z_mm - m))
+        return np.asarray(points_mm)[:, 0] < self.split_x_mm - self.margin_mm
 
     def calibrates(self, points_mm: np.ndarray) -> np.ndarray:
-        x, z = np.asarray(points_mm)[:, 0], np.asarray(points_mm)[:, 2]
-        left = x >= self.split_x_mm
-        if self.split_z_mm is None:
-            return left
-        return left == (z >= self.split_z_mm)
+        return np.asarray(points_mm)[:, 0] >= self.split_x_mm
 
 
 #: The share of each scan's lungs that calibrates: a false-positive budget per scan is this
@@ -192,17 +167,15 @@ def aerated_lung(image: np.ndarray, lungs: np.ndarray, step: int = 1) -> np.ndar
     return np.argwhere(lungs[sub] & (image[sub] < AERATED_HU)) * step
 
 
-def make_background(
-    volume: Volume, avoid_mm: np.ndarray, config: NetworkConfig, split: str = "halves"
-) -> Background:
-    """A real scan as a background: only its lungs' training part trains."""
+def make_background(volume: Volume, avoid_mm: np.ndarray, config: NetworkConfig) -> Background:
+    """A real scan as a background: only its lungs' training half trains."""
     work, lungs = prepare(volume, config.spacing_mm)
     avoid = (
         work.world_to_index(np.asarray(avoid_mm).reshape(-1, 3))[:, ::-1]
         if len(avoid_mm)
         else np.zeros((0, 3))
     )
-    halves = LungHalves.of(work, lungs, config.patch_voxels * config.spacing_mm, split)
+    halves = LungHalves.of(work, lungs, config.patch_voxels * config.spacing_mm)
     return Background(work, lungs, avoid, halves)
 
 

@@ -130,6 +130,37 @@ def test_only_calcium_the_head_also_sees_makes_a_nodule_benign(
     )
 
 
+@pytest.mark.parametrize(
+    ("core_radius_mm", "probability", "category"),
+    [(5.6, 0.1, "1"), (5.6, None, "1"), (4.5, 0.1, "4A")],
+)
+def test_a_lesion_calcium_nearly_throughout_is_benign_whatever_the_head_says(
+    core_radius_mm: float, probability: float | None, category: str
+) -> None:
+    """Diffuse calcification (or a contrast-filled vessel) is never a suspicious solid
+    nodule; calcium in less of it still needs the head's word."""
+    from inference.detector import finding_from_mask
+    from inference.findings import DENSE_CALCIUM_PERCENT
+    from inference.volume import Volume
+
+    spacing = (0.7, 0.7, 0.7)
+    mask = _ellipsoid((6.0, 6.0, 6.0), spacing)
+    core = _ellipsoid((core_radius_mm,) * 3, spacing)
+    hu = np.where(core, 600.0, np.where(mask, 35.0, -850.0)).astype(np.float32)
+    finding = finding_from_mask(
+        Volume(hu, (0.0, 0.0, 0.0), spacing, np.eye(3)),
+        mask,
+        (0, 0, 0),
+        score=0.9,
+        composition="solid",
+        malignancy_probability=0.6,
+        calcification_probability=probability,
+    )
+    dense = finding.calcified_volume_percent >= DENSE_CALCIUM_PERCENT
+    assert dense == (category == "1")
+    assert finding.lung_rads == category and finding.calcified == dense
+
+
 @pytest.mark.parametrize("diameter", [6.0, 12.0])
 def test_half_maximum_edge_trims_a_generous_mask_to_the_true_size(diameter: float) -> None:
     """A blurred sphere outlined 1 mm too wide (as LIDC's readers outline) measures its

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from inference.findings import NoduleFinding
 from inference.lungrads import lung_rads_category
 from inference.measure import axial_axes, half_maximum_edge, measure
 
@@ -99,6 +100,30 @@ def test_a_benign_calcification_is_lung_rads_1_whatever_its_size() -> None:
     assert lung_rads_category("solid", 12.0, 12.0, calcified=False) == "4A"
 
 
+def _cored_nodule(
+    core_radius_mm: float, core_hu: float, probability: float | None
+) -> tuple[NoduleFinding, np.ndarray, np.ndarray]:
+    """A 12 mm solid nodule (35 HU) in lung with a central core of ``core_hu``, measured as
+    the detector measures a finding; with its mask and core."""
+    from inference.detector import finding_from_mask
+    from inference.volume import Volume
+
+    spacing = (0.7, 0.7, 0.7)
+    mask = _ellipsoid((6.0, 6.0, 6.0), spacing)
+    core = _ellipsoid((core_radius_mm,) * 3, spacing)
+    hu = np.where(core, core_hu, np.where(mask, 35.0, -850.0)).astype(np.float32)
+    finding = finding_from_mask(
+        Volume(hu, (0.0, 0.0, 0.0), spacing, np.eye(3)),
+        mask,
+        (0, 0, 0),
+        score=0.9,
+        composition="solid",
+        malignancy_probability=0.1,
+        calcification_probability=probability,
+    )
+    return finding, mask, core
+
+
 @pytest.mark.parametrize(
     ("core_hu", "probability", "category"),
     [(600.0, 0.9, "1"), (600.0, 0.2, "4A"), (40.0, 0.9, "4A")],
@@ -107,23 +132,7 @@ def test_only_calcium_the_head_also_sees_makes_a_nodule_benign(
     core_hu: float, probability: float, category: str
 ) -> None:
     """Lung-RADS 1 needs both: calcium in the voxels and the calcification head's word."""
-    from inference.detector import finding_from_mask
-    from inference.volume import Volume
-
-    spacing = (0.7, 0.7, 0.7)
-    mask = _ellipsoid((6.0, 6.0, 6.0), spacing)
-    core = _ellipsoid((3.5, 3.5, 3.5), spacing)
-    hu = np.where(core, core_hu, np.where(mask, 35.0, -850.0)).astype(np.float32)
-    volume = Volume(hu, (0.0, 0.0, 0.0), spacing, np.eye(3))
-    finding = finding_from_mask(
-        volume,
-        mask,
-        (0, 0, 0),
-        score=0.9,
-        composition="solid",
-        malignancy_probability=0.1,
-        calcification_probability=probability,
-    )
+    finding, mask, core = _cored_nodule(3.5, core_hu, probability)
     assert finding.lung_rads == category
     assert finding.calcified_volume_percent == pytest.approx(
         100.0 * (core.sum() if core_hu > 200 else 0) / mask.sum(), abs=0.1
@@ -139,23 +148,9 @@ def test_a_lesion_calcium_nearly_throughout_is_benign_whatever_the_head_says(
 ) -> None:
     """Diffuse calcification (or a contrast-filled vessel) is never a suspicious solid
     nodule; calcium in less of it still needs the head's word."""
-    from inference.detector import finding_from_mask
     from inference.findings import DENSE_CALCIUM_PERCENT
-    from inference.volume import Volume
 
-    spacing = (0.7, 0.7, 0.7)
-    mask = _ellipsoid((6.0, 6.0, 6.0), spacing)
-    core = _ellipsoid((core_radius_mm,) * 3, spacing)
-    hu = np.where(core, 600.0, np.where(mask, 35.0, -850.0)).astype(np.float32)
-    finding = finding_from_mask(
-        Volume(hu, (0.0, 0.0, 0.0), spacing, np.eye(3)),
-        mask,
-        (0, 0, 0),
-        score=0.9,
-        composition="solid",
-        malignancy_probability=0.6,
-        calcification_probability=probability,
-    )
+    finding, _, _ = _cored_nodule(core_radius_mm, 600.0, probability)
     dense = finding.calcified_volume_percent >= DENSE_CALCIUM_PERCENT
     assert dense == (category == "1")
     assert finding.lung_rads == category and finding.calcified == dense

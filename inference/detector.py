@@ -16,7 +16,7 @@ from inference.candidates import bounding_box, find_candidates
 from inference.findings import CALCIUM_HU, ModelInfo, NoduleFinding
 from inference.lungrads import lung_rads_category
 from inference.lungs import segment_lungs
-from inference.measure import axial_axes, half_maximum_edge, measure
+from inference.measure import SOLID_PART_HU, axial_axes, measure, measured_voxels
 from inference.network import CHARACTERISTICS, COMPOSITIONS, NetworkConfig, ResMTNet, build_model
 from inference.patches import network_input, patch_geometric_centre
 from inference.transforms import NETWORK_HU_WINDOW, ClipHU, Compose, ResampleToSpacing
@@ -40,8 +40,6 @@ EMPTY_OUTPUT_SHAPES = {
     "calcification_logit": (),
     "characteristics": (len(CHARACTERISTICS),),
 }
-#: HU from which a voxel of a nodule counts as its solid part (Lung-RADS part-solid rule).
-SOLID_PART_HU = -300.0
 
 
 #: With ``OperatingPoint.flips``: how many candidates per scan, the best by their unflipped
@@ -424,8 +422,7 @@ def finding_from_mask(
     k0, j0, i0 = origin_kji
     box = np.s_[k0 : k0 + mask.shape[0], j0 : j0 + mask.shape[1], i0 : i0 + mask.shape[2]]
     hu = source.array[box]
-    if composition == "solid":
-        mask = half_maximum_edge(mask, hu)
+    mask = measured_voxels(mask, hu, composition)
     spacing_kji = (source.spacing[2], source.spacing[1], source.spacing[0])
     m = measure(mask, hu, spacing_kji)
     solid = axial_axes(mask[m.axial_slice] & (hu[m.axial_slice] >= SOLID_PART_HU), spacing_kji[1:])

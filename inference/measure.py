@@ -106,6 +106,8 @@ def measure(
     )
 
 
+#: HU from which a voxel of a nodule counts as its solid part (Lung-RADS part-solid rule).
+SOLID_PART_HU = -300.0
 #: Around a nodule, voxels denser than this are vessels or chest wall, not the lung whose
 #: density sets the edge.
 LUNG_MAX_HU = -500.0
@@ -142,3 +144,29 @@ def half_maximum_edge(mask: np.ndarray, hu: np.ndarray) -> np.ndarray:
         sizes = ndimage.sum_labels(trimmed, labels, np.arange(1, count + 1))
         trimmed = labels == int(np.argmax(sizes)) + 1
     return trimmed
+
+
+#: Of the voxels the half-maximum edge takes off a nodule, the share that must touch what it
+#: keeps for them to be the blurred rim of a solid edge rather than a ground-glass part.
+EDGE_RIM_SHARE = 0.95
+
+
+def measured_voxels(mask: np.ndarray, hu: np.ndarray, composition: str) -> np.ndarray:
+    """The voxels a nodule's size and volume are taken on: its half-maximum edge when it is
+    solid, or when its voxels say so although the composition head did not.
+
+    The head calls some small solid nodules part-solid or ground-glass (partial volume makes
+    their rim look like ground glass); measured untrimmed, such a 6 mm nodule came out 70 %
+    larger than in a scan where the head called it solid, and its volume doubling time
+    wrong by as much. A solid core (median at least SOLID_PART_HU) whose trimmed-off voxels
+    all but touch it is a solid nodule's blurred rim; a real ground-glass part lies further
+    out and is kept.
+    """
+    trimmed = half_maximum_edge(mask, hu)
+    if composition == "solid":
+        return trimmed
+    removed = mask & ~trimmed
+    if not trimmed.any() or not removed.any() or np.median(hu[trimmed]) < SOLID_PART_HU:
+        return mask
+    rim = ndimage.binary_dilation(trimmed, structure=np.ones((3, 3, 3), dtype=bool))
+    return trimmed if (removed & rim).sum() >= EDGE_RIM_SHARE * removed.sum() else mask

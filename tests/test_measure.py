@@ -8,7 +8,7 @@ from scipy import ndimage
 
 from inference.findings import NoduleFinding
 from inference.lungrads import lung_rads_category
-from inference.measure import axial_axes, half_maximum_edge, measure
+from inference.measure import axial_axes, half_maximum_edge, measure, measured_voxels
 
 
 def _ellipsoid(
@@ -168,6 +168,37 @@ def test_half_maximum_edge_trims_a_generous_mask_to_the_true_size(diameter: floa
     assert trimmed.sum() < generous.sum()
     assert trimmed.sum() == pytest.approx(truth.sum(), rel=0.06)
     assert not (trimmed & ~generous).any()  # only removes voxels
+
+
+@pytest.mark.parametrize("composition", ["part-solid", "ground-glass"])
+def test_a_small_solid_nodule_the_head_calls_subsolid_is_measured_as_solid(
+    composition: str,
+) -> None:
+    """Partial volume makes a small solid nodule's rim look like ground glass; whatever the
+    head calls it, its volume is the solid one, or its growth between two scans is wrong."""
+    spacing = (0.7, 0.7, 0.7)
+    truth = _ellipsoid((3.0,) * 3, spacing)
+    hu = ndimage.gaussian_filter(np.where(truth, 30.0, -860.0), 1.0)
+    generous = _ellipsoid((4.0,) * 3, spacing)
+    measured = measured_voxels(generous, hu, composition)
+    assert measured.sum() == pytest.approx(truth.sum(), rel=0.06)
+    assert (measured == half_maximum_edge(generous, hu)).all()
+
+
+@pytest.mark.parametrize(
+    ("core_hu", "composition"), [(30.0, "part-solid"), (-550.0, "ground-glass")]
+)
+def test_a_ground_glass_part_is_kept_in_the_measured_volume(
+    core_hu: float, composition: str
+) -> None:
+    """A part-solid nodule's ground glass lies millimetres outside its solid core, and a
+    ground-glass nodule has no solid core: neither is cut down to half-maximum."""
+    spacing = (0.7, 0.7, 0.7)
+    outline = _ellipsoid((6.0,) * 3, spacing)
+    core = _ellipsoid((2.5,) * 3, spacing)
+    hu = ndimage.gaussian_filter(np.where(core, core_hu, np.where(outline, -550.0, -860.0)), 1.0)
+    assert (measured_voxels(outline, hu, composition) == outline).all()
+    assert half_maximum_edge(outline, hu).sum() < outline.sum()  # what solid would measure
 
 
 def test_half_maximum_edge_leaves_a_mask_inside_the_chest_wall_alone() -> None:

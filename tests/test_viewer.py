@@ -203,6 +203,8 @@ def test_ohif_shows_the_study_with_the_nodes_results(
     apart = all(covered[a].isdisjoint(covered[b]) for a in covered for b in covered if a < b)
     if apart:
         assert len(set(report["segSlices"])) == len(diameters), report["segSlices"]
+    # At this zoom (about 2.9 screen pixels per mm) the smallest reported nodule, 4 mm,
+    # covers about 100 pixels on its central slice.
     for segment in range(1, len(diameters) + 1):
-        overlay = _annotation_pixels(SHOTS / f"ohif-seg-{segment}.png")
-        assert overlay > plain + 300, f"segment {segment} not overlaid"
+        overlay = _drawn_over(SHOTS / f"ohif-seg-{segment}.png", SHOTS / "ohif-ct.png")
+        assert overlay >= 50, f"segment {segment} not overlaid ({overlay} px)"

@@ -83,6 +83,9 @@ try {
   report.segSlices = [];
   for (let segment = 1; segment < measurements + 1; segment++) {
     await page.getByText(segmentLabels[segment - 1], { exact: true }).last().click();
+    // Off the panel: the pointer left on a segment's row opens OHIF's statistics popover,
+    // which would cover the viewport (and the overlay) in the screenshot.
+    await page.mouse.move(800, 990);
     await page.waitForTimeout(4000);
     const text = await page.locator("body").innerText();
     report.segSlices.push((text.match(/I:\s*(\d+) \(/) || [])[1] || "");

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from inference.findings import NoduleFinding
+from inference.findings import DENSE_CALCIUM_PERCENT, NoduleFinding
 from inference.lungrads import lung_rads_category
 from inference.measure import axial_axes, half_maximum_edge, measure, measured_voxels
 
@@ -148,8 +148,6 @@ def test_a_lesion_calcium_nearly_throughout_is_benign_whatever_the_head_says(
 ) -> None:
     """Diffuse calcification (or a contrast-filled vessel) is never a suspicious solid
     nodule; calcium in less of it still needs the head's word."""
-    from inference.findings import DENSE_CALCIUM_PERCENT
-
     finding, _, _ = _cored_nodule(core_radius_mm, 600.0, probability)
     dense = finding.calcified_volume_percent >= DENSE_CALCIUM_PERCENT
     assert dense == (category == "1")

@@ -21,6 +21,7 @@ JUXTAPLEURAL_CLOSING_MM = 20.0
 #: (through the airways, or at the anterior and posterior junction lines).
 PARTING_STEP_MM = 2.5
 PARTING_MAX_MM = 25.0
+PARTING_SUBSAMPLE = 2
 
 
 def segment_lungs(volume: Volume, device: torch.device | None = None) -> np.ndarray:
@@ -56,10 +57,13 @@ def segment_lungs(volume: Volume, device: torch.device | None = None) -> np.ndar
         parts.append(labels == keep[1])
     lungs = np.zeros_like(air)
     for part in parts:
-        closed = ball_closing(part, spacing, JUXTAPLEURAL_CLOSING_MM, device)
+        # A closing never reaches past its set's bounding box: closing the box alone is
+        # the same and costs half as much for one lung.
+        (box,) = ndimage.find_objects(part.astype(np.int8))
+        closed = ball_closing(part[box], spacing, JUXTAPLEURAL_CLOSING_MM, device)
         for k in range(closed.shape[0]):
             closed[k] = ndimage.binary_fill_holes(closed[k])
-        lungs |= closed
+        lungs[box] |= closed
     return lungs
 
 
@@ -67,9 +71,14 @@ def parted_lungs(air: np.ndarray, spacing_kji: Sequence[float]) -> list[np.ndarr
     """One air component cut into the two lungs it holds: the shallowest erosion that leaves
     two cores of lung size (the trachea's core is smaller) gives the seeds, and each voxel
     goes to its nearer core. A component that no erosion parts (one lung, or lungs fused
-    over a long stretch) stays whole."""
-    depth = ndimage.distance_transform_edt(air, sampling=spacing_kji)
-    voxel_ml = float(np.prod(spacing_kji)) / 1000.0
+    over a long stretch) stays whole. The cut is found on a grid :data:`PARTING_SUBSAMPLE`
+    times coarser: where two lungs meet, a voxel more or less on either side changes nothing,
+    and the distance transforms cost an eighth."""
+    step = PARTING_SUBSAMPLE
+    coarse = air[::step, ::step, ::step]
+    spacing = np.asarray(spacing_kji, dtype=float) * step
+    depth = ndimage.distance_transform_edt(coarse, sampling=spacing)
+    voxel_ml = float(np.prod(spacing)) / 1000.0
     for level in np.arange(PARTING_STEP_MM, PARTING_MAX_MM + 1e-6, PARTING_STEP_MM):
         cores, n = ndimage.label(depth > level)
         if n < 2:
@@ -80,8 +89,11 @@ def parted_lungs(air: np.ndarray, spacing_kji: Sequence[float]) -> list[np.ndarr
             continue
         seeds = np.where(np.isin(cores, two + 1), cores, 0)
         _, nearest = ndimage.distance_transform_edt(
-            seeds == 0, sampling=spacing_kji, return_indices=True
+            seeds == 0, sampling=spacing, return_indices=True
         )
         owner = seeds[tuple(nearest)]
+        for axis in range(3):
+            owner = owner.repeat(step, axis=axis)
+        owner = owner[: air.shape[0], : air.shape[1], : air.shape[2]]
         return [air & (owner == label) for label in two + 1]
     return [air]

@@ -83,40 +83,6 @@ def test_lung_mask_holds_the_nodule_and_candidates_find_it(composition: str) -> 
     assert np.linalg.norm(points - centre_mm, axis=1).min() < 5.0
 
 
-def _chest_with_touching_lungs() -> tuple[Volume, dict[str, tuple[int, int, int]]]:
-    """Two lungs joined by thin air strips in front of and behind an 80 mm mediastinum (the
-    junction lines), a 12 mm nodule on the left lung's mediastinal surface, and stomach gas
-    under the diaphragm; 2.5 mm voxels. Returns the volume and named voxels (k, j, i)."""
-    k, j, i = np.ogrid[:80, :112, :160]
-    hu = np.full((80, 112, 160), -1000.0, dtype=np.float32)
-    hu[np.broadcast_to(((j - 56) / 50) ** 2 + ((i - 80) / 76) ** 2 <= 1, hu.shape)] = 40.0
-    for centre in (40, 120):
-        hu[((k - 48) / 24) ** 2 + ((j - 56) / 36) ** 2 + ((i - centre) / 24) ** 2 <= 1] = -850.0
-    for strip in (30, 82):  # anterior and posterior junction lines, 5 mm thick
-        hu[36:60, strip : strip + 2, 50:110] = -850.0
-    hu[((k - 48) ** 2 + (j - 56) ** 2 + (i - 62) ** 2) * 2.5**2 <= 6.0**2] = 40.0
-    hu[((k - 10) / 6) ** 2 + ((j - 60) / 12) ** 2 + ((i - 110) / 16) ** 2 <= 1] = -1000.0
-    points = {"mediastinum": (48, 56, 80), "nodule": (48, 56, 62), "stomach": (10, 60, 110)}
-    return Volume(hu, (0.0, 0.0, 0.0), (2.5, 2.5, 2.5), np.eye(3)), points
-
-
-def test_lung_mask_leaves_out_the_mediastinum_between_touching_lungs() -> None:
-    from inference.lungs import segment_lungs
-
-    volume, points = _chest_with_touching_lungs()
-    lungs = segment_lungs(volume)
-    assert not lungs[points["mediastinum"]]
-    assert lungs[points["nodule"]]
-    assert lungs[48, 56, 40] and lungs[48, 56, 120]
-
-
-def test_lung_mask_leaves_out_bowel_gas_when_the_lungs_touch() -> None:
-    from inference.lungs import segment_lungs
-
-    volume, points = _chest_with_touching_lungs()
-    assert not segment_lungs(volume)[points["stomach"]]
-
-
 def test_synthetic_nodule_truth_has_its_size() -> None:
     spec = NoduleSpec(12.0, "solid", "round", 0.4, 40.0, -550.0, seed=1)
     volume, mask, _ = _phantom_with_nodule(spec)

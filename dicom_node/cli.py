@@ -63,6 +63,7 @@ def _training_config(args: argparse.Namespace) -> TrainingConfig:
             "negatives",
             "voi_negatives",
             "hard_negatives",
+            "rotations",
             "epochs",
         )
         if getattr(args, name, None) is not None
@@ -252,6 +253,11 @@ def _training_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         help="candidates added to each epoch of the second half: those the model then scores "
         "highest",
+    )
+    parser.add_argument(
+        "--rotations",
+        type=float,
+        help="share of training patches turned to a random 3D orientation in each batch",
     )
     parser.add_argument("--epochs", type=int)
     parser.add_argument(

@@ -6,9 +6,10 @@ import random
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from inference.blocks import ResidualBlock3d
-from inference.lab.training import augment, multitask_loss, seed_everything
+from inference.lab.training import augment, multitask_loss, rotate, seed_everything
 from inference.network import COMPOSITIONS, NetworkConfig, build_model
 from inference.patches import patch_geometric_centre
 
@@ -98,3 +99,36 @@ def test_with_context_the_network_reads_two_channels() -> None:
         out = model(torch.rand(2, 2, p, p, p))
     assert out.nodule_logit.shape == (2,)
     assert out.mask_logits is not None and out.mask_logits.shape == (2, 1, p, p, p)
+
+
+def test_rotation_turns_offsets_and_masks_with_the_image() -> None:
+    p = 32
+    batch = _toy_batch(p, 2)
+    middle = patch_geometric_centre(np.full(3, p // 2))
+    grid = np.stack(np.meshgrid(*[np.arange(p)] * 3, indexing="ij"), axis=-1).astype(float)
+    centre = middle + np.array([4.0, -2.5, 1.5])
+    blob = np.exp(-np.sum((grid - centre) ** 2, axis=-1) / (2 * 1.5**2)).astype(np.float32)
+    batch["patches"] = torch.from_numpy(np.stack([blob, blob]))[:, None]
+    batch["masks"] = torch.from_numpy(np.stack([blob, blob]) > 0.5)[:, None]
+    mm_per_voxel = 2.0
+    batch["offset_mm"] = torch.from_numpy(
+        np.stack([(centre - middle) * mm_per_voxel] * 2).astype(np.float32)
+    )
+    moved = 0
+    for seed in range(6):
+        out = rotate(batch, random.Random(seed), share=1.0)
+        for n in range(2):
+            image = out["patches"][n, 0].numpy()
+            found = np.array(ndimage.center_of_mass(image))
+            np.testing.assert_allclose(found - middle, out["offset_mm"][n] / mm_per_voxel, atol=0.1)
+            mask = np.array(ndimage.center_of_mass(out["masks"][n, 0].numpy()))
+            np.testing.assert_allclose(mask, found, atol=0.5)
+            moved += np.linalg.norm(found - centre) > 1.0
+    assert moved >= 10  # the blob did turn away from where it was
+
+
+def test_rotation_leaves_a_patch_alone_outside_its_share() -> None:
+    batch = _toy_batch(16, 3)
+    out = rotate(batch, random.Random(0), share=0.0)
+    assert torch.equal(out["patches"], batch["patches"])
+    assert torch.equal(out["offset_mm"], batch["offset_mm"])

@@ -82,6 +82,9 @@ class TrainingConfig:
     #: Candidates added to each epoch of the second half of training: those the model then
     #: scores highest among every candidate of the backgrounds (0: none).
     hard_negatives: int = 0
+    #: Share of training patches turned to a random orientation in each batch (0: flips
+    #: and transposes only).
+    rotations: float = 0.0
     phantoms: int = 2
     epochs: int = 10
     batch_size: int = 32
@@ -526,8 +529,13 @@ def hardest(logits: np.ndarray, count: int) -> np.ndarray:
     return np.argsort(-logits, kind="stable")[:count]
 
 
-def augment(batch: dict[str, torch.Tensor], rng: random.Random) -> dict[str, torch.Tensor]:
-    """Random flips of each axis and an in-plane transpose; offsets follow the image."""
+def augment(
+    batch: dict[str, torch.Tensor], rng: random.Random, rotations: float = 0.0
+) -> dict[str, torch.Tensor]:
+    """Random flips of each axis and an in-plane transpose, and for a ``rotations`` share
+    of the patches a random turn in 3D (:func:`rotate`); offsets follow the image."""
+    if rotations > 0:
+        batch = rotate(batch, rng, rotations)
     x, m, off = batch["patches"], batch["masks"], batch["offset_mm"].clone()
     for axis in range(3):
         if rng.random() < 0.5:
@@ -536,6 +544,55 @@ def augment(batch: dict[str, torch.Tensor], rng: random.Random) -> dict[str, tor
     if rng.random() < 0.5:
         x, m = x.transpose(3, 4), m.transpose(3, 4)
         off = off[:, [0, 2, 1]]
+    return {**batch, "patches": x, "masks": m, "offset_mm": off}
+
+
+def random_rotation(rng: random.Random) -> torch.Tensor:
+    """A rotation matrix drawn uniformly over all orientations (a normalised Gaussian
+    quaternion)."""
+    w, x, y, z = (rng.gauss(0.0, 1.0) for _ in range(4))
+    norm = math.sqrt(w * w + x * x + y * y + z * z) or 1.0
+    w, x, y, z = w / norm, x / norm, y / norm, z / norm
+    return torch.tensor(
+        [
+            [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+            [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+            [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+        ]
+    )
+
+
+def rotate(
+    batch: dict[str, torch.Tensor], rng: random.Random, share: float
+) -> dict[str, torch.Tensor]:
+    """Each patch, with probability ``share``, turned about its centre to a random
+    orientation (trilinear; corners that come from outside the patch mirror its inside).
+
+    Flips give a vessel eight looks; the training half of one background patient's lungs
+    offers about 450-530 candidate and lung sites for its 4000 negative patches, and a model
+    that learns each site by its eight looks meets a new patient's vessels in orientations
+    it never saw. Sizes and labels do not change with the
+    turn; the offset to the nodule's centre and the mask turn with the image.
+    """
+    picked = [n for n in range(len(batch["patches"])) if rng.random() < share]
+    if not picked:
+        return batch
+    index = torch.tensor(picked)
+    x, m = batch["patches"], batch["masks"]
+    # Each output voxel at p (normalised x, y, z = i, j, k; cubic isotropic patches) reads
+    # the input at R p, so what sat at q in the input now sits at R^T q.
+    turns = torch.stack([random_rotation(rng) for _ in picked]).to(x)
+    theta = torch.cat([turns, torch.zeros(len(picked), 3, 1, dtype=x.dtype)], dim=2)
+    both = torch.cat([x[index], m[index].to(x.dtype)], dim=1)  # one pass for image and mask
+    grid = F.affine_grid(theta, list(both.shape), align_corners=False)
+    turned = F.grid_sample(
+        both, grid, mode="bilinear", padding_mode="reflection", align_corners=False
+    )
+    x, m, off = x.clone(), m.clone(), batch["offset_mm"].clone()
+    x[index] = turned[:, : x.shape[1]]
+    m[index] = turned[:, x.shape[1] :] >= 0.5
+    xyz = off[index][:, [2, 1, 0]]
+    off[index] = torch.einsum("nab,na->nb", turns, xyz)[:, [2, 1, 0]]
     return {**batch, "patches": x, "masks": m, "offset_mm": off}
 
 
@@ -698,7 +755,11 @@ def train_model(
         )
         running = 0.0
         for n, start in enumerate(bar, start=1):
-            batch = augment(to_batch(trn, perm[start : start + config.batch_size], device), aug_rng)
+            batch = augment(
+                to_batch(trn, perm[start : start + config.batch_size], device),
+                aug_rng,
+                config.rotations,
+            )
             loss, _ = multitask_loss(model, batch, weights)
             optimiser.zero_grad()
             loss.backward()

@@ -571,8 +571,8 @@ def rotate(
     Flips give a vessel eight looks; the training half of one background patient's lungs
     offers about 450-530 candidate and lung sites for its 4000 negative patches, and a model
     that learns each site by its eight looks meets a new patient's vessels in orientations
-    it never saw. Sizes and labels do not change with the
-    turn; the offset to the nodule's centre and the mask turn with the image.
+    it never saw. Sizes and labels do not change with the turn; the offset to the nodule's
+    centre and the mask turn with the image.
     """
     picked = [n for n in range(len(batch["patches"])) if rng.random() < share]
     if not picked:

@@ -230,6 +230,17 @@ def _resend(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _share(text: str) -> float:
+    """A fraction from 0 to 1, refused in the parser's own words otherwise."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not a share from 0 to 1")
+    return value
+
+
 def _training_arguments(parser: argparse.ArgumentParser) -> None:
     """What shapes a training run besides its seed: the nodule folder's split, the patches
     and the epochs. Unset numbers take TrainingConfig's defaults (docs/model-card.md)."""
@@ -256,7 +267,7 @@ def _training_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--rotations",
-        type=float,
+        type=_share,
         help="share of training patches turned to a random 3D orientation in each batch",
     )
     parser.add_argument("--epochs", type=int)

@@ -34,7 +34,12 @@ REFUSALS = {
     StoreStatus.OUT_OF_RESOURCES,
     StoreStatus.MISSING_ATTRIBUTE,
     StoreStatus.CANNOT_UNDERSTAND,
+    # An edit inside the Patient ID (or another identity) after the valid instance was stored:
+    # the same UIDs now claim another patient, which the node refuses as a duplicate.
+    StoreStatus.DUPLICATE_INSTANCE,
 }
+#: Where the Patient ID's value starts, to pin the identity conflict the search once found.
+PATIENT_ID_AT = VALID.index(str(SLICE.PatientID).encode())
 
 #: One edit of the valid data set: (offset, bytes removed, bytes inserted).
 edits = st.tuples(
@@ -71,6 +76,9 @@ def test_any_bytes_get_a_status_and_leave_nothing_half_done() -> None:
         # A length rewritten to "undefined" inside an element, and a cut inside a header.
         @example(changes=[(len(VALID) - 130, 4, b"\xff\xff\xff\xff")], cut=0)
         @example(changes=[(0, 0, b"")], cut=len(VALID) - 3)
+        # The valid instance stored, then the same UIDs under another Patient ID.
+        @example(changes=[(0, 0, b"")], cut=0)
+        @example(changes=[(PATIENT_ID_AT, 1, b"Q")], cut=0)
         def check(changes: list[tuple[int, int, bytes]], cut: int) -> None:
             mutated = _mutate(VALID, changes)
             mutated = mutated[: max(0, len(mutated) - cut)]

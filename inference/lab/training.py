@@ -533,7 +533,9 @@ def augment(
     batch: dict[str, torch.Tensor], rng: random.Random, rotations: float = 0.0
 ) -> dict[str, torch.Tensor]:
     """Random flips of each axis and an in-plane transpose, and for a ``rotations`` share
-    of the patches a random turn in 3D (:func:`rotate`); offsets follow the image."""
+    of the patches a random turn in 3D (:func:`rotate`); offsets follow the image. With no
+    rotations, :func:`rotate` is not called at all, so that its draws leave the generator as
+    it was and a seed trains the same weights it trained before rotations existed."""
     if rotations > 0:
         batch = rotate(batch, rng, rotations)
     x, m, off = batch["patches"], batch["masks"], batch["offset_mm"].clone()

@@ -218,7 +218,7 @@ class AuditEvent(Base):
     #: association, connection, instances-stored, identity-conflict, delivery, prior_query,
     #: prior_retrieve.
     event: Mapped[str] = mapped_column(String(32), index=True)
-    #: success, refused, failed.
+    #: success, refused, failed; first-kept (an instance received again with another data set).
     outcome: Mapped[str] = mapped_column(String(16))
     calling_ae: Mapped[str] = mapped_column(String(16), default="")
     called_ae: Mapped[str] = mapped_column(String(16), default="")

@@ -20,6 +20,7 @@ from sqlalchemy import select
 
 from dicom_node.config import SecuritySettings
 from dicom_node.dimse import StoreStatus
+from dicom_node.receive.header import file_meta
 from dicom_node.receive.ingest import (
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION,
@@ -152,6 +153,24 @@ def test_a_resend_restores_a_file_the_index_names_but_the_disk_lost(receiver: Re
     with receiver.db() as session:
         series = session.scalars(select(Series)).one()
     assert series.version == 2  # it completes again, and its analysis sees the slice
+
+
+def test_a_resend_with_another_data_set_keeps_the_first_and_says_so(receiver: Receiver) -> None:
+    spec = SeriesSpec(slices=1)
+    (ds,) = ct_datasets(spec, phantom(spec, None))
+    first = _encoded(ds)
+    receiver.ingest(first, "SCANNER", "127.0.0.1")
+    # The same data set relayed by another sender: its file meta differs, the instance not.
+    body = first[file_meta(first)[1] :]
+    relayed = file_meta_header(ds.SOPClassUID, ds.SOPInstanceUID, ExplicitVRLittleEndian, "PACS")
+    assert not receiver.ingest(relayed + body, "PACS", "127.0.0.2").changed
+    edited = copy.deepcopy(ds)
+    edited.WindowCenter = 40  # same UIDs, another data set
+    again = receiver.ingest(_encoded(edited), "SCANNER", "127.0.0.1")
+    assert again.changed and not again.new
+    with receiver.db() as session:
+        row = session.scalars(select(Instance)).one()
+    assert Path(row.path).read_bytes() == first
 
 
 def _other_patient(ds: Dataset, *, study: bool = True, series: bool = True) -> Dataset:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import socket
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from storage.models import AuditEvent, Instance
 from tests.adversarial import associate_rq, stalled_pdu
 from tests.dicom_factory import SeriesSpec, ct_datasets, phantom, write_series
 from tests.peers import cpu_seconds, storescu, wait_for
+from tests.test_web import TOKEN, _client, _login
 
 
 def _associate(port: int, calling: str = "SCANNER", called: str = "RESMTNET") -> Association:
@@ -185,6 +187,32 @@ def test_a_sop_instance_uid_of_another_patient_is_refused_with_a_comment_and_aud
     )
     conflict = next(e for e in _audit(node) if e.event == "identity-conflict")
     assert conflict.outcome == "refused" and first.SOPInstanceUID in conflict.detail
+
+
+def test_a_resend_with_another_data_set_is_answered_success_and_audited(
+    start_node: Any,
+) -> None:
+    """The first copy stays (what was analyzed is what was received first); the sender is not
+    failed for a resend, but the operators see that an instance changed under its UID."""
+    node = start_node(workers={"count": 0}, dashboard={"token": TOKEN})
+    spec = SeriesSpec(slices=1)
+    (first,) = ct_datasets(spec, phantom(spec, None))
+    edited = copy.deepcopy(first)
+    edited.WindowCenter = 40
+    assoc = _associate(node.config.node.port)
+    answers = [assoc.send_c_store(ds) for ds in (first, first, edited)]
+    assoc.release()
+    assert [int(a.Status) for a in answers] == [StoreStatus.SUCCESS] * 3
+    wait_for(
+        lambda: any(e.event == "identity-conflict" for e in _audit(node)), 10, "the audit event"
+    )
+    (changed,) = [e for e in _audit(node) if e.event == "identity-conflict"]
+    assert changed.outcome == "first-kept" and first.SOPInstanceUID in changed.detail
+    assert changed.study_uid == first.StudyInstanceUID
+    client = _client(node)
+    _login(client, TOKEN)
+    listed = re.search(r'<table id="conflicts">.*?</table>', client.get("/").text, re.S)
+    assert listed and "first kept" in listed[0] and first.SOPInstanceUID in listed[0]
 
 
 def _series(folder: Path, slices: int) -> list[Path]:

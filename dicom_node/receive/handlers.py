@@ -226,11 +226,11 @@ class StorageHandlers:
         transfer = self._transfer(event)
         if transfer is not None and transfer.reader is not None:
             transfer.reader.message_done()
+        sop_uid = str(getattr(event.request, "AffectedSOPInstanceUID", "") or "")
         try:
-            request = event.request
             encoded = file_meta_header(
-                str(getattr(request, "AffectedSOPClassUID", "") or ""),
-                str(getattr(request, "AffectedSOPInstanceUID", "") or ""),
+                str(getattr(event.request, "AffectedSOPClassUID", "") or ""),
+                sop_uid,
                 str(event.context.transfer_syntax),
                 str(requestor.ae_title).strip(),
             ) + event.encoded_dataset(include_meta=False)
@@ -238,8 +238,7 @@ class StorageHandlers:
                 encoded,
                 calling_ae=str(requestor.ae_title).strip(),
                 peer_host=str(requestor.address),
-                expected_sop_uid=str(getattr(event.request, "AffectedSOPInstanceUID", "") or "")
-                or None,
+                expected_sop_uid=sop_uid or None,
             )
         except InstanceRefused as exc:
             log.warning(
@@ -257,6 +256,11 @@ class StorageHandlers:
                 transfer.refused += 1
             metrics.INSTANCES_REFUSED.labels(f"0x{StoreStatus.OUT_OF_RESOURCES:04X}").inc()
             return dimse.with_comment(StoreStatus.OUT_OF_RESOURCES, "internal error; see node log")
+        if done.changed:
+            detail = f"SOPInstanceUID {sop_uid} received again with another data set; first kept"
+            self._record(
+                event, "identity-conflict", "first-kept", study_uid=done.study_uid, detail=detail
+            )
         with self._lock:
             if transfer is not None:
                 transfer.series.add(done.series_id)

@@ -16,6 +16,7 @@ import threading
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pydicom
@@ -91,6 +92,15 @@ class Ingested:
     series_id: int
     new: bool
     study_uid: str
+    #: A resend whose data set differs from the copy kept (edited under the same SOP
+    #: Instance UID, or encoded again in another transfer syntax): the first copy stays.
+    changed: bool = False
+
+
+def same_data_set(stored: bytes, received: bytes) -> bool:
+    """Whether two DICOM files hold the same data set bytes: their file meta may differ
+    (the Source AE Title names whoever sent each) without the instance differing."""
+    return stored[file_meta(stored)[1] :] == received[file_meta(received)[1] :]
 
 
 def _text(ds: Dataset | Header, keyword: str, limit: int = 64) -> str:
@@ -275,7 +285,7 @@ class Receiver:
         digest = hashlib.sha256(encoded).hexdigest()
         for attempt in (1, 2):
             try:
-                return self._index(record, len(encoded), digest, placing, calling_ae, peer_host)
+                return self._index(record, encoded, digest, placing, calling_ae, peer_host)
             except OSError as exc:
                 log.error("cannot write instance %s: %s", record.sop_uid, exc)
                 raise InstanceRefused(
@@ -296,6 +306,14 @@ class Receiver:
                     StoreStatus.OUT_OF_RESOURCES, "index database unavailable"
                 ) from exc
         raise AssertionError("unreachable")
+
+    @staticmethod
+    def _same_as_kept(path: Path, encoded: bytes) -> bool:
+        try:
+            return same_data_set(path.read_bytes(), encoded)
+        except OSError as exc:  # deleted by retention meanwhile, or unreadable: not compared
+            log.warning("cannot compare a resend of %s with the copy kept: %s", path.name, exc)
+            return True
 
     def _write_and_place(self, encoded: bytes, naming: Future[index.InstanceRecord]) -> StoredFile:
         temporary = self.files.write_temporary(encoded)
@@ -342,7 +360,7 @@ class Receiver:
     def _index(
         self,
         record: index.InstanceRecord,
-        size: int,
+        encoded: bytes,
         digest: str,
         placing: Future[StoredFile],
         calling_ae: str,
@@ -366,7 +384,7 @@ class Receiver:
                     place = index.series_for(session, record, calling_ae, peer_host)
                     session.flush()
             recorded = index.record_instance(
-                connection, record, path, size, digest, place.series_id
+                connection, record, path, len(encoded), digest, place.series_id
             )
             if recorded.arrivals > self.max_instances_per_series:
                 raise _SeriesFull
@@ -389,13 +407,14 @@ class Receiver:
             # the series completes again so that its analysis sees the slice.
             with self.engine.begin() as connection:
                 index.count_arrival(connection, recorded.series_id)
-        if stored.already_present and stored.size != size:
+        changed = stored.already_present and not self._same_as_kept(stored.path, encoded)
+        if changed:
             log.warning(
-                "instance %s received again with different content; the first copy is kept",
+                "instance %s received again with another data set; the first copy is kept",
                 record.sop_uid,
             )
         with self._lock:
             self._series[record.series_uid] = place
             if len(self._series) > 10_000:  # a long-running node sees many series
                 self._series.pop(next(iter(self._series)))
-        return Ingested(recorded.series_id, recorded.new, record.study_uid)
+        return Ingested(recorded.series_id, recorded.new, record.study_uid, changed)

@@ -1,7 +1,7 @@
 """Ingest rate of the node against DCMTK storescp, Orthanc and pynetdicom's storescp.
 
 Usage: python bench/ingest_bench.py [--slices 300] [--repeat 3] [--concurrent 1,4,8]
-                                    [--receivers 2]
+                                    [--receivers 2] [--settle 2]
 
 One synthetic CT (512 x 512, 16 bit, explicit VR little endian) is sent by DCMTK's storescu
 over one association on loopback to each receiver in turn, in the same run, so the ratios hold
@@ -9,7 +9,11 @@ on a noisy machine, and split over each number of simultaneous associations of `
 (a fresh receiver for each). The node runs with its durable store and index (SQLite WAL,
 fsync) and no workers, as ``dicom-node serve`` with ``node.receivers`` set to ``--receivers``.
 TCP_NODELAY=1 is set for every DCMTK program (storescu, storescp, Orthanc), which otherwise
-stall on Nagle's algorithm. Prints markdown rows for bench/README.md.
+stall on Nagle's algorithm. Each receiver gets ``--settle`` seconds after it first answers
+C-ECHO before the CT is sent, as a PACS sends to a receiver that has been running: a node
+process that began accepting a moment ago has not yet made its spare files (it makes them
+in the first pause, so a transfer that starts at once creates a file per instance), and
+``--settle 0`` measures that first burst. Prints markdown rows for bench/README.md.
 """
 
 from __future__ import annotations
@@ -166,6 +170,9 @@ def main() -> int:
         "--concurrent", default="1,4,8", help="simultaneous associations, comma-separated"
     )
     parser.add_argument("--receivers", type=int, default=2, help="the node's node.receivers")
+    parser.add_argument(
+        "--settle", type=float, default=2.0, help="seconds between a receiver's start and the send"
+    )
     args = parser.parse_args()
     levels = [int(n) for n in args.concurrent.split(",")]
     node = f"this node, {args.receivers} receiving process(es) (fsync'd files + SQLite WAL index)"
@@ -195,6 +202,7 @@ def main() -> int:
             for number, (name, receiver) in enumerate(receivers.items()):
                 for n in levels:
                     with receiver(Path(tmp) / f"r{number}-{run}-{n}") as (port, called):
+                        time.sleep(args.settle)
                         split = [files[k::n] for k in range(n)]
                         rates[name, n].append(len(files) / send(port, called, split))
         for name in receivers:

@@ -21,6 +21,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 
@@ -58,6 +59,32 @@ def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.2) -
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+#: A dashboard token of the length the config requires.
+DASHBOARD_TOKEN = "operator-token-0123456789"
+
+
+def dashboard_url(node: Any) -> str:
+    return f"http://127.0.0.1:{node.config.dashboard.port}"
+
+
+def dashboard_client(node: Any) -> httpx.Client:
+    """An HTTP client of a running node's dashboard, once it answers /healthz."""
+    client = httpx.Client(base_url=dashboard_url(node), timeout=30)
+
+    def up() -> bool:
+        try:
+            return client.get("/healthz").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_for(up, 30, "the dashboard")
+    return client
+
+
+def log_in(client: httpx.Client, token: str) -> httpx.Response:
+    return client.post("/login", data={"token": token}, follow_redirects=True)
 
 
 def storescu(

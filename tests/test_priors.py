@@ -13,7 +13,6 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import pydicom
 import pytest
@@ -40,12 +39,19 @@ from inference.volume import Volume
 from storage import index
 from storage.models import AuditEvent, Result, Series
 from tests.dicom_factory import SeriesSpec, ct_datasets, phantom, write_series
-from tests.peers import Orthanc, free_port, storescu, wait_for
+from tests.peers import (
+    DASHBOARD_TOKEN,
+    Orthanc,
+    dashboard_client,
+    free_port,
+    log_in,
+    storescu,
+    wait_for,
+)
 
 IDENTITY = Registration(np.eye(4), 0.0)
 PHANTOM_NODULE = (-40.0, 10.0, -90.0)  # in the factory phantom's right lung
 RESOLVED_NODULE = (40.0, -15.0, -60.0)  # in its left lung, in the prior only
-DASHBOARD_TOKEN = "a-dashboard-token-for-tests"
 
 
 def _phantom() -> Volume:
@@ -420,8 +426,8 @@ def test_node_compares_with_the_prior_it_holds(
     assert nodule["change"]["vdt_days"] > 0
     assert main(["findings", "1.2.3.4", "--config", str(config)]) == 2
     assert "series 1.2.3.4 is not held by this node" in capsys.readouterr().err
-    dashboard = httpx.Client(base_url=f"http://127.0.0.1:{node.config.dashboard.port}", timeout=30)
-    dashboard.post("/login", data={"token": DASHBOARD_TOKEN}, follow_redirects=True)
+    dashboard = dashboard_client(node)
+    log_in(dashboard, DASHBOARD_TOKEN)
     page = dashboard.get(f"/series/{current_uid}").text
     assert f"compared with the prior study of 2025-06-01 ({prior_uid})" in page
     assert "growing since 2025-06-01: " in page and "VDT " in page

@@ -28,8 +28,14 @@ from dicom_node.receive.access import AccessPolicy
 from storage.models import AuditEvent, Instance
 from tests.adversarial import associate_rq, stalled_pdu
 from tests.dicom_factory import SeriesSpec, ct_datasets, phantom, write_series
-from tests.peers import cpu_seconds, storescu, wait_for
-from tests.test_web import TOKEN, _client, _login
+from tests.peers import (
+    DASHBOARD_TOKEN,
+    cpu_seconds,
+    dashboard_client,
+    log_in,
+    storescu,
+    wait_for,
+)
 
 
 def _associate(port: int, calling: str = "SCANNER", called: str = "RESMTNET") -> Association:
@@ -194,7 +200,7 @@ def test_a_resend_with_another_data_set_is_answered_success_and_audited(
 ) -> None:
     """The first copy stays (what was analyzed is what was received first); the sender is not
     failed for a resend, but the operators see that an instance changed under its UID."""
-    node = start_node(workers={"count": 0}, dashboard={"token": TOKEN})
+    node = start_node(workers={"count": 0}, dashboard={"token": DASHBOARD_TOKEN})
     spec = SeriesSpec(slices=1)
     (first,) = ct_datasets(spec, phantom(spec, None))
     edited = copy.deepcopy(first)
@@ -209,8 +215,8 @@ def test_a_resend_with_another_data_set_is_answered_success_and_audited(
     (changed,) = [e for e in _audit(node) if e.event == "identity-conflict"]
     assert changed.outcome == "first-kept" and first.SOPInstanceUID in changed.detail
     assert changed.study_uid == first.StudyInstanceUID
-    client = _client(node)
-    _login(client, TOKEN)
+    client = dashboard_client(node)
+    log_in(client, DASHBOARD_TOKEN)
     listed = re.search(r'<table id="conflicts">.*?</table>', client.get("/").text, re.S)
     assert listed and "first kept" in listed[0] and first.SOPInstanceUID in listed[0]
 

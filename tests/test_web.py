@@ -20,50 +20,30 @@ from storage.models import Series
 from storage.states import JobKind
 from tests.dicom_factory import SeriesSpec, ct_datasets, phantom, write_series
 from tests.peers import (
+    DASHBOARD_TOKEN,
     REPO,
     Orthanc,
+    dashboard_client,
+    dashboard_url,
     free_port,
+    log_in,
     node_config,
     run_browser_script,
     storescu,
     wait_for,
 )
 
-#: A dashboard token of the length the config requires.
-TOKEN = "operator-token-0123456789"
-
-
-def _base(node: Any) -> str:
-    return f"http://127.0.0.1:{node.config.dashboard.port}"
-
-
-def _client(node: Any) -> httpx.Client:
-    client = httpx.Client(base_url=_base(node), timeout=30)
-    wait_for(lambda: _up(client), 30, "the dashboard")
-    return client
-
-
-def _up(client: httpx.Client) -> bool:
-    try:
-        return client.get("/healthz").status_code == 200
-    except httpx.TransportError:
-        return False
-
-
-def _login(client: httpx.Client, token: str) -> httpx.Response:
-    return client.post("/login", data={"token": token}, follow_redirects=True)
-
 
 def test_health_ready_and_login_required(start_node: Any) -> None:
-    node = start_node(workers={"count": 0}, dashboard={"token": TOKEN})
-    client = _client(node)
+    node = start_node(workers={"count": 0}, dashboard={"token": DASHBOARD_TOKEN})
+    client = dashboard_client(node)
     assert client.get("/healthz").text == "ok\n"
     assert client.get("/readyz").text == "ready\n"
     assert client.get("/").status_code == 303  # to the login page
     assert client.post("/retry", data={"job": "1"}).status_code == 303
-    refused = _login(client, "wrong")
+    refused = log_in(client, "wrong")
     assert refused.status_code == 401 and "not this node's" in refused.text
-    page = _login(client, TOKEN)
+    page = log_in(client, DASHBOARD_TOKEN)
     assert page.status_code == 200 and "Nothing received yet" in page.text
     # A form without the token derived from the login is refused even with the cookie.
     assert client.post("/retry", data={"job": "1"}).status_code == 403
@@ -71,10 +51,10 @@ def test_health_ready_and_login_required(start_node: Any) -> None:
 
 def test_without_a_token_one_is_generated_owner_only(start_node: Any) -> None:
     node = start_node(workers={"count": 0})
-    client = _client(node)
+    client = dashboard_client(node)
     token_file = Path(node.config.storage.path) / "dashboard-token"
     assert token_file.stat().st_mode & 0o077 == 0
-    assert _login(client, token_file.read_text().strip()).status_code == 200
+    assert log_in(client, token_file.read_text().strip()).status_code == 200
 
 
 @pytest.fixture
@@ -84,15 +64,15 @@ def delivered_series(start_node: Any, tmp_path: Path) -> Iterator[tuple[Any, htt
     pacs = Orthanc(tmp_path / "pacs").start()
     try:
         node = start_node(
-            dashboard={"token": TOKEN, "refresh_seconds": 60},
+            dashboard={"token": DASHBOARD_TOKEN, "refresh_seconds": 60},
             destinations=[{"name": "pacs", "ae_title": "ORTHANC", "port": pacs.dicom_port}],
         )
         spec = SeriesSpec()
         datasets = ct_datasets(spec, phantom(spec, (-40.0, 10.0, -90.0)))
         files = write_series(tmp_path / "ct", datasets)
         assert storescu(node.config.node.port, files).returncode == 0
-        client = _client(node)
-        _login(client, TOKEN)
+        client = dashboard_client(node)
+        log_in(client, DASHBOARD_TOKEN)
         wait_for(lambda: "1 done" in client.get("/").text, 120, "the delivery", interval=1.0)
         yield node, client, str(datasets[0].SeriesInstanceUID)
     finally:
@@ -146,7 +126,7 @@ def test_an_operator_logs_in_sees_the_series_presses_resend_in_chromium(
     shots = REPO / "out" / "screenshots"
     shots.mkdir(parents=True, exist_ok=True)
     report = run_browser_script(
-        "dashboard.mjs", _base(node), TOKEN, series_uid, str(shots), timeout=300
+        "dashboard.mjs", dashboard_url(node), DASHBOARD_TOKEN, series_uid, str(shots), timeout=300
     )
     assert report["loginShown"]
     assert "analyzed" in report["row"] and "1 nodule(s)" in report["row"]
@@ -158,7 +138,7 @@ def test_an_operator_logs_in_sees_the_series_presses_resend_in_chromium(
 
 
 def test_the_queue_shows_what_a_running_job_is_doing(start_node: Any, tmp_path: Path) -> None:
-    node = start_node(workers={"count": 0}, dashboard={"token": TOKEN})
+    node = start_node(workers={"count": 0}, dashboard={"token": DASHBOARD_TOKEN})
     spec = SeriesSpec(slices=3)
     files = write_series(tmp_path / "ct", ct_datasets(spec, phantom(spec, None)))
     assert storescu(node.config.node.port, files).returncode == 0
@@ -169,15 +149,15 @@ def test_the_queue_shows_what_a_running_job_is_doing(start_node: Any, tmp_path: 
         job = queue.claim(session, JobKind.ANALYZE, "test-worker", 60)
         assert job is not None
         queue.set_stage(session, job, "detecting nodules")
-    client = _client(node)
-    page = _login(client, TOKEN).text
+    client = dashboard_client(node)
+    page = log_in(client, DASHBOARD_TOKEN).text
     assert "running: detecting nodules" in page
 
 
 def test_operators_find_a_series_by_accession_and_open_its_page(
     start_node: Any, tmp_path: Path
 ) -> None:
-    node = start_node(workers={"count": 0}, dashboard={"token": TOKEN})
+    node = start_node(workers={"count": 0}, dashboard={"token": DASHBOARD_TOKEN})
     spec = SeriesSpec(slices=3)
     uids = []
     for accession, description in (("ACC-CHEST", "CT THORAX"), ("ACC-OTHER", "CT ABDOMEN")):
@@ -188,8 +168,8 @@ def test_operators_find_a_series_by_accession_and_open_its_page(
         uids.append(str(datasets[0].SeriesInstanceUID))
         files = write_series(tmp_path / accession, datasets)
         assert storescu(node.config.node.port, files).returncode == 0
-    client = _client(node)
-    _login(client, TOKEN)
+    client = dashboard_client(node)
+    log_in(client, DASHBOARD_TOKEN)
     found = client.get("/", params={"accession": "ACC-CHEST"}).text
     assert uids[0] in found and uids[1] not in found
     assert "CT THORAX" in found and "2026-01-01" in found
@@ -205,7 +185,7 @@ def test_operators_find_a_series_by_accession_and_open_its_page(
 def test_a_study_uid_of_another_patient_is_shown_as_refused(
     start_node: Any, tmp_path: Path
 ) -> None:
-    node = start_node(workers={"count": 0}, dashboard={"token": TOKEN})
+    node = start_node(workers={"count": 0}, dashboard={"token": DASHBOARD_TOKEN})
     spec = SeriesSpec(slices=1)
     (first,) = ct_datasets(spec, phantom(spec, None))
     (second,) = ct_datasets(spec, phantom(spec, None))
@@ -215,8 +195,8 @@ def test_a_study_uid_of_another_patient_is_shown_as_refused(
         for n, ds in enumerate((first, second))
     ]
     assert codes[0] == 0 and codes[1] != 0  # the second refused
-    client = _client(node)
-    _login(client, TOKEN)
+    client = dashboard_client(node)
+    log_in(client, DASHBOARD_TOKEN)
     page = client.get("/").text  # audited before the refusal was answered
     assert f"StudyInstanceUID already held for another patient: {first.StudyInstanceUID}" in page
     assert "OTHER-7" not in page
@@ -224,18 +204,18 @@ def test_a_study_uid_of_another_patient_is_shown_as_refused(
 
 def test_readyz_says_what_is_not_ready(start_node: Any) -> None:
     node = start_node(workers={"count": 0}, storage={"min_free_mb": 10**9})
-    answer = _client(node).get("/readyz")
+    answer = dashboard_client(node).get("/readyz")
     assert answer.status_code == 503
     assert answer.text == "not ready: storage below its free-space watermark\n"
 
 
 def test_bad_logins_cookies_and_form_values_get_a_sentence_not_a_500(start_node: Any) -> None:
-    node = start_node(workers={"count": 0}, dashboard={"token": TOKEN})
-    client = _client(node)
-    assert _login(client, "jeton-été-✓").status_code == 401
+    node = start_node(workers={"count": 0}, dashboard={"token": DASHBOARD_TOKEN})
+    client = dashboard_client(node)
+    assert log_in(client, "jeton-été-✓").status_code == 401
     cookie = "dicom_node_session=sesión-ü".encode()
     assert client.get("/", headers={"Cookie": cookie}).status_code == 303  # to the login page
-    page = _login(client, TOKEN).text
+    page = log_in(client, DASHBOARD_TOKEN).text
     form_token = re.search(r'name="form_token" value="([0-9a-f]+)"', page)
     assert form_token is not None
     for job in ("abc", "1.5", "٣", ""):
@@ -246,30 +226,30 @@ def test_bad_logins_cookies_and_form_values_get_a_sentence_not_a_500(start_node:
 
 
 def test_failed_logins_are_throttled_per_client(start_node: Any) -> None:
-    node = start_node(workers={"count": 0}, dashboard={"token": TOKEN})
-    client = _client(node)
-    assert [_login(client, f"guess-{n}").status_code for n in range(5)] == [401] * 5
-    answer = _login(client, TOKEN)  # even the right token waits out the minute
+    node = start_node(workers={"count": 0}, dashboard={"token": DASHBOARD_TOKEN})
+    client = dashboard_client(node)
+    assert [log_in(client, f"guess-{n}").status_code for n in range(5)] == [401] * 5
+    answer = log_in(client, DASHBOARD_TOKEN)  # even the right token waits out the minute
     assert answer.status_code == 429 and "wait a minute" in answer.text
 
 
 def test_each_login_gets_its_own_session_and_logging_out_ends_it(start_node: Any) -> None:
-    node = start_node(workers={"count": 0}, dashboard={"token": TOKEN})
-    first, second = _client(node), _client(node)
-    page, _ = _login(first, TOKEN).text, _login(second, TOKEN)
+    node = start_node(workers={"count": 0}, dashboard={"token": DASHBOARD_TOKEN})
+    first, second = dashboard_client(node), dashboard_client(node)
+    page, _ = log_in(first, DASHBOARD_TOKEN).text, log_in(second, DASHBOARD_TOKEN)
     cookie = first.cookies["dicom_node_session"]
-    assert cookie != second.cookies["dicom_node_session"] and TOKEN not in cookie
+    assert cookie != second.cookies["dicom_node_session"] and DASHBOARD_TOKEN not in cookie
     form_token = re.search(r'name="form_token" value="([0-9a-f]+)"', page)
     assert form_token is not None
     assert first.post("/logout", data={"form_token": form_token.group(1)}).status_code == 303
-    stolen = httpx.Client(base_url=_base(node), cookies={"dicom_node_session": cookie})
+    stolen = httpx.Client(base_url=dashboard_url(node), cookies={"dicom_node_session": cookie})
     assert stolen.get("/").status_code == 303  # the ended session no longer opens the page
     assert second.get("/").status_code == 200
 
 
 def test_every_page_forbids_framing_sniffing_and_foreign_content(start_node: Any) -> None:
-    node = start_node(workers={"count": 0}, dashboard={"token": TOKEN})
-    client = _client(node)
+    node = start_node(workers={"count": 0}, dashboard={"token": DASHBOARD_TOKEN})
+    client = dashboard_client(node)
     for path in ("/healthz", "/login", "/", "/no-such-page"):
         headers = client.get(path).headers
         assert headers["x-frame-options"] == "DENY", path
@@ -283,11 +263,13 @@ def test_health_answers_at_once_while_a_destination_does_not(start_node: Any) ->
         port = silent.getsockname()[1]
         node = start_node(
             workers={"count": 0},
-            dashboard={"token": TOKEN},
+            dashboard={"token": DASHBOARD_TOKEN},
             destinations=[{"name": "silent", "ae_title": "SILENT", "port": port}],
         )
-        client = _client(node)
-        page = _login(client, TOKEN).text  # starts the C-ECHO, which waits 3 s for an answer
+        client = dashboard_client(node)
+        page = log_in(
+            client, DASHBOARD_TOKEN
+        ).text  # starts the C-ECHO, which waits 3 s for an answer
         assert re.search(r">\s*checking\s*<", page)
         started = time.monotonic()
         assert client.get("/healthz").text == "ok\n" and client.get("/").status_code == 200

@@ -20,7 +20,7 @@ from dicom_node.pipeline.priors import (
     choose_prior,
     read_against_prior,
 )
-from dicom_node.pipeline.results import ResultRecord, build_results
+from dicom_node.pipeline.results import ResultRecord, build_results, count_findings
 from dicom_node.pipeline.series import CTSeries, read_series, unpacked
 from dicom_node.writers.common import TimePoint
 from inference.detector import NoduleDetector
@@ -173,7 +173,8 @@ def _analyze_one(
 def _print_table(
     series: CTSeries, findings: list[NoduleFinding], folder: Path, time_point: TimePoint
 ) -> None:
-    print(f"series {series.series_instance_uid}: {len(findings)} nodule(s) -> {folder}")
+    found = count_findings(f.kind for f in findings)
+    print(f"series {series.series_instance_uid}: {found} -> {folder}")
     if not time_point.follow_up:
         print(f"  baseline reading: {time_point.baseline_reason}")
     if findings:

@@ -13,6 +13,7 @@ import pydicom
 import pytest
 
 from dicom_node.cli import EXIT_SOME_REJECTED, EXIT_USAGE, main
+from dicom_node.pipeline.results import count_findings
 from inference.detector import DEFAULT_WEIGHTS
 from tests.conftest import shared
 
@@ -82,7 +83,7 @@ def test_lidc_0001_nodule_found_and_reported(analyzed) -> None:  # type: ignore[
     assert hit["diameter_mm"] == pytest.approx(
         (hit["long_axis_mm"] + hit["short_axis_mm"]) / 2, abs=0.06
     )
-    assert "nodule(s) ->" in printed
+    assert f": {count_findings(f['finding'] for f in findings)} ->" in printed
 
 
 def test_written_objects_match_findings_json(analyzed) -> None:  # type: ignore[no-untyped-def]

@@ -272,7 +272,7 @@ def test_an_enhanced_ct_sent_over_dicom_is_analyzed(start_node: Any, tmp_path: P
     assert sent.returncode == 0, sent.stderr
     wait_for(lambda: _state(node) in {"analyzed", "rejected", "failed"}, 120, "the analysis")
     (series,) = _rows(node, Series)
-    assert (series.state, series.reason) == ("analyzed", "1 nodule(s)")
+    assert (series.state, series.reason) == ("analyzed", "1 nodule")
     (result,) = _rows(node, Result)
     with node.db() as session:
         (sr_file,) = index.result_files(session, result.id, "sr")

@@ -85,7 +85,7 @@ def test_a_processed_series_its_key_images_metrics_and_resend(
 ) -> None:
     _, client, series_uid = delivered_series
     page = client.get("/").text
-    assert series_uid in page and "analyzed" in page and "1 nodule(s)" in page
+    assert series_uid in page and "analyzed" in page and "1 finding(s)" in page
     assert re.search(r">\s*up\s*<", page), "the destination's C-ECHO state"
     (thumbnail,) = re.findall(r'src="(/thumbnails/\d+\.png)"', page)
     image = client.get(thumbnail)
@@ -129,7 +129,7 @@ def test_an_operator_logs_in_sees_the_series_presses_resend_in_chromium(
         "dashboard.mjs", dashboard_url(node), DASHBOARD_TOKEN, series_uid, str(shots), timeout=300
     )
     assert report["loginShown"]
-    assert "analyzed" in report["row"] and "1 nodule(s)" in report["row"]
+    assert "analyzed" in report["row"] and "1 finding(s)" in report["row"]
     assert report["thumbnailWidth"] > 0, "the key image thumbnail did not load"
     assert "1 done" in report["destinationsBefore"]
     assert report["message"] == f"series {series_uid}: 1 delivery job(s) queued"

@@ -14,7 +14,7 @@ import pytest
 from pydicom.dataset import Dataset
 
 from dicom_node.analyze import write_atomically
-from dicom_node.pipeline.results import Amendment, ResultObjects, build_results
+from dicom_node.pipeline.results import Amendment, ResultObjects, build_results, count_findings
 from dicom_node.pipeline.series import CTSeries, read_series
 from dicom_node.writers.common import OutputSeries
 from dicom_node.writers.seg import NoduleSegmentation
@@ -218,6 +218,12 @@ def test_report_without_findings_says_the_scan_was_read(nodule_series, tmp_path:
     ).stdout
     assert "No nodule detected" in text
     assert "none found" in pydicom.dcmread(path).SeriesDescription
+
+
+def test_a_count_never_calls_a_mass_a_nodule() -> None:
+    assert count_findings(["nodule", "mass", "nodule"]) == "2 nodules, 1 mass"
+    assert count_findings(["mass"]) == "1 mass"
+    assert count_findings([]) == "none found"
 
 
 def test_seg_refuses_empty_findings_and_mixed_frames(nodule_series) -> None:  # type: ignore[no-untyped-def]

@@ -4,7 +4,7 @@ a later re-analysis must carry over to amend them rather than start afresh."""
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from highdicom import UID
@@ -202,7 +202,7 @@ def build_results(
             _output_series("seg", "Res-MTNet nodule segmentation", SEG_SERIES, amends),
             frames,
         ).build()
-    summary = f"{model.name} lung findings ({_count(findings)})"
+    summary = f"{model.name} lung findings ({count_findings(f.kind for f in findings)})"
     sr = NoduleReport(
         series.slices,
         findings,
@@ -229,9 +229,10 @@ def build_results(
 PLURALS = {"nodule": "nodules", "mass": "masses"}
 
 
-def _count(findings: list[NoduleFinding]) -> str:
-    """ "none found", "2 nodules", "1 nodule, 1 mass": what a series list shows of the SR."""
-    kinds = [f.kind for f in findings]
+def count_findings(kinds: Iterable[str]) -> str:
+    """ "none found", "2 nodules", "1 nodule, 1 mass": what a series list shows of the SR, and
+    what the log and the series' state say, so that a mass is never counted as a nodule."""
+    kinds = list(kinds)
     counted = [
         f"{kinds.count(k)} {k if kinds.count(k) == 1 else PLURALS[k]}"
         for k in PLURALS

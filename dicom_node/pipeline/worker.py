@@ -24,7 +24,13 @@ from dicom_node.pipeline.prior_search import PriorSearch
 from dicom_node.pipeline.priors import (
     PriorOutcome,
 )
-from dicom_node.pipeline.results import Amendment, ResultObjects, ResultRecord, build_results
+from dicom_node.pipeline.results import (
+    Amendment,
+    ResultObjects,
+    ResultRecord,
+    build_results,
+    count_findings,
+)
 from dicom_node.pipeline.series import (
     CTSeries,
     SeriesRejected,
@@ -136,6 +142,7 @@ class AnalysisWorker(JobHandler):
             outcome.prior,
             amends,
         )
+        found = count_findings(f.finding for f in record.findings)
         with self.db.begin() as session:
             index.save_result(
                 session,
@@ -160,14 +167,14 @@ class AnalysisWorker(JobHandler):
                 job.series_id,
                 job.series_version,
                 SeriesState.ANALYZED,
-                f"{len(record.findings)} nodule(s)",
+                found,
             )
             if not queue.complete(session, job):
                 raise LeaseLost(f"job {job.id} was taken over while analyzing")
         log.info(
-            "series %s analyzed: %d nodule(s)%s",
+            "series %s analyzed: %s%s",
             series.series_instance_uid,
-            len(record.findings),
+            found,
             " (amends the earlier report)" if amends else "",
         )
 

@@ -4,6 +4,7 @@ a later re-analysis must carry over to amend them rather than start afresh."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -232,10 +233,6 @@ PLURALS = {"nodule": "nodules", "mass": "masses"}
 def count_findings(kinds: Iterable[str]) -> str:
     """ "none found", "2 nodules", "1 nodule, 1 mass": what a series list shows of the SR, and
     what the log and the series' state say, so that a mass is never counted as a nodule."""
-    kinds = list(kinds)
-    counted = [
-        f"{kinds.count(k)} {k if kinds.count(k) == 1 else PLURALS[k]}"
-        for k in PLURALS
-        if k in kinds
-    ]
+    tally = Counter(kinds)
+    counted = [f"{tally[k]} {k if tally[k] == 1 else PLURALS[k]}" for k in PLURALS if tally[k]]
     return ", ".join(counted) or "none found"

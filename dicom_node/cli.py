@@ -6,7 +6,7 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -68,8 +68,13 @@ def _training_config(args: argparse.Namespace) -> TrainingConfig:
         )
         if getattr(args, name, None) is not None
     }
-    if getattr(args, "context", None) is not None:
-        given["network"] = replace(TrainingConfig().network, context=args.context)
+    network = {
+        name: getattr(args, name)
+        for name in ("context", "slice_mm")
+        if getattr(args, name, None) is not None
+    }
+    if network:
+        given["network"] = replace(TrainingConfig().network, **network)
     return TrainingConfig(**given)
 
 
@@ -230,15 +235,26 @@ def _resend(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _share(text: str) -> float:
-    """A fraction from 0 to 1, refused in the parser's own words otherwise."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{text} is not a share from 0 to 1")
-    return value
+def _number(low: float, high: float, what: str) -> Callable[[str], float]:
+    """An argparse type: a number from ``low`` to ``high``, refused in the parser's own
+    words otherwise."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text} is not {what}")
+        return value
+
+    return parse
+
+
+_share = _number(0.0, 1.0, "a share from 0 to 1")
+#: Thicker than any chest CT reconstruction read for nodules.
+MAX_SLICE_MM = 10.0
+_slice_thickness = _number(0.0, MAX_SLICE_MM, f"a slice thickness from 0 to {MAX_SLICE_MM:g} mm")
 
 
 def _training_arguments(parser: argparse.ArgumentParser) -> None:
@@ -277,6 +293,13 @@ def _training_arguments(parser: argparse.ArgumentParser) -> None:
         choices=(1, 2, 3),
         help="a second input channel showing N times the patch's field at 1/N of its "
         "resolution (1: none, the default)",
+    )
+    parser.add_argument(
+        "--slice-mm",
+        type=_slice_thickness,
+        help="make every scan and real nodule look as reconstructed at this slice thickness "
+        "before the network sees it, in training and when reading (stored with the weights; "
+        "thicker scans pass unchanged; 0: as scanned, the default)",
     )
     parser.add_argument(
         "--detection-flips",

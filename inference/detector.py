@@ -19,7 +19,13 @@ from inference.lungs import segment_lungs
 from inference.measure import SOLID_PART_HU, axial_axes, measure, measured_voxels
 from inference.network import CHARACTERISTICS, COMPOSITIONS, NetworkConfig, ResMTNet, build_model
 from inference.patches import network_input, patch_geometric_centre
-from inference.transforms import NETWORK_HU_WINDOW, ClipHU, Compose, ResampleToSpacing
+from inference.transforms import (
+    NETWORK_HU_WINDOW,
+    ClipHU,
+    Compose,
+    ResampleToSpacing,
+    ThickenSlices,
+)
 from inference.volume import Volume
 
 MODEL_NAME = "Res-MTNet"
@@ -93,16 +99,23 @@ class _Stopwatch:
 
 def prepare(
     volume: Volume,
-    spacing_mm: float,
+    config: NetworkConfig,
     clock: _Stopwatch | None = None,
     device: torch.device | None = None,
 ) -> tuple[Volume, np.ndarray]:
-    """The network's grid (isotropic, HU clipped) and the lung mask on it.
+    """The network's grid (isotropic, slices as thick as ``config`` asks, HU clipped) and
+    the lung mask on it.
 
     The lungs are segmented on a coarser grid and brought over by nearest neighbour: the
     mask's edge matters to a few millimetres, and the coarse grid is eight times cheaper.
     """
-    work = Compose([ResampleToSpacing(spacing_mm), ClipHU(*NETWORK_HU_WINDOW)])(volume)
+    work = Compose(
+        [
+            ThickenSlices(config.slice_mm),
+            ResampleToSpacing(config.spacing_mm),
+            ClipHU(*NETWORK_HU_WINDOW),
+        ]
+    )(volume)
     if clock:
         clock.lap("resample")
     coarse = segment_lungs(ResampleToSpacing(LUNG_MASK_SPACING_MM)(volume), device)
@@ -233,7 +246,7 @@ class NoduleDetector:
         """Every candidate scored, refined and suppressed, without a threshold: what a FROC
         curve is drawn from."""
         clock = clock or _Stopwatch()
-        work, lungs = prepare(volume, self.model.config.spacing_mm, clock, self.device)
+        work, lungs = prepare(volume, self.model.config, clock, self.device)
         candidates = find_candidates(work, lungs, device=self.device)
         clock.lap("candidates")
         centres = np.array([c.kji for c in candidates], dtype=int).reshape(-1, 3)

@@ -36,6 +36,10 @@ class NetworkConfig:
     #: 1: the patch alone; k > 1: a second input channel showing k times its field at 1/k
     #: of its resolution (:func:`inference.patches.network_input`).
     context: int = 1
+    #: Every scan and real nodule is made to look as a reconstruction of this slice thickness
+    #: would (:class:`inference.transforms.ThickenSlices`) before the network sees it; 0:
+    #: as scanned, which weights trained before it existed expect.
+    slice_mm: float = 0.0
 
     @property
     def channels(self) -> int:

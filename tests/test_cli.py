@@ -237,12 +237,22 @@ def test_library_warnings_reach_only_the_debug_log(verbose: bool) -> None:
         assert run.stderr == ""
 
 
-@pytest.mark.parametrize("given", ["1.5", "-0.1", "half"])
-def test_rotations_outside_a_share_is_a_one_line_error(
-    given: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    ("option", "given"),
+    [
+        ("--rotations", "1.5"),
+        ("--rotations", "-0.1"),
+        ("--rotations", "half"),
+        ("--slice-mm", "-1"),
+        ("--slice-mm", "25"),
+        ("--slice-mm", "thick"),
+    ],
+)
+def test_a_number_out_of_its_range_is_a_one_line_error(
+    option: str, given: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with pytest.raises(SystemExit) as stop:
-        main(["train", "--rotations", given, "--out", str(tmp_path / "w.pt")])
+        main(["train", option, given, "--out", str(tmp_path / "w.pt")])
     assert stop.value.code == 2
     err = capsys.readouterr().err
-    assert "--rotations" in err and given in err and "Traceback" not in err
+    assert option in err and given in err and "Traceback" not in err

@@ -15,6 +15,7 @@ from inference.candidates import find_candidates
 from inference.detector import prepare
 from inference.filters import _edt_closing, _gaussian, _maximum, _upload, torch_ball_closing
 from inference.lab.synthesis import NoduleSpec
+from inference.network import NetworkConfig
 from tests.test_pipeline import _phantom_with_nodule
 
 CPU = torch.device("cpu")
@@ -58,11 +59,11 @@ def test_detector_stages_give_the_same_lungs_and_candidates_on_the_torch_path(
 ) -> None:
     spec = NoduleSpec(10.0, "solid", "round", 0.4, 40.0, -550.0, seed=3)
     volume, _, _ = _phantom_with_nodule(spec)
-    work, lungs = prepare(volume, 1.25)
+    work, lungs = prepare(volume, NetworkConfig(spacing_mm=1.25))
     expected = find_candidates(work, lungs)
     for module in (inference.filters, inference.candidates):
         monkeypatch.setattr(module, "on_gpu", lambda device: device is not None)
-    torch_work, torch_lungs = prepare(volume, 1.25, device=CPU)
+    torch_work, torch_lungs = prepare(volume, NetworkConfig(spacing_mm=1.25), device=CPU)
     np.testing.assert_array_equal(torch_lungs, lungs)
     got = find_candidates(torch_work, torch_lungs, device=CPU)
     # The phantom is mirror-symmetric, so some responses tie exactly; rounding in the last bit

@@ -12,7 +12,8 @@ from inference.candidates import find_candidates
 from inference.detector import prepare, suppress_same_nodule
 from inference.lab.synthesis import NoduleSpec, insert_nodule
 from inference.measure import measure
-from inference.transforms import ClipHU, ResampleToSpacing
+from inference.network import NetworkConfig
+from inference.transforms import ClipHU, ResampleToSpacing, ThickenSlices
 from inference.volume import Volume
 
 
@@ -46,6 +47,40 @@ def test_resampling_keeps_world_positions() -> None:
         assert n_out * out.spacing[axis] == pytest.approx(n_in * volume.spacing[axis])
 
 
+def _z_variance_mm2(array: np.ndarray, spacing_mm: float) -> float:
+    profile = array.sum(axis=(1, 2))
+    z = np.arange(len(profile)) * spacing_mm
+    mean = (profile * z).sum() / profile.sum()
+    return float((profile * (z - mean) ** 2).sum() / profile.sum())
+
+
+def test_thin_slices_are_thickened_along_the_slice_axis_only() -> None:
+    thin = Volume(np.zeros((41, 9, 9), np.float32), (0.0, 0.0, 0.0), (0.7, 0.7, 1.25), np.eye(3))
+    thin.array[20, 4, 4] = 1000.0
+    out = ThickenSlices(2.5)(thin)
+    # A 2.5 mm slice, interpolated: T^2 / 4 along z; the thin scan had t^2 / 4 of it.
+    expected = (2.5**2 - 1.25**2) / 4
+    assert _z_variance_mm2(out.array, 1.25) == pytest.approx(expected, rel=0.05)
+    assert out.array.sum() == pytest.approx(1000.0)
+    assert np.count_nonzero(out.array.sum(axis=0)) == 1  # nothing spreads in-plane
+    assert (out.origin, out.spacing) == (thin.origin, thin.spacing)
+    thick = Volume(thin.array, thin.origin, (0.7, 0.7, 2.5), np.eye(3))
+    assert ThickenSlices(2.5)(thick) is thick
+    assert ThickenSlices(0.0)(thin) is thin
+    with pytest.raises(ValueError, match="negative"):
+        ThickenSlices(-1.0)
+
+
+def test_prepare_thickens_slices_when_the_network_asks() -> None:
+    volume, _ = _volume_with_point()
+    volume.array[20, 30, 10] = 300.0  # inside the network's HU window
+    as_scanned, _ = prepare(volume, NetworkConfig(spacing_mm=1.25))
+    thickened, _ = prepare(volume, NetworkConfig(spacing_mm=1.25, slice_mm=5.0))
+    assert thickened.array.shape == as_scanned.array.shape
+    variances = [_z_variance_mm2(np.clip(w.array, 0, None), 1.25) for w in (as_scanned, thickened)]
+    assert variances[1] - variances[0] == pytest.approx((5.0**2 - 2.5**2) / 4, rel=0.1)
+
+
 def test_clip_hu() -> None:
     volume, _ = _volume_with_point()
     assert ClipHU(-1024, 400)(volume).array.max() == 400
@@ -71,7 +106,7 @@ def _phantom_with_nodule(spec: NoduleSpec) -> tuple[Volume, np.ndarray, np.ndarr
 def test_lung_mask_holds_the_nodule_and_candidates_find_it(composition: str) -> None:
     spec = NoduleSpec(10.0, composition, "round", 0.4, 40.0, -550.0, seed=3)
     volume, _, centre_mm = _phantom_with_nodule(spec)
-    work, lungs = prepare(volume, 1.25)
+    work, lungs = prepare(volume, NetworkConfig(spacing_mm=1.25))
     assert lungs.any()
     centre_work = np.round(work.world_to_index(centre_mm)[::-1]).astype(int)
     assert lungs[tuple(centre_work)]

@@ -213,7 +213,7 @@ def test_calibration_counts_only_the_calibrating_half() -> None:
         trained.model, OperatingPoint(threshold=0.0), ModelInfo("m", "0", "t"), torch.device("cpu")
     )
     outcomes = calibration_outcomes(detector, [Case("phantom", volume, ())], 3, ())
-    work, lungs = prepare(volume, config.spacing_mm)
+    work, lungs = prepare(volume, config)
     halves = LungHalves.of(work, lungs, config.patch_voxels * config.spacing_mm)
     assert outcomes and all(len(o.scores) for o in outcomes)
     for outcome in outcomes:
@@ -268,3 +268,27 @@ def test_positive_patches_with_context_see_the_same_nodule_wider(real_nodules) -
     ):
         assert patch.shape == (2, size, size, size) and mask.shape == (size, size, size)
         _context_matches_patch(patch, 2)
+
+
+def test_a_real_nodule_thickened_keeps_its_mask_and_loses_its_thin_slices(real_nodules) -> None:  # type: ignore[no-untyped-def]
+    thin = min(real_nodules, key=lambda voi: voi.image.spacing[2])
+    assert thin.image.spacing[2] < 2.5
+    thickened = thin.thickened(2.5)
+    assert thickened.mask is thin.mask and thickened.ratings == thin.ratings
+    assert thickened.image.spacing == thin.image.spacing
+    slice_to_slice = [
+        np.abs(np.diff(v.image.array.astype(float), axis=0)).mean() for v in (thin, thickened)
+    ]
+    assert slice_to_slice[1] < slice_to_slice[0]
+    assert thin.thickened(0.0) is thin
+
+
+def test_weights_keep_the_slice_thickness_they_were_trained_for(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from inference.detector import NoduleDetector
+    from inference.lab.training import save_weights
+
+    config = TrainingConfig(**{**_tiny(7).__dict__, "network": NetworkConfig(slice_mm=2.5)})
+    trained = train_model([], config, torch.device("cpu"), log=lambda _: None)
+    path = tmp_path / "w.pt"
+    path.write_bytes(save_weights(trained.model, trained.record, {"threshold": 0.5}, "test"))
+    assert NoduleDetector.from_weights(path, "cpu").model.config.slice_mm == 2.5

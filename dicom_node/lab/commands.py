@@ -175,7 +175,10 @@ def evaluate_cross_case(
         "synthetic_scans": synthetic_scans,
         "nodules": str(nodules),
         "split": asdict(split),
-        "training": {k: v for k, v in asdict(config).items() if k not in ("seed", "network")},
+        "training": {
+            **{k: v for k, v in asdict(config).items() if k not in ("seed", "network")},
+            "slice_mm": config.network.slice_mm,
+        },
         "held_out": held_out or "all",
         "detection_flips": flips,
     }

@@ -60,7 +60,13 @@ def characterize(
     predictions = []
     for voi in vois:
         out = detector.run_patches(
-            voi_views(voi, config.spacing_mm, config.patch_voxels, flips, config.context)
+            voi_views(
+                voi.thickened(config.slice_mm),
+                config.spacing_mm,
+                config.patch_voxels,
+                flips,
+                config.context,
+            )
         )
         composition = _softmax(out["composition_logits"].mean(axis=0))
         calcification = out.get("calcification_logit")

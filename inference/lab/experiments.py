@@ -19,6 +19,7 @@ from inference.lab.evaluation import (
 )
 from inference.lab.nodule_folder import NoduleVOI
 from inference.lab.training import CALIBRATING_SHARE, LungHalves, aerated_lung
+from inference.network import NetworkConfig
 from inference.volume import Volume
 
 
@@ -45,7 +46,7 @@ def seeded(seed: int, *keys: object) -> np.random.Generator:
 def lung_points_mm(
     volume: Volume, spacing_mm: float, rng: np.random.Generator, count: int = 4000
 ) -> np.ndarray:
-    work, lungs = prepare(volume, spacing_mm)
+    work, lungs = prepare(volume, NetworkConfig(spacing_mm=spacing_mm))
     voxels = aerated_lung(work.array, lungs)
     pick = voxels[rng.choice(len(voxels), size=min(count, len(voxels)), replace=False)]
     return work.index_to_world(pick[:, ::-1].astype(float))
@@ -167,7 +168,7 @@ def calibration_outcomes(
     config = detector.model.config
     halves = {}
     for case in cases:
-        work, lungs = prepare(case.volume, config.spacing_mm)
+        work, lungs = prepare(case.volume, config)
         halves[case.name] = LungHalves.of(work, lungs, config.patch_voxels * config.spacing_mm)
     outcomes, _ = synthetic_outcomes(
         detector,

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import csv
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
+from inference.transforms import ThickenSlices
 from inference.volume import Volume
 
 REQUIRED_COLUMNS = ("patient_id", "nodule_id", "image_file", "mask_file")
@@ -93,6 +94,12 @@ class NoduleVOI:
     @property
     def key(self) -> str:
         return f"{self.patient_id}/{self.nodule_id}"
+
+    def thickened(self, slice_mm: float) -> NoduleVOI:
+        """The nodule as a scan of ``slice_mm`` slices would show it
+        (:class:`~inference.transforms.ThickenSlices`), its mask still the readers' truth."""
+        image = ThickenSlices(slice_mm)(self.image)
+        return self if image is self.image else replace(self, image=image)
 
     @property
     def centre_mm(self) -> np.ndarray:

@@ -52,6 +52,7 @@ from inference.lab.transplant import (
 )
 from inference.network import CHARACTERISTICS, COMPOSITIONS, NetworkConfig, ResMTNet, build_model
 from inference.patches import crop_cube, network_input, patch_geometric_centre
+from inference.transforms import ThickenSlices
 from inference.volume import Volume
 
 #: Patches for training are cut this far from any annotated nodule (a 40 mm patch's corner
@@ -172,7 +173,7 @@ def aerated_lung(image: np.ndarray, lungs: np.ndarray, step: int = 1) -> np.ndar
 
 def make_background(volume: Volume, avoid_mm: np.ndarray, config: NetworkConfig) -> Background:
     """A real scan as a background: only its lungs' training half trains."""
-    work, lungs = prepare(volume, config.spacing_mm)
+    work, lungs = prepare(volume, config)
     avoid = (
         work.world_to_index(np.asarray(avoid_mm).reshape(-1, 3))[:, ::-1]
         if len(avoid_mm)
@@ -187,7 +188,7 @@ def phantom_background(rng: np.random.Generator, config: NetworkConfig) -> Backg
     s = config.spacing_mm
     image = chest_phantom(rng, spacing_mm=s)
     volume = Volume(image, (0.0, 0.0, 0.0), (s, s, s), np.eye(3))
-    work, lungs = prepare(volume, s)
+    work, lungs = prepare(volume, config)
     return Background(work, lungs, np.zeros((0, 3)))
 
 
@@ -417,17 +418,23 @@ def voi_negative_patch(
 
 
 def positive_patch(
-    background: Background, rng: np.random.Generator, size: int, context: int = 1
+    background: Background,
+    rng: np.random.Generator,
+    size: int,
+    context: int = 1,
+    slice_mm: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray, Labels]:
     """A synthetic nodule blended into aerated lung of ``background``: exact mask, known
-    size and composition; no malignancy label (only readers' ratings teach that)."""
+    size and composition; no malignancy label (only readers' ratings teach that). Smeared
+    along the slice axis by a random amount and, where the network reads scans as
+    ``slice_mm`` slices, by what :class:`ThickenSlices` did to the background's grid: a
+    nodule sharper than the lung around it would be a clue no real scan gives."""
     spacing = np.asarray(background.work.spacing[::-1])
     crop, site = _site_crop(background, rng, size, context)
     spec = random_spec(rng)
     nodule_centre = np.full(3, site) + rng.uniform(-0.5, 0.5, 3)
-    mask = insert_nodule(
-        crop, spec, nodule_centre, spacing, rng, slice_blur_mm=float(rng.uniform(0, 1.5))
-    )
+    blur_mm = math.hypot(rng.uniform(0, 1.5), ThickenSlices(slice_mm).sigma_mm(spacing[0]))
+    mask = insert_nodule(crop, spec, nodule_centre, spacing, rng, slice_blur_mm=blur_mm)
     patch, patch_mask, offset = _cut(
         crop, mask, nodule_centre, spec.diameter_mm / 2, spacing, rng, size, context
     )
@@ -463,14 +470,19 @@ def build_patch_set(
     """Every training patch, positives of the three sources first, then negatives drawn from
     the :func:`negative_sites`, which come back too. Without real nodules the real sources
     are left out."""
-    size, context = config.network.patch_voxels, config.network.context
+    size, context, slice_mm = (
+        config.network.patch_voxels,
+        config.network.context,
+        config.network.slice_mm,
+    )
     real = config.transplanted + config.voi_views if nodules else 0
     n_pos = config.synthetic + real
     voi_negatives = config.voi_negatives if nodules else 0
     rows = n_pos + voi_negatives + config.negatives
     data = PatchSet.empty(rows, size, config.network.channels)
     for n in tqdm(range(config.synthetic), desc="synthetic nodules", unit="patch"):
-        data.put(n, *positive_patch(backgrounds[n % len(backgrounds)], rng, size, context))
+        background = backgrounds[n % len(backgrounds)]
+        data.put(n, *positive_patch(background, rng, size, context, slice_mm))
     if nodules:
         start = config.synthetic
         order = rng.permutation(config.transplanted) % len(nodules)
@@ -719,6 +731,7 @@ def train_model(
     returns the model, its score temperature and a record of how."""
     seed_everything(config.seed)
     rng = np.random.default_rng(config.seed)
+    nodules = [voi.thickened(config.network.slice_mm) for voi in nodules]
     phantoms = [phantom_background(rng, config.network) for _ in range(config.phantoms)]
     everywhere = backgrounds + phantoms
     data, sites = build_patch_set(everywhere, list(nodules), config, rng)

@@ -470,11 +470,7 @@ def build_patch_set(
     """Every training patch, positives of the three sources first, then negatives drawn from
     the :func:`negative_sites`, which come back too. Without real nodules the real sources
     are left out."""
-    size, context, slice_mm = (
-        config.network.patch_voxels,
-        config.network.context,
-        config.network.slice_mm,
-    )
+    size, context = config.network.patch_voxels, config.network.context
     real = config.transplanted + config.voi_views if nodules else 0
     n_pos = config.synthetic + real
     voi_negatives = config.voi_negatives if nodules else 0
@@ -482,7 +478,7 @@ def build_patch_set(
     data = PatchSet.empty(rows, size, config.network.channels)
     for n in tqdm(range(config.synthetic), desc="synthetic nodules", unit="patch"):
         background = backgrounds[n % len(backgrounds)]
-        data.put(n, *positive_patch(background, rng, size, context, slice_mm))
+        data.put(n, *positive_patch(background, rng, size, context, config.network.slice_mm))
     if nodules:
         start = config.synthetic
         order = rng.permutation(config.transplanted) % len(nodules)

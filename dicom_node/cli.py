@@ -43,7 +43,27 @@ def _train(args: argparse.Namespace) -> int:
         args.fp_per_scan,
         args.min_diameter_mm,
         args.device,
+        bool(args.detection_flips),
+        bool(args.scan_relative),
+    )
+    return EXIT_OK
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from dicom_node.lab.commands import calibrate
+    from inference.lab.nodule_folder import NoduleSplit
+
+    calibrate(
+        args.data,
+        args.weights,
+        args.out or args.weights,
+        args.nodules,
+        NoduleSplit(seed=args.split_seed),
+        args.fp_per_scan,
+        args.min_diameter_mm,
+        args.device,
         args.detection_flips,
+        args.scan_relative,
     )
     return EXIT_OK
 
@@ -104,7 +124,8 @@ def _evaluate(args: argparse.Namespace) -> int:
             args.synthetic_scans,
             MIN_DIAMETER_MM,
             [n.strip() for n in args.held_out.split(",") if n.strip()],
-            args.detection_flips,
+            bool(args.detection_flips),
+            bool(args.scan_relative),
         )
         return EXIT_OK
     if not args.data and args.nodules is None:
@@ -260,12 +281,7 @@ _slice_thickness = _number(0.0, MAX_SLICE_MM, f"a slice thickness from 0 to {MAX
 def _training_arguments(parser: argparse.ArgumentParser) -> None:
     """What shapes a training run besides its seed: the nodule folder's split, the patches
     and the epochs. Unset numbers take TrainingConfig's defaults (docs/model-card.md)."""
-    parser.add_argument(
-        "--split-seed",
-        type=int,
-        default=20261203,
-        help="how the nodule folder's patients fall into train, calibration and validation",
-    )
+    _split_argument(parser)
     parser.add_argument("--synthetic", type=int, help="synthetic positive patches")
     parser.add_argument("--transplanted", type=int, help="patches of pasted real nodules")
     parser.add_argument("--voi-views", type=int, help="patches of real nodules as their VOI")
@@ -301,12 +317,47 @@ def _training_arguments(parser: argparse.ArgumentParser) -> None:
         "before the network sees it, in training and when reading (stored with the weights; "
         "thicker scans pass unchanged; 0: as scanned, the default)",
     )
+    _detection_arguments(parser)
+
+
+def _detection_arguments(parser: argparse.ArgumentParser) -> None:
+    """How a scan's candidates are scored: the operating point is chosen that way and
+    stored with the weights. Unset: off, except that ``calibrate`` keeps what the weights
+    hold."""
     parser.add_argument(
         "--detection-flips",
-        action="store_true",
-        help="score the best candidates of a scan averaged over the eight flips of the patch "
-        "axes; the operating point is chosen that way and stored with the weights",
+        action=argparse.BooleanOptionalAction,
+        help="score the best candidates of a scan averaged over the eight flips of the patch axes",
     )
+    parser.add_argument(
+        "--scan-relative",
+        action=argparse.BooleanOptionalAction,
+        help="score each candidate by how far it stands out from the scan's own candidates "
+        "(their median and spread) instead of as a probability",
+    )
+
+
+def _split_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--split-seed",
+        type=int,
+        default=20261203,
+        help="how the nodule folder's patients fall into train, calibration and validation",
+    )
+
+
+def _operating_point_arguments(parser: argparse.ArgumentParser) -> None:
+    """The budget an operating point is chosen for and the smallest size it reports."""
+    parser.add_argument(
+        "--fp-per-scan", type=float, default=1.0, help="budget the operating point is chosen for"
+    )
+    parser.add_argument(
+        "--min-diameter-mm",
+        type=float,
+        default=MIN_DIAMETER_MM,
+        help="smallest nodule the operating point reports (stored with the weights)",
+    )
+    parser.add_argument("--device", default="auto")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -357,17 +408,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--seed", type=int)
     _training_arguments(train)
-    train.add_argument(
-        "--fp-per-scan", type=float, default=1.0, help="budget the operating point is chosen for"
-    )
-    train.add_argument(
-        "--min-diameter-mm",
-        type=float,
-        default=MIN_DIAMETER_MM,
-        help="smallest nodule the operating point reports (stored with the weights)",
-    )
-    train.add_argument("--device", default="auto")
+    _operating_point_arguments(train)
     train.set_defaults(func=_train)
+
+    calibrate = sub.add_parser(
+        "calibrate",
+        help="choose trained weights' operating point again (another way of scoring or "
+        "budget), as train does at its end; the network stays as it is",
+    )
+    calibrate.add_argument(
+        "data", nargs="+", type=Path, help="the LIDC-IDRI cases the weights were trained on"
+    )
+    calibrate.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
+    calibrate.add_argument(
+        "--out", type=Path, default=None, help="where the weights go (default: --weights)"
+    )
+    calibrate.add_argument(
+        "--nodules",
+        type=Path,
+        default=None,
+        help="the real nodule folder the weights were trained with: its calibration "
+        "patients are pasted into the calibration scans",
+    )
+    _split_argument(calibrate)
+    _detection_arguments(calibrate)
+    _operating_point_arguments(calibrate)
+    calibrate.set_defaults(func=_calibrate)
 
     evaluate = sub.add_parser(
         "evaluate",

@@ -160,14 +160,15 @@ def test_one_failing_series_does_not_stop_the_others(
     assert "Traceback" not in printed.out + printed.err
 
 
+@pytest.mark.parametrize("command", ["analyze", "calibrate"])
 def test_corrupt_weights_file_is_a_one_line_error(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     weights = tmp_path / "broken.pt"
     weights.write_bytes(b"not a checkpoint")
     code = main(
         [
-            "analyze",
+            command,
             str(shared("lidc/LIDC-IDRI-0002.tar.xz")),
             "--out",
             str(tmp_path / "o"),

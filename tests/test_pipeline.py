@@ -236,3 +236,51 @@ def test_flipped_scoring_gives_a_mirrored_scan_the_same_scores() -> None:
         sign = np.ones(3)
         sign[axis] = -1.0
         assert np.allclose(again["offset_mm"], facing["offset_mm"] * sign, atol=1e-4)
+
+
+def test_scan_relative_scores_ignore_how_the_network_sees_the_scan_as_a_whole() -> None:
+    """A scan whose every candidate the network scores higher or more spread out (an unseen
+    scanner's vessels) gets the same relative scores; a candidate standing out from the
+    median by RELATIVE_MIDPOINT median deviations scores 0.5, and a few nodules among many
+    candidates do not move the others' scores."""
+    from inference.detector import RELATIVE_MIDPOINT, relative_scores
+
+    rng = np.random.default_rng(5)
+    vessels = rng.normal(-2.0, 1.0, 400)
+    spread = np.median(np.abs(vessels - np.median(vessels)))
+    probe = np.array([np.median(vessels) + RELATIVE_MIDPOINT * spread])
+    assert relative_scores(probe, vessels)[0] == pytest.approx(0.5)
+    shifted = relative_scores(3.0 * vessels + 1.5, 3.0 * vessels + 1.5)
+    assert np.allclose(shifted, relative_scores(vessels, vessels))
+    with_nodules = np.concatenate([vessels, [9.0, 10.0, 11.0]])
+    changed = relative_scores(vessels, with_nodules) - relative_scores(vessels, vessels)
+    assert np.abs(changed).max() < 0.02
+
+
+def test_scan_relative_scoring_ranks_as_probabilities_and_measures_against_its_population() -> None:
+    """Relative scores keep the candidates' order; measured against only the weaker half of
+    the scan's candidates (as calibration measures against the half no training patch saw),
+    the stronger half stands out further."""
+    from dataclasses import replace
+
+    from inference.detector import DEFAULT_WEIGHTS, NoduleDetector
+
+    if not DEFAULT_WEIGHTS.exists():
+        pytest.skip("shipped weights missing")
+    spec = NoduleSpec(10.0, "solid", "round", 0.4, 40.0, -550.0, seed=2)
+    volume, _, _ = _phantom_with_nodule(spec)
+    detector = NoduleDetector.from_weights(DEFAULT_WEIGHTS, "cpu")
+    plain = detector.score(volume)
+    detector.operating_point = replace(detector.operating_point, scan_relative=True)
+    relative = detector.score(volume)
+    assert len(plain.keep) > 10
+    assert np.all(np.diff(relative.scores[np.argsort(plain.scores, kind="stable")]) >= 0)
+    kept = plain.scores[plain.keep]
+    weak = {tuple(p) for p in plain.points_mm[plain.keep][kept < np.median(kept)]}
+    against_weak = detector.score(
+        volume, population=lambda points: np.array([tuple(p) in weak for p in points])
+    )
+    strong = relative.keep[kept >= np.median(kept)]
+    unsaturated = strong[relative.scores[strong] < 1.0]
+    assert len(unsaturated) and np.all(against_weak.scores[strong] >= relative.scores[strong])
+    assert np.all(against_weak.scores[unsaturated] > relative.scores[unsaturated])

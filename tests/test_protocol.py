@@ -13,6 +13,7 @@ import torch
 import inference.lab.protocol as protocol
 from dicom_node.lab.cases import load_cases
 from dicom_node.lab.protocol_report import write_protocol_report
+from inference.detector import OperatingPoint
 from inference.lab.evaluation import ScanOutcome
 from inference.lab.nodule_folder import NoduleSplit, read_nodule_folder
 from inference.lab.training import TrainingConfig
@@ -65,9 +66,11 @@ def test_held_out_names_run_only_that_direction(lidc_root: Path, tmp_path: Path)
     split = NoduleSplit(seed=5, validation_fraction=0.4, calibration_fraction=0.3)
     second = sorted(c.name for c in cases)[1]
     kept: dict[str, list[dict[str, Any]]] = {}
+    scoring: list[OperatingPoint] = []
 
-    def keep(run: protocol.Run, _: object, scans: dict[str, list[ScanOutcome]]) -> None:
+    def keep(run: protocol.Run, detector: Any, scans: dict[str, list[ScanOutcome]]) -> None:
         kept.update({group: [o.to_json() for o in outcomes] for group, outcomes in scans.items()})
+        scoring.append(detector.operating_point)
 
     runs = protocol.cross_case(
         cases,
@@ -81,7 +84,11 @@ def test_held_out_names_run_only_that_direction(lidc_root: Path, tmp_path: Path)
         1,
         held_out_names=[second],
         on_scores=keep,
+        flips=True,
+        scan_relative=True,
     )
+    # The run's model is calibrated and scored the way it was asked to score.
+    assert [(p.flips, p.scan_relative) for p in scoring] == [(True, True)]
     assert [(r.held_out, r.trained_on) for r in runs] == [
         (second, tuple(c.name for c in sorted(cases, key=lambda c: c.name) if c.name != second))
     ]

@@ -292,3 +292,39 @@ def test_weights_keep_the_slice_thickness_they_were_trained_for(tmp_path) -> Non
     path = tmp_path / "w.pt"
     path.write_bytes(save_weights(trained.model, trained.record, {"threshold": 0.5}, "test"))
     assert NoduleDetector.from_weights(path, "cpu").model.config.slice_mm == 2.5
+
+
+@pytest.mark.slow
+def test_calibrate_chooses_the_operating_point_again_and_keeps_the_network(
+    lidc_root, tmp_path, capsys
+) -> None:  # type: ignore[no-untyped-def]
+    """`dicom-node calibrate --scan-relative` stores scan-relative scoring with a threshold
+    chosen that way; the network and what the weights held of their scoring (flips) stay."""
+    import json
+
+    from dicom_node.cli import EXIT_OK, main
+    from inference.detector import NoduleDetector
+    from inference.lab.training import save_weights
+
+    trained = train_model([], _tiny(3), torch.device("cpu"), log=lambda _: None)
+    weights, recalibrated = tmp_path / "w.pt", tmp_path / "r.pt"
+    stored = {"threshold": 0.5, "temperature": 1.0, "flips": True}
+    weights.write_bytes(save_weights(trained.model, trained.record, stored, "test"))
+    args = [
+        "calibrate",
+        str(lidc_root / "LIDC-IDRI-0001"),
+        "--weights",
+        str(weights),
+        "--out",
+        str(recalibrated),
+    ]
+    assert main([*args, "--scan-relative"]) == EXIT_OK
+    assert "threshold" in capsys.readouterr().out
+    before = NoduleDetector.from_weights(weights, "cpu")
+    after = NoduleDetector.from_weights(recalibrated, "cpu")
+    assert after.operating_point.scan_relative and after.operating_point.flips
+    assert after.operating_point.threshold != 0.5 and 0.0 < after.operating_point.threshold <= 1
+    for name, value in before.model.state_dict().items():
+        assert torch.equal(value, after.model.state_dict()[name]), name
+    record = json.loads(recalibrated.with_suffix(".json").read_text())
+    assert record["operating_point"]["chosen_by"].startswith("dicom-node calibrate")

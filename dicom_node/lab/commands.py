@@ -1,4 +1,5 @@
-"""``dicom-node train`` and ``dicom-node evaluate``: annotated cases in, weights or a report out.
+"""``dicom-node train``, ``calibrate`` and ``evaluate``: annotated cases in, weights or a
+report out.
 
 A user's mistake (no annotated case where one was named) raises ``ValueError`` with the
 sentence the command line prints; progress goes to the terminal.
@@ -7,8 +8,9 @@ sentence the command line prints; progress goes to the terminal.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -27,10 +29,11 @@ from inference.detector import (
 from inference.findings import ModelInfo
 from inference.lab.characterize import characterize
 from inference.lab.evaluation import ScanOutcome
-from inference.lab.experiments import calibration_outcomes, choose_threshold
-from inference.lab.nodule_folder import NoduleSplit, read_nodule_folder
+from inference.lab.experiments import Case, calibration_outcomes, choose_threshold
+from inference.lab.nodule_folder import NoduleSplit, NoduleVOI, read_nodule_folder
 from inference.lab.protocol import Run, cross_case
 from inference.lab.training import TrainingConfig, make_background, save_weights, train_model
+from inference.network import ResMTNet
 
 
 def train(
@@ -43,6 +46,7 @@ def train(
     min_diameter_mm: float,
     device_name: str,
     flips: bool = False,
+    scan_relative: bool = False,
 ) -> None:
     """Train on every case under ``data`` and the training patients of the nodule folder;
     the operating point is chosen on fresh scans of those cases holding synthetic nodules and
@@ -64,19 +68,15 @@ def train(
     model, record, temperature = trained.model, trained.record, trained.temperature
     detector = NoduleDetector(
         model,
-        OperatingPoint(threshold=0.0, temperature=temperature, flips=flips),
+        OperatingPoint(
+            threshold=0.0, temperature=temperature, flips=flips, scan_relative=scan_relative
+        ),
         ModelInfo(MODEL_NAME, __version__, "unsaved"),
         device,
     )
-    outcomes = calibration_outcomes(detector, cases, config.seed + 1, calibrate)
-    threshold = choose_threshold(outcomes, fp_per_scan, min_diameter_mm)
-    operating_point = {
-        "threshold": threshold,
-        "temperature": temperature,
-        "max_findings": 10,
-        "min_diameter_mm": min_diameter_mm,
-        "flips": flips,
-    }
+    operating_point = choose_operating_point(
+        detector, cases, calibrate, config.seed, fp_per_scan, min_diameter_mm
+    )
     record["operating_point"] = {**operating_point, "chosen_for_fp_per_scan": fp_per_scan}
     record["nodule_split"] = {
         "folder": str(nodules) if nodules is not None else None,
@@ -86,11 +86,82 @@ def train(
             for part in ("train", "calibration", "validation")
         },
     }
+    _write_weights(out, model, record, operating_point)
+
+
+def choose_operating_point(
+    detector: NoduleDetector,
+    cases: list[Case],
+    calibrate: list[NoduleVOI],
+    seed: int,
+    fp_per_scan: float,
+    min_diameter_mm: float,
+) -> dict[str, float | bool]:
+    """The threshold for ``fp_per_scan`` false positives per scan on fresh scans of
+    ``cases`` holding synthetic nodules and the ``calibrate`` patients' real ones, with
+    ``detector``'s way of scoring: what is stored with the weights."""
+    outcomes = calibration_outcomes(detector, cases, seed + 1, calibrate)
+    point = detector.operating_point
+    return {
+        "threshold": choose_threshold(outcomes, fp_per_scan, min_diameter_mm),
+        "temperature": point.temperature,
+        "max_findings": point.max_findings,
+        "min_diameter_mm": min_diameter_mm,
+        "flips": point.flips,
+        "scan_relative": point.scan_relative,
+    }
+
+
+def _write_weights(
+    out: Path, model: ResMTNet, record: dict[str, Any], operating_point: dict[str, float | bool]
+) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(save_weights(model, record, operating_point, __version__))
     record["weights_sha256"] = sha256_of(out)
     out.with_suffix(".json").write_text(json.dumps(record, indent=1, default=str) + "\n")
+    threshold = operating_point["threshold"]
     print(f"weights: {out} (sha256 {record['weights_sha256']}), threshold {threshold:.4f}")
+
+
+def calibrate(
+    data: list[Path],
+    weights: Path,
+    out: Path,
+    nodules: Path | None,
+    split: NoduleSplit,
+    fp_per_scan: float,
+    min_diameter_mm: float,
+    device_name: str,
+    flips: bool | None = None,
+    scan_relative: bool | None = None,
+) -> None:
+    """Choose trained weights' operating point again, for another way of scoring or another
+    budget, by the procedure ``train`` ends with (same calibration scans: the training seed
+    is read from the weights); the network is left as it is. ``flips`` and
+    ``scan_relative`` left at None keep what the weights hold."""
+    detector = NoduleDetector.from_weights(weights, device_name)
+    stored = detector.operating_point
+    flips = stored.flips if flips is None else flips
+    scan_relative = stored.scan_relative if scan_relative is None else scan_relative
+    record = torch.load(weights, map_location="cpu", weights_only=False)["training"]
+    cases = load_cases(data)
+    if not cases:
+        raise ValueError(f"no annotated cases found under {', '.join(map(str, data))}")
+    calibrating = split.select(read_nodule_folder(nodules), "calibration") if nodules else []
+    detector.operating_point = replace(
+        detector.operating_point, threshold=0.0, flips=flips, scan_relative=scan_relative
+    )
+    seed = int(record["config"]["seed"])
+    print(f"calibrating {weights} on {len(cases)} scan(s) and {len(calibrating)} real nodule(s)")
+    operating_point = choose_operating_point(
+        detector, cases, calibrating, seed, fp_per_scan, min_diameter_mm
+    )
+    record["operating_point"] = {
+        **operating_point,
+        "chosen_for_fp_per_scan": fp_per_scan,
+        "chosen_by": f"dicom-node calibrate {__version__}",
+    }
+    _write_weights(out, detector.model, record, operating_point)
 
 
 def evaluate(
@@ -153,6 +224,7 @@ def evaluate_cross_case(
     min_diameter_mm: float,
     held_out: list[str],
     flips: bool = False,
+    scan_relative: bool = False,
 ) -> None:
     """The cross-case protocol (:mod:`inference.lab.protocol`) on the annotated cases under
     ``data``: one model per held-out case and seed, each trained and calibrated without it;
@@ -181,6 +253,7 @@ def evaluate_cross_case(
         },
         "held_out": held_out or "all",
         "detection_flips": flips,
+        "scan_relative": scan_relative,
     }
 
     def report(runs: list[Run]) -> None:
@@ -220,4 +293,5 @@ def evaluate_cross_case(
         held_out,
         keep_scores,
         flips,
+        scan_relative,
     )

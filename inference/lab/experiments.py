@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -101,9 +101,10 @@ def synthetic_outcomes(
             for r in case.references
         ]
         scan = f"{case.name} {label} {n}"
-        outcome, findings = score_scan(detector, volume, refs, scan, describe)
-        if halves is not None:
-            outcome = outcome.where(halves[case.name].calibrates(outcome.points_mm))
+        calibrates = halves[case.name].calibrates if halves is not None else None
+        outcome, findings = score_scan(detector, volume, refs, scan, describe, calibrates)
+        if calibrates is not None:
+            outcome = outcome.where(calibrates(outcome.points_mm))
         outcomes.append(outcome)
         rows += [nodule_row(ref, findings, scan) for ref in refs if not ref.excluded]
     return outcomes, rows
@@ -115,11 +116,13 @@ def score_scan(
     refs: list[Reference],
     name: str,
     describe: bool = True,
+    population: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> tuple[ScanOutcome, list[NoduleFinding]]:
     """All candidates scored for the FROC and, with ``describe``, the findings at the
-    operating point, from one pass of the network."""
-    result = detector.detect(volume) if describe else None
-    scored = result.scored if result else detector.score(volume)
+    operating point, from one pass of the network; ``population`` as
+    :meth:`NoduleDetector.score` takes it."""
+    result = detector.detect(volume, population) if describe else None
+    scored = result.scored if result else detector.score(volume, population=population)
     keep = scored.keep
     outcome = ScanOutcome(
         name, refs, scored.scores[keep], scored.points_mm[keep], scored.diameters_mm[keep]

@@ -181,6 +181,7 @@ def cross_case(
         [Run, NoduleDetector, dict[str, list[ScanOutcome]]], None
     ] = lambda run, detector, scans: None,
     flips: bool = False,
+    scan_relative: bool = False,
 ) -> list[Run]:
     """Every (held-out case, seed) run of the protocol, in a fixed order; the held-out case
     is scored on ``transplant_scans`` scans of pasted validation nodules and
@@ -190,7 +191,7 @@ def cross_case(
     that one direction can run on its own machine or in its own session. ``on_scores`` gets
     each run's model and its scored scans by group (calibration, held_out, transplanted,
     synthetic). ``flips``: detection-time flips (:class:`OperatingPoint`), calibration
-    included."""
+    included; ``scan_relative``: scan-relative scores, calibration included."""
     cases = sorted(cases, key=lambda c: c.name)
     learn = split.select(nodules, "train")
     calibrate = split.select(nodules, "calibration")
@@ -206,7 +207,12 @@ def cross_case(
             trained = train_model(backgrounds, seeded, device, learn)
             detector = NoduleDetector(
                 trained.model,
-                OperatingPoint(threshold=0.0, temperature=trained.temperature, flips=flips),
+                OperatingPoint(
+                    threshold=0.0,
+                    temperature=trained.temperature,
+                    flips=flips,
+                    scan_relative=scan_relative,
+                ),
                 ModelInfo(MODEL_NAME, "cross-case", f"seed {seed}"),
                 device,
             )
